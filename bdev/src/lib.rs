@@ -1,0 +1,208 @@
+//! The unvme block-device layer: one interface that joins every frontend to
+//! every backend, in the spirit of SPDK's bdev layer.
+//!
+//! A [`Bdev`] describes a device and is shared between threads. I/O never goes
+//! through the `Bdev` itself: each thread that wants to do I/O opens its own
+//! [`BdevQueue`] (SPDK calls this an I/O channel) and owns it exclusively, so
+//! the I/O path takes no lock. Submission is asynchronous and completion is
+//! polled: [`BdevQueue::submit`] hands a request over, [`BdevQueue::poll`]
+//! collects whatever has finished. Data buffers are [`IoBuf`]s owned by the
+//! caller; a request moves its buffer into the queue and the completion hands
+//! it back, so no copy and no lifetime puzzle is involved.
+//!
+//! This crate is not a scheduler, a cache or a volume manager: it has the
+//! interface and the simple backends (`ram`, `null`, `file`). Remote NVMe/TCP
+//! namespaces (the initiator) and VFIO NVMe SSDs implement the same traits in
+//! their own crates/modules.
+
+pub mod buf;
+pub mod file;
+pub mod null;
+pub mod ram;
+
+pub use buf::IoBuf;
+
+/// Errors of the block-device layer that are not per-I/O outcomes.
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    /// An I/O error from the operating system while opening or sizing a backend.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value that cannot describe a device.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Result alias for [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Static description of a block device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BdevInfo {
+    /// Human-readable name (`ram0`, a file path, a remote NQN/NSID).
+    pub name: String,
+    /// Logical block size in bytes (a power of two, 512..=65536).
+    pub block_size: u32,
+    /// Number of logical blocks.
+    pub num_blocks: u64,
+    /// Largest transfer of one request, in bytes (0 = no limit of its own).
+    pub max_transfer: u32,
+    /// The device has a volatile write cache: [`IoOp::Flush`] and FUA matter.
+    pub volatile_write_cache: bool,
+    /// [`IoOp::Deallocate`] is meaningful (reads of deallocated blocks return zeroes).
+    pub deallocate: bool,
+    /// [`IoOp::WriteZeroes`] is supported natively or by emulation.
+    pub write_zeroes: bool,
+}
+
+impl BdevInfo {
+    /// Size of the device in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.num_blocks * u64::from(self.block_size)
+    }
+
+    /// Checks that `lba .. lba + nlb` lies inside the device.
+    pub fn check_range(&self, lba: u64, nlb: u32) -> std::result::Result<(), IoError> {
+        match lba.checked_add(u64::from(nlb)) {
+            Some(end) if end <= self.num_blocks => Ok(()),
+            _ => Err(IoError::OutOfRange),
+        }
+    }
+}
+
+/// One LBA range of a deallocate request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbaRange {
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks.
+    pub nlb: u32,
+}
+
+/// An operation on a block device. Block counts are real counts (not the
+/// NVMe 0's based form).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read `nlb` blocks at `lba` into the request's buffer.
+    Read { lba: u64, nlb: u32 },
+    /// Write `nlb` blocks at `lba` from the request's buffer; with `fua` the
+    /// data is durable when the request completes.
+    Write { lba: u64, nlb: u32, fua: bool },
+    /// Compare `nlb` blocks at `lba` with the request's buffer.
+    Compare { lba: u64, nlb: u32 },
+    /// Make every completed write durable.
+    Flush,
+    /// Set `nlb` blocks at `lba` to zero; `deallocate` allows the backend to
+    /// deallocate them instead of writing zeroes.
+    WriteZeroes { lba: u64, nlb: u32, deallocate: bool, fua: bool },
+    /// Deallocate (trim) the ranges; later reads return zeroes.
+    Deallocate { ranges: Vec<LbaRange> },
+}
+
+impl IoOp {
+    /// Bytes of data the request moves through its buffer.
+    pub fn data_len(&self, block_size: u32) -> usize {
+        match *self {
+            IoOp::Read { nlb, .. } | IoOp::Write { nlb, .. } | IoOp::Compare { nlb, .. } => {
+                nlb as usize * block_size as usize
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// A request handed to [`BdevQueue::submit`].
+#[derive(Debug)]
+pub struct IoRequest {
+    /// Caller's cookie, returned in the completion.
+    pub tag: u64,
+    /// What to do.
+    pub op: IoOp,
+    /// The data buffer for Read/Write/Compare (at least `op.data_len()` bytes;
+    /// the first `data_len` bytes are used). `None` for the other operations.
+    pub buf: Option<IoBuf>,
+}
+
+/// The outcome of one request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// The LBA range lies (partly) outside the device.
+    #[error("LBA range out of range")]
+    OutOfRange,
+    /// The request's buffer is missing or shorter than the transfer.
+    #[error("data buffer missing or too short")]
+    BadBuffer,
+    /// The transfer is larger than the device's `max_transfer`.
+    #[error("transfer larger than the device allows")]
+    TooLarge,
+    /// A Compare found different data.
+    #[error("compare failure")]
+    CompareFailure,
+    /// The backend does not implement this operation.
+    #[error("operation not supported")]
+    Unsupported,
+    /// The backend failed (media or transport error); the message says why.
+    #[error("I/O error: {0}")]
+    Media(String),
+    /// The request did not complete in time (remote backends).
+    #[error("timed out")]
+    Timeout,
+    /// The backend is gone (remote peer disconnected, device removed).
+    #[error("device unavailable")]
+    Unavailable,
+}
+
+/// A finished request.
+#[derive(Debug)]
+pub struct IoCompletion {
+    /// The request's tag.
+    pub tag: u64,
+    /// Success or the reason for failure.
+    pub result: std::result::Result<(), IoError>,
+    /// The request's buffer, handed back (filled for a successful Read).
+    pub buf: Option<IoBuf>,
+}
+
+/// Returned by [`BdevQueue::submit`] when the request could not be taken.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The queue is full; retry after polling completions. The request is
+    /// handed back untouched.
+    Busy(IoRequest),
+}
+
+/// A per-thread queue on a block device. It is `Send` so it can be created on
+/// one thread and moved to its owner, but it is driven by exactly one thread.
+pub trait BdevQueue: Send {
+    /// Submits a request. Failures of the request itself (out of range, media
+    /// error, …) are reported through its completion, never here.
+    fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError>;
+
+    /// Makes progress and appends finished requests to `out`; returns how many
+    /// were appended. Never blocks.
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize;
+
+    /// Requests submitted but not yet returned by [`BdevQueue::poll`].
+    fn outstanding(&self) -> usize;
+}
+
+/// A block device: shared description, per-thread queues.
+pub trait Bdev: Send + Sync {
+    /// The device's geometry and capabilities.
+    fn info(&self) -> &BdevInfo;
+
+    /// Opens a queue for the calling thread.
+    fn open_queue(&self) -> Result<Box<dyn BdevQueue>>;
+
+    /// Makes everything written so far durable (used at shutdown). The
+    /// default does nothing, which is right for volatile backends.
+    fn flush_all(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! ram backend (to be written).
