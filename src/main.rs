@@ -1,1 +1,53 @@
-fn main() {}
+//! `unvme`: the one binary. This file parses the command line and hands over
+//! to library code; each subcommand's arguments live in its own module.
+
+mod connect_args;
+mod perf;
+mod target_cmd;
+mod tools;
+
+use clap::{Parser, Subcommand};
+
+/// User-space NVMe over TCP: target, poll-mode initiator and tools.
+#[derive(Parser, Debug)]
+#[command(name = "unvme", version, about)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `unvme_target=debug`.
+    #[arg(long, global = true, env = "UNVME_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve NVMe/TCP subsystems (and the discovery subsystem).
+    Target(target_cmd::TargetArgs),
+    /// Measure IOPS, bandwidth and latency against an NVMe/TCP namespace.
+    Perf(perf::PerfArgs),
+    /// Print a discovery service's log page (like `nvme discover`).
+    Discover(tools::DiscoverArgs),
+    /// Print Identify Controller / Namespace data (like `nvme id-ctrl`/`id-ns`).
+    Identify(tools::IdentifyArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Target(a) => target_cmd::run(a),
+        Command::Perf(a) => perf::run(a),
+        Command::Discover(a) => tools::discover(a),
+        Command::Identify(a) => tools::identify(a),
+    };
+    if let Err(e) = result {
+        eprintln!("unvme: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -86,3 +86,10 @@ pub(crate) mod le {
         String::from_utf8_lossy(&f[..end]).into_owned()
     }
 }
+
+/// Subsystem NQN that `unvme target` serves when given no subsystem of its
+/// own, and that the tools connect to by default.
+pub const DEFAULT_SUBNQN: &str = "nqn.2024-11.io.unvme:default";
+
+/// Default NVMe/TCP port for I/O subsystems (and, on unvme, discovery too).
+pub const DEFAULT_PORT: u16 = 4420;

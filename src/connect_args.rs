@@ -1,0 +1,1 @@
+//! Connection arguments shared by the subcommands that reach a target (being written).
