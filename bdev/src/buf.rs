@@ -44,7 +44,8 @@ impl IoBuf {
     }
 
     fn layout(cap: usize) -> Layout {
-        Layout::from_size_align(cap, IOBUF_ALIGN).expect("capacity is a multiple of 4096 and fits isize")
+        Layout::from_size_align(cap, IOBUF_ALIGN)
+            .expect("capacity is a multiple of 4096 and fits isize")
     }
 
     /// Bytes the buffer can hold.
@@ -96,7 +97,10 @@ impl Drop for IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoBuf").field("len", &self.len).field("cap", &self.cap).finish()
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
     }
 }
 

@@ -16,11 +16,22 @@
 //! their own crates/modules.
 
 pub mod buf;
+mod completions;
 pub mod file;
 pub mod null;
 pub mod ram;
+mod spec;
 
 pub use buf::IoBuf;
+pub use file::FileBdev;
+pub use null::NullBdev;
+pub use ram::RamBdev;
+pub use spec::{from_spec, parse_size};
+
+/// Requests a queue of the built-in backends accepts before
+/// [`BdevQueue::submit`] answers [`SubmitError::Busy`]; each backend has a
+/// `with_queue_depth` to change it.
+pub const DEFAULT_QUEUE_DEPTH: usize = 1024;
 
 /// Errors of the block-device layer that are not per-I/O outcomes.
 #[derive(thiserror::Error, Debug)]
@@ -74,6 +85,56 @@ impl BdevInfo {
             _ => Err(IoError::OutOfRange),
         }
     }
+
+    /// Checks a request against the device before it is executed: every LBA
+    /// range inside the device ([`IoError::OutOfRange`]), the transfer within
+    /// `max_transfer` ([`IoError::TooLarge`]), and a buffer of at least
+    /// `op.data_len()` bytes for Read/Write/Compare ([`IoError::BadBuffer`]).
+    pub fn check_request(
+        &self,
+        op: &IoOp,
+        buf: Option<&IoBuf>,
+    ) -> std::result::Result<(), IoError> {
+        match op {
+            IoOp::Read { lba, nlb } | IoOp::Write { lba, nlb, .. } | IoOp::Compare { lba, nlb } => {
+                self.check_range(*lba, *nlb)?;
+                let len = op.data_len(self.block_size);
+                if self.max_transfer != 0 && len > self.max_transfer as usize {
+                    return Err(IoError::TooLarge);
+                }
+                match buf {
+                    Some(b) if b.len() >= len => Ok(()),
+                    _ => Err(IoError::BadBuffer),
+                }
+            }
+            IoOp::WriteZeroes { lba, nlb, .. } => self.check_range(*lba, *nlb),
+            IoOp::Deallocate { ranges } => ranges
+                .iter()
+                .try_for_each(|r| self.check_range(r.lba, r.nlb)),
+            IoOp::Flush => Ok(()),
+        }
+    }
+
+    /// Checks that `block_size` and `num_blocks` describe a device the
+    /// built-in backends can serve: a power-of-two block size in
+    /// 512..=65536, at least one block, and a byte size that fits in `u64`.
+    pub fn check_geometry(block_size: u32, num_blocks: u64) -> Result<u64> {
+        if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
+            return Err(Error::Config(format!(
+                "block size {block_size} is not a power of two between 512 and 65536"
+            )));
+        }
+        if num_blocks == 0 {
+            return Err(Error::Config("the device has no blocks".into()));
+        }
+        num_blocks
+            .checked_mul(u64::from(block_size))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{num_blocks} blocks of {block_size} bytes overflow u64"
+                ))
+            })
+    }
 }
 
 /// One LBA range of a deallocate request.
@@ -100,7 +161,12 @@ pub enum IoOp {
     Flush,
     /// Set `nlb` blocks at `lba` to zero; `deallocate` allows the backend to
     /// deallocate them instead of writing zeroes.
-    WriteZeroes { lba: u64, nlb: u32, deallocate: bool, fua: bool },
+    WriteZeroes {
+        lba: u64,
+        nlb: u32,
+        deallocate: bool,
+        fua: bool,
+    },
     /// Deallocate (trim) the ranges; later reads return zeroes.
     Deallocate { ranges: Vec<LbaRange> },
 }
