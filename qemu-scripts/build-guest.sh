@@ -7,6 +7,7 @@
 # Outputs:  build/vmlinux            uncompressed kernel (QEMU -kernel, PVH boot)
 #           build/initramfs.cpio     cpio newc archive (uncompressed; faster
 #                                    than gunzip under TCG emulation)
+#           build/initramfs-fio.cpio the same plus fio and its libraries
 #           build/kernel-version
 set -euo pipefail
 
@@ -28,17 +29,22 @@ fi
 
 # Modules loaded at boot (dependencies are added automatically).
 BOOT_MODULES=(
-    virtio_pci virtio_net virtio_blk 9p 9pnet_virtio configfs
+    virtio_pci virtio_net 9p 9pnet_virtio configfs
     crc32c_generic crc32c-intel
     nvme nvme-fabrics nvme-tcp nvmet nvmet-tcp
-    ext4 jbd2 mbcache crc16 nbd loop
-    vfio vfio_iommu_type1 vfio-pci
 )
-# Modules shipped but not loaded (the scenario modprobes them with its own
-# parameters, e.g. `modprobe null_blk nr_devices=1 gb=1`).
-EXTRA_MODULES=(null_blk e1000 virtio_console)
-# Dynamically linked host tools copied in with their libraries.
-TOOLS=(/usr/sbin/nvme /usr/sbin/nbd-client /usr/bin/fio)
+# Modules shipped but not loaded at boot: the scenario runs `modprobe X [params]`
+# (e.g. `modprobe null_blk nr_devices=1 gb=1`, `modprobe nbd nbds_max=4`).
+# Loading nbd/loop at boot creates their devices and costs ~0.8 s under TCG.
+EXTRA_MODULES=(
+    null_blk nbd loop virtio_blk ext4 jbd2 mbcache crc16
+    vfio vfio_iommu_type1 vfio-pci e1000 virtio_console
+)
+# Dynamically linked host tools copied in with their libraries.  fio pulls in
+# ~75 MB of libraries (ceph, gluster, ICU), which would double the boot time,
+# so it goes into a separate archive appended only for `run-guest.sh --with-fio`.
+BASE_TOOLS=(/usr/sbin/nvme /usr/sbin/nbd-client)
+FIO_TOOLS=(/usr/bin/fio)
 TOOL_PKGS=(busybox-static nvme-cli nbd-client fio libc6)
 
 # ---- which kernel -----------------------------------------------------------
@@ -60,12 +66,12 @@ pkg_versions=$(dpkg-query -W -f='${Package}=${Version}\n' "${TOOL_PKGS[@]}" 2>/d
 stamp_input=$(
     echo "kernel=$kpkg=$kver"
     echo "$pkg_versions"
-    echo "boot=${BOOT_MODULES[*]} extra=${EXTRA_MODULES[*]} tools=${TOOLS[*]}"
+    echo "boot=${BOOT_MODULES[*]} extra=${EXTRA_MODULES[*]} tools=${BASE_TOOLS[*]} fio=${FIO_TOOLS[*]}"
     cat "$QS/build-guest.sh" "$QS/extract-vmlinux.sh" "$QS/guest/init"
 )
 stamp=$(sha256sum <<<"$stamp_input" | cut -d' ' -f1)
 if [[ $FORCE -eq 0 && -f $BUILD/stamp && $(cat "$BUILD/stamp") == "$stamp" \
-      && -s $BUILD/vmlinux && -s $BUILD/initramfs.cpio ]]; then
+      && -s $BUILD/vmlinux && -s $BUILD/initramfs.cpio && -s $BUILD/initramfs-fio.cpio ]]; then
     log "up to date ($BUILD)"
     exit 0
 fi
@@ -146,24 +152,25 @@ done
 depmod -b "$ROOT" "$uname_r"   # so `modprobe X` works in the guest
 
 # dynamically linked tools + their libraries (ldd) + the dynamic loader
-copy_lib() {
-    local src=$1 real
-    [[ -e $ROOT$src ]] && return 0
-    mkdir -p "$ROOT$(dirname "$src")"
-    real=$(readlink -f "$src")
-    cp -L "$real" "$ROOT$src"
-}
-for tool in "${TOOLS[@]}"; do
+copy_tool() {  # DESTROOT TOOL: copy TOOL and the libraries it needs, unless
+               # already present in DESTROOT or in the base $ROOT
+    local dest=$1 tool=$2 lib
     [[ -x $tool ]] || die "$tool missing; run qemu-scripts/install-deps.sh"
-    mkdir -p "$ROOT$(dirname "$tool")"
-    rm -f "$ROOT$tool"        # may be a busybox applet link
-    cp -L "$tool" "$ROOT$tool"
+    mkdir -p "$dest$(dirname "$tool")"
+    rm -f "$dest$tool"        # may be a busybox applet link
+    cp -L "$tool" "$dest$tool"
     while read -r lib; do
-        copy_lib "$lib"
+        [[ -e $ROOT$lib || -e $dest$lib ]] && continue
+        mkdir -p "$dest$(dirname "$lib")"
+        cp -L "$lib" "$dest$lib"
     done < <(ldd "$tool" | awk '/=> \// { print $3 } /^[[:space:]]*\/[^ ]+ \(/ { print $1 }')
-done
-# Debian's usrmerge: /lib64 and /lib/x86_64-linux-gnu are where ldd resolves.
+}
+for tool in "${BASE_TOOLS[@]}"; do copy_tool "$ROOT" "$tool"; done
 [[ -e $ROOT/lib64/ld-linux-x86-64.so.2 ]] || die "dynamic loader not copied"
+FIOROOT=$BUILD/initramfs-fio-root
+rm -rf "$FIOROOT"
+mkdir -p "$FIOROOT"
+for tool in "${FIO_TOOLS[@]}"; do copy_tool "$FIOROOT" "$tool"; done
 
 cp "$QS/guest/init" "$ROOT/init"
 chmod 0755 "$ROOT/init"
@@ -173,16 +180,23 @@ printf '127.0.0.1 localhost\n10.0.2.2 host\n10.0.2.15 unvme-guest\n' > "$ROOT/et
 : > "$ROOT/etc/fstab"
 echo "$uname_r" > "$ROOT/etc/unvme/kernel-version"
 
-# strip debug info from the copied libraries/binaries if possible (smaller image)
+# strip what Debian left in the copied libraries/binaries (smaller image)
 if command -v strip >/dev/null; then
-    find "$ROOT/lib" "$ROOT/usr" -type f \( -name '*.so*' -o -perm -u+x \) ! -name '*.ko' \
+    find "$ROOT/lib" "$ROOT/usr" "$FIOROOT" -type f ! -name '*.ko' \
         -exec strip --strip-unneeded {} + 2>/dev/null || true
 fi
 
+pack() {  # DIR OUT
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$2.new"
+    mv -f "$2.new" "$2"
+}
 log "packing initramfs"
-(cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) \
-    > "$BUILD/initramfs.cpio.new"
-mv -f "$BUILD/initramfs.cpio.new" "$BUILD/initramfs.cpio"
+pack "$ROOT" "$BUILD/initramfs.cpio"
+# The kernel unpacks concatenated newc archives in order: base + fio overlay.
+pack "$FIOROOT" "$BUILD/fio-overlay.cpio"
+cat "$BUILD/initramfs.cpio" "$BUILD/fio-overlay.cpio" > "$BUILD/initramfs-fio.cpio.new"
+mv -f "$BUILD/initramfs-fio.cpio.new" "$BUILD/initramfs-fio.cpio"
+rm -f "$BUILD/fio-overlay.cpio"
 echo "$uname_r" > "$BUILD/kernel-version"
 echo "$stamp" > "$BUILD/stamp"
-log "built: kernel $uname_r, vmlinux $(du -h "$BUILD/vmlinux" | cut -f1), initramfs $(du -h "$BUILD/initramfs.cpio" | cut -f1)"
+log "built: kernel $uname_r, vmlinux $(du -h "$BUILD/vmlinux" | cut -f1), initramfs $(du -h "$BUILD/initramfs.cpio" | cut -f1), with fio $(du -h "$BUILD/initramfs-fio.cpio" | cut -f1)"

@@ -25,6 +25,7 @@ usage: run-guest.sh [options] SCENARIO.sh [-- EXTRA-QEMU-ARGS...]
   --machine TYPE[,OPTS]  QEMU machine (default pc; e.g. q35,kernel-irqchip=split)
   --accel ACCEL          QEMU accelerator (default tcg)
   --append ARGS          extra kernel command line (e.g. intel_iommu=on)
+  --with-fio             boot the initramfs that also has fio (slower boot)
   --shared-memory        back guest RAM by a shared memfd (vhost-user needs it)
   --qemu-arg ARG         extra QEMU argument; repeatable (or put them after --)
   --timeout S            kill the guest after S seconds (default 300)
@@ -41,7 +42,7 @@ die() { echo "run-guest: error: $*" >&2; exit 2; }
 log() { echo "run-guest: $*" >&2; }
 
 scenario="" host_cmd="" host_timeout=120 memory=1G cpus=2 machine=pc accel=tcg
-append="" shared_mem=0 timeout_s=300 logfile="" lock_wait=600 keep_share=0 verbose=0
+append="" with_fio=0 shared_mem=0 timeout_s=300 logfile="" lock_wait=600 keep_share=0 verbose=0
 files=() envs=() fwds=() qemu_extra=()
 
 need() { [[ $# -ge 2 && -n $2 ]] || die "option $1 needs an argument"; }
@@ -57,6 +58,7 @@ while [[ $# -gt 0 ]]; do
         --machine) need "$@"; machine=$2; shift 2 ;;
         --accel) need "$@"; accel=$2; shift 2 ;;
         --append) need "$@"; append=$2; shift 2 ;;
+        --with-fio) with_fio=1; shift ;;
         --shared-memory) shared_mem=1; shift ;;
         --qemu-arg) need "$@"; qemu_extra+=("$2"); shift 2 ;;
         --timeout) need "$@"; timeout_s=$2; shift 2 ;;
@@ -78,7 +80,9 @@ done
 [[ $memory =~ ^[0-9]+[MG]?$ ]] || die "--memory wants e.g. 1G or 512M, got '$memory'"
 
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found; run qemu-scripts/install-deps.sh"
-[[ -s $BUILD/vmlinux && -s $BUILD/initramfs.cpio ]] || die "no guest in $BUILD; run qemu-scripts/build-guest.sh"
+initrd=$BUILD/initramfs.cpio
+[[ $with_fio -eq 1 ]] && initrd=$BUILD/initramfs-fio.cpio
+[[ -s $BUILD/vmlinux && -s $initrd ]] || die "no guest in $BUILD; run qemu-scripts/build-guest.sh"
 
 # hostfwd: only ever bind host loopback.
 netdev=user,id=n0
@@ -157,7 +161,7 @@ cmdline="console=ttyS0,115200 panic=-1 loglevel=4 mitigations=off random.trust_c
 qemu=(qemu-system-x86_64
     -nodefaults -no-user-config -display none -monitor none -no-reboot
     -machine "$machine" -accel "$accel" -cpu max -smp "$cpus" -m "$memory"
-    -kernel "$BUILD/vmlinux" -initrd "$BUILD/initramfs.cpio" -append "$cmdline"
+    -kernel "$BUILD/vmlinux" -initrd "$initrd" -append "$cmdline"
     -chardev "file,id=con0,path=$logfile" -serial chardev:con0
     -netdev "$netdev" -device 'virtio-net-pci,netdev=n0'
     -fsdev "local,id=fs0,path=$share,security_model=none" -device 'virtio-9p-pci,fsdev=fs0,mount_tag=share'
