@@ -71,8 +71,9 @@ nvmet_subsys() {
     echo 1 > "$_ns/enable" || fail "enable namespace $2 in $1"
 }
 
-# nvmet_port ID ADDR SVCID [NQN...]: TCP port (IPv4) exporting the NQNs
-# ("discovery" ports need no subsystem, the kernel serves discovery on all).
+# nvmet_port ID ADDR SVCID [NQN...]: TCP port (IPv4) exporting the NQNs.
+# The kernel only starts listening once a subsystem is linked; every port
+# also serves the discovery subsystem.
 nvmet_port() {
     _p=$NVMET/ports/$1
     mkdir -p "$_p" || fail "mkdir $_p"

@@ -3,6 +3,7 @@
 # namespace, reads it back and compares.  Proves modules, nvme-cli and the
 # harness work.
 set -eu
+# shellcheck source=SCRIPTDIR/../guest/lib.sh
 . /share/lib.sh
 
 NQN=nqn.2024-01.io.unvme:loopback
@@ -22,7 +23,7 @@ dev=""
 i=0
 while [ -z "$dev" ] && [ "$i" -lt 100 ]; do
     dev=$(nvme_dev_for_nqn "$NQN" || true)
-    [ -n "$dev" ] && [ -b "$dev" ] || { dev=""; sleep 0.1; }
+    if [ -z "$dev" ] || [ ! -b "$dev" ]; then dev=""; sleep 0.1; fi
     i=$((i + 1))
 done
 [ -n "$dev" ] || { nvme list; fail "no block device for $NQN after connect"; }
