@@ -105,7 +105,9 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
 pub enum Mode {
     /// Non-blocking sockets; read and write until `WouldBlock`, and loop.
     Spin,
-    /// Blocking sockets; the thread sleeps until data arrives.
+    /// Blocking sockets; the thread sleeps until data arrives. Each side
+    /// writes all it has before reading, so `depth * (req + resp)` must fit
+    /// in the socket buffers (it does by far for the sizes bench/core uses).
     Block,
 }
 
