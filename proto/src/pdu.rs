@@ -542,7 +542,7 @@ impl PduDecoder {
             State::Data { remaining: 0 } => {
                 if self.ddgst_this {
                     self.state = State::DataDigest { have: 0 };
-                    Ok((0, None))
+                    self.decode(input)
                 } else {
                     self.finish_pdu();
                     Ok((0, Some(Event::DataEnd { digest_ok: true })))

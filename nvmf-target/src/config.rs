@@ -1,0 +1,219 @@
+//! Target configuration: built from command-line flags or read from a TOML
+//! file. Every size and count here bounds memory or work at run time.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+
+use crate::{Error, Result};
+
+/// One namespace: its backend spec (`ram:1G`, `null:1T`, `file:/path[:BS]`,
+/// see `unvme_bdev::from_spec`) and optional NSID (default: next free).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Backend spec.
+    pub bdev: String,
+    /// Namespace ID (1-based); `None` takes the next free one.
+    #[serde(default)]
+    pub nsid: Option<u32>,
+}
+
+/// One NVM subsystem.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemConfig {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Serial number reported by Identify Controller (20 ASCII chars max).
+    #[serde(default = "default_serial")]
+    pub serial: String,
+    /// Model number (40 ASCII chars max).
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Host NQNs allowed to connect; empty allows any host.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Namespaces.
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+fn default_serial() -> String {
+    "UNVME0000000000001".into()
+}
+fn default_model() -> String {
+    "unvme target".into()
+}
+
+/// The whole target.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetConfig {
+    /// Addresses to listen on; each serves every subsystem and discovery.
+    pub listen: Vec<SocketAddr>,
+    /// NVM subsystems.
+    pub subsystems: Vec<SubsystemConfig>,
+    /// Number of reactor threads.
+    pub reactors: usize,
+    /// CPUs to pin reactor i to (`cpus[i % len]`); `None` leaves them unpinned.
+    pub cpus: Option<Vec<usize>>,
+    /// In-capsule data bytes accepted on I/O queues (admin queues take 8 KiB,
+    /// as the Linux host assumes).
+    pub in_capsule_data_size: u32,
+    /// MAXH2CDATA advertised in ICResp.
+    pub max_h2c_data: u32,
+    /// Maximum data transfer size in bytes (rounded down to 4 KiB × 2^n).
+    pub max_transfer_size: u32,
+    /// Largest queue size (entries) a host may ask for at Connect.
+    pub max_queue_size: u16,
+    /// Largest number of I/O queues per controller.
+    pub max_io_queues: u16,
+    /// Microseconds a reactor spins without work before sleeping in epoll.
+    pub spin_us: u64,
+    /// Most connections per reactor.
+    pub max_connections_per_reactor: usize,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig {
+            listen: vec![SocketAddr::from((
+                [127, 0, 0, 1],
+                unvme_proto::DEFAULT_PORT,
+            ))],
+            subsystems: Vec::new(),
+            reactors: 1,
+            cpus: None,
+            in_capsule_data_size: 8192,
+            max_h2c_data: 128 * 1024,
+            max_transfer_size: 1024 * 1024,
+            max_queue_size: 128,
+            max_io_queues: 64,
+            spin_us: 1000,
+            max_connections_per_reactor: 1024,
+        }
+    }
+}
+
+impl TargetConfig {
+    /// Reads a TOML file.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// The configuration `unvme target` uses with no arguments: a 1 GiB RAM
+    /// namespace under [`unvme_proto::DEFAULT_SUBNQN`] on 127.0.0.1:4420.
+    pub fn default_ram() -> Self {
+        TargetConfig {
+            subsystems: vec![SubsystemConfig {
+                nqn: unvme_proto::DEFAULT_SUBNQN.into(),
+                serial: default_serial(),
+                model: default_model(),
+                allowed_hosts: Vec::new(),
+                namespaces: vec![NamespaceConfig {
+                    bdev: "ram:1G".into(),
+                    nsid: None,
+                }],
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Checks values that would make the target misbehave.
+    pub fn validate(&self) -> Result<()> {
+        if self.listen.is_empty() {
+            return Err(Error::Config("no listen address".into()));
+        }
+        if self.in_capsule_data_size > 1024 * 1024 || self.in_capsule_data_size % 16 != 0 {
+            return Err(Error::Config(
+                "in-capsule data size must be a multiple of 16 up to 1 MiB".into(),
+            ));
+        }
+        if self.max_h2c_data < 4096 || self.max_h2c_data % 4 != 0 {
+            return Err(Error::Config(
+                "MAXH2CDATA must be at least 4096 and a multiple of 4".into(),
+            ));
+        }
+        if self.max_transfer_size < 4096 {
+            return Err(Error::Config(
+                "max transfer size must be at least 4096".into(),
+            ));
+        }
+        if !(2..=1024).contains(&self.max_queue_size) {
+            return Err(Error::Config("max queue size must be 2..=1024".into()));
+        }
+        if self.max_io_queues == 0 {
+            return Err(Error::Config("at least one I/O queue".into()));
+        }
+        let mut nqns = std::collections::HashSet::new();
+        for s in &self.subsystems {
+            if s.nqn.is_empty()
+                || s.nqn.len() > 223
+                || s.nqn == unvme_proto::discovery::DISCOVERY_NQN
+            {
+                return Err(Error::Config(format!("invalid subsystem NQN {:?}", s.nqn)));
+            }
+            if !nqns.insert(&s.nqn) {
+                return Err(Error::Config(format!("duplicate subsystem NQN {}", s.nqn)));
+            }
+            if s.serial.len() > 20
+                || s.model.len() > 40
+                || !s.serial.is_ascii()
+                || !s.model.is_ascii()
+            {
+                return Err(Error::Config(
+                    "serial (≤20) and model (≤40) must be short ASCII".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// MDTS value (log2 of the transfer in 4 KiB units) for Identify.
+    pub fn mdts(&self) -> u8 {
+        let pages = (self.max_transfer_size / 4096).max(1);
+        (31 - pages.leading_zeros()) as u8
+    }
+
+    /// The effective maximum transfer in bytes (a power-of-two multiple of 4 KiB).
+    pub fn max_transfer_bytes(&self) -> u32 {
+        4096u32 << self.mdts()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_config_parses_and_rejects_unknown_keys() {
+        let c = TargetConfig::from_toml(
+            r#"
+            listen = ["127.0.0.1:4420"]
+            reactors = 2
+            [[subsystems]]
+            nqn = "nqn.2024-11.io.unvme:a"
+            namespaces = [{ bdev = "ram:64M" }, { bdev = "null:1G", nsid = 5 }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.reactors, 2);
+        assert_eq!(c.subsystems[0].namespaces[1].nsid, Some(5));
+        assert!(c.validate().is_ok());
+        assert!(TargetConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn mdts_rounds_down_to_a_power_of_two() {
+        let c = TargetConfig {
+            max_transfer_size: 1024 * 1024,
+            ..Default::default()
+        };
+        assert_eq!(c.mdts(), 8);
+        let c = TargetConfig {
+            max_transfer_size: 100_000,
+            ..Default::default()
+        };
+        assert_eq!(c.max_transfer_bytes(), 65536);
+    }
+}

@@ -1,0 +1,418 @@
+//! Reactors: poll-mode threads that each own a set of connections and one
+//! bdev queue per namespace.
+//!
+//! A turn of the loop: `epoll_wait` (zero timeout while spinning), read and
+//! decode every readable connection, submit I/O, poll every bdev queue with
+//! work outstanding, then flush each connection's responses with one
+//! vectored write. After `spin_us` without work the reactor blocks in
+//! `epoll_wait` (up to 100 ms, for timers), so an idle target sleeps.
+
+use std::collections::VecDeque;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use unvme_bdev::{BdevQueue, IoBuf, IoCompletion, IoRequest, SubmitError};
+
+use crate::config::TargetConfig;
+use crate::conn::{split_tag, CloseReason, Conn, Ctx};
+use crate::subsystem::Subsystems;
+use crate::{io_err, Result};
+
+const WAKER: Token = Token(usize::MAX);
+
+/// Settings every reactor reads.
+pub(crate) struct Params {
+    pub max_h2c_data: u32,
+    pub in_capsule: u32,
+    pub max_transfer: u32,
+    pub max_queue_size: u16,
+    pub max_io_queues: u16,
+    pub spin: Duration,
+    pub max_conns: usize,
+}
+
+impl Params {
+    pub fn from_config(c: &TargetConfig) -> Self {
+        Params {
+            max_h2c_data: c.max_h2c_data,
+            in_capsule: c.in_capsule_data_size,
+            max_transfer: c.max_transfer_bytes(),
+            max_queue_size: c.max_queue_size,
+            max_io_queues: c.max_io_queues,
+            spin: Duration::from_micros(c.spin_us),
+            max_conns: c.max_connections_per_reactor,
+        }
+    }
+}
+
+/// Per-reactor free lists of data buffers by power-of-two size class
+/// (4 KiB … 16 MiB), bounded in total bytes kept.
+pub(crate) struct BufPool {
+    classes: Vec<Vec<IoBuf>>,
+    kept: usize,
+    limit: usize,
+}
+
+impl BufPool {
+    fn new(limit: usize) -> Self {
+        BufPool {
+            classes: (0..13).map(|_| Vec::new()).collect(),
+            kept: 0,
+            limit,
+        }
+    }
+
+    fn class(len: usize) -> usize {
+        let pages = len.max(1).div_ceil(4096).next_power_of_two();
+        pages.trailing_zeros() as usize
+    }
+
+    /// A buffer of exactly `len` bytes (capacity rounded up to its class).
+    pub fn get(&mut self, len: usize) -> IoBuf {
+        let c = Self::class(len);
+        let mut b = match self.classes.get_mut(c).and_then(|v| v.pop()) {
+            Some(b) => {
+                self.kept -= b.capacity();
+                b
+            }
+            None => IoBuf::new(4096usize << c.min(12)),
+        };
+        if b.capacity() < len {
+            b = IoBuf::new(len);
+        }
+        b.set_len(len);
+        b
+    }
+
+    /// Returns a buffer for reuse (dropped if the pool is full).
+    pub fn put(&mut self, b: IoBuf) {
+        let cap = b.capacity();
+        let c = Self::class(cap);
+        if self.kept + cap > self.limit || c >= self.classes.len() || (4096usize << c) != cap {
+            return;
+        }
+        self.kept += cap;
+        self.classes[c].push(b);
+    }
+}
+
+pub(crate) struct Reactor {
+    id: usize,
+    params: Arc<Params>,
+    subsystems: Arc<Subsystems>,
+    stop: Arc<AtomicBool>,
+    poll: Poll,
+    inbox: Receiver<std::net::TcpStream>,
+    conns: Vec<Option<Conn>>,
+    gens: Vec<u32>,
+    queues: Vec<Option<Box<dyn BdevQueue>>>,
+    busy: VecDeque<(usize, IoRequest)>,
+    pool: BufPool,
+}
+
+impl Reactor {
+    pub fn new(
+        id: usize,
+        params: Arc<Params>,
+        subsystems: Arc<Subsystems>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(Reactor, Sender<std::net::TcpStream>, Arc<Waker>)> {
+        let poll = Poll::new().map_err(io_err("epoll"))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("waker"))?);
+        let (tx, rx) = channel();
+        let nq = subsystems.all_namespaces.len();
+        Ok((
+            Reactor {
+                id,
+                params,
+                subsystems,
+                stop,
+                poll,
+                inbox: rx,
+                conns: Vec::new(),
+                gens: Vec::new(),
+                queues: (0..nq).map(|_| None).collect(),
+                busy: VecDeque::new(),
+                pool: BufPool::new(64 << 20),
+            },
+            tx,
+            waker,
+        ))
+    }
+
+    fn adopt(&mut self, s: std::net::TcpStream) {
+        let peer = match s.peer_addr() {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let live = self.conns.iter().filter(|c| c.is_some()).count();
+        if live >= self.params.max_conns {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            return;
+        }
+        if s.set_nonblocking(true).is_err() || s.set_nodelay(true).is_err() {
+            return;
+        }
+        let mut stream = mio::net::TcpStream::from_std(s);
+        let idx = match self.conns.iter().position(|c| c.is_none()) {
+            Some(i) => i,
+            None => {
+                self.conns.push(None);
+                self.gens.push(0);
+                self.conns.len() - 1
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(idx),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(%peer, "cannot register connection: {e}");
+            return;
+        }
+        self.gens[idx] = self.gens[idx].wrapping_add(1);
+        tracing::info!(%peer, reactor = self.id, "connection accepted");
+        self.conns[idx] = Some(Conn::new(stream, peer, &self.params));
+    }
+
+    fn close(&mut self, idx: usize) {
+        if let Some(mut c) = self.conns[idx].take() {
+            let reason = c.close.take().unwrap_or(CloseReason::Shutdown);
+            match &reason {
+                CloseReason::PeerClosed | CloseReason::Shutdown => {
+                    tracing::info!(peer = %c.peer, qid = c.qid(), "connection closed: {reason}")
+                }
+                _ => tracing::warn!(peer = %c.peer, qid = c.qid(), "connection closed: {reason}"),
+            }
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            c.release(&mut self.pool);
+            self.gens[idx] = self.gens[idx].wrapping_add(1);
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut comps: Vec<IoCompletion> = Vec::with_capacity(256);
+        let mut last_work = Instant::now();
+        let mut last_tick = Instant::now();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let spinning = last_work.elapsed() < self.params.spin;
+            let timeout = if spinning {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("epoll failed: {e}");
+                    break;
+                }
+            }
+            let mut work = false;
+            for ev in events.iter() {
+                if ev.token() == WAKER {
+                    while let Ok(s) = self.inbox.try_recv() {
+                        self.adopt(s);
+                    }
+                    continue;
+                }
+                if let Some(Some(c)) = self.conns.get_mut(ev.token().0) {
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        c.readable = true;
+                    }
+                    if ev.is_writable() {
+                        c.writable = true;
+                    }
+                }
+            }
+            // Receive and run commands.
+            for idx in 0..self.conns.len() {
+                let Some(c) = self.conns[idx].as_mut() else {
+                    continue;
+                };
+                if c.readable && c.close.is_none() {
+                    let mut ctx = Ctx {
+                        params: &self.params,
+                        subsystems: &self.subsystems,
+                        queues: &mut self.queues,
+                        busy: &mut self.busy,
+                        pool: &mut self.pool,
+                        conn_idx: idx,
+                        conn_gen: self.gens[idx],
+                    };
+                    if c.on_readable(&mut ctx) > 0 {
+                        work = true;
+                    }
+                }
+            }
+            // Retry submissions a full queue refused.
+            for _ in 0..self.busy.len() {
+                let Some((g, req)) = self.busy.pop_front() else {
+                    break;
+                };
+                if let Some(q) = self.queues[g].as_mut() {
+                    if let Err(SubmitError::Busy(r)) = q.submit(req) {
+                        self.busy.push_front((g, r));
+                        break;
+                    }
+                }
+            }
+            // Collect completions.
+            for q in self.queues.iter_mut().flatten() {
+                if q.outstanding() > 0 {
+                    q.poll(&mut comps);
+                }
+            }
+            for comp in comps.drain(..) {
+                work = true;
+                let (idx, gen, slot) = split_tag(comp.tag);
+                match self.conns.get_mut(idx).and_then(|c| c.as_mut()) {
+                    Some(c) if self.gens[idx] & 0xffff == gen => {
+                        c.io_done(slot, comp.result, comp.buf, &mut self.pool)
+                    }
+                    _ => {
+                        if let Some(b) = comp.buf {
+                            self.pool.put(b);
+                        }
+                    }
+                }
+            }
+            // Send.
+            let now = Instant::now();
+            let tick = now.duration_since(last_tick) >= Duration::from_millis(100);
+            if tick {
+                last_tick = now;
+            }
+            for idx in 0..self.conns.len() {
+                let Some(c) = self.conns[idx].as_mut() else {
+                    continue;
+                };
+                if c.has_tx() && c.writable {
+                    match c.flush(&mut self.pool) {
+                        Ok(_) => work = true,
+                        Err(e) => {
+                            if c.close.is_none() {
+                                c.close = Some(CloseReason::Io(e));
+                            }
+                            c.close_deadline = None;
+                        }
+                    }
+                }
+                if tick {
+                    c.tick(now);
+                }
+                if c.close.is_some() {
+                    let drained = !c.has_tx() || c.close_deadline.is_none_or(|d| now >= d);
+                    if drained && c.outstanding_io == 0
+                        || c.close_deadline.is_some_and(|d| now >= d)
+                    {
+                        self.close(idx);
+                    } else if c.close_deadline.is_none() {
+                        c.close_deadline = Some(now + Duration::from_secs(1));
+                    }
+                }
+            }
+            if work {
+                last_work = Instant::now();
+            }
+        }
+        // Shutdown: close connections, drain outstanding bdev I/O briefly.
+        for idx in 0..self.conns.len() {
+            if let Some(c) = self.conns[idx].as_mut() {
+                c.close.get_or_insert(CloseReason::Shutdown);
+            }
+            self.close(idx);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.queues.iter().flatten().any(|q| q.outstanding() > 0) && Instant::now() < deadline
+        {
+            for q in self.queues.iter_mut().flatten() {
+                q.poll(&mut comps);
+            }
+            comps.clear();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Accepts connections and hands them to reactors round-robin.
+pub(crate) fn accept_loop(
+    l: TcpListener,
+    inboxes: Arc<Vec<(Sender<std::net::TcpStream>, Arc<Waker>)>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut listener = mio::net::TcpListener::from_std(l);
+    let Ok(mut poll) = Poll::new() else {
+        tracing::error!("acceptor: cannot create epoll");
+        return;
+    };
+    if poll
+        .registry()
+        .register(&mut listener, Token(0), Interest::READABLE)
+        .is_err()
+    {
+        tracing::error!("acceptor: cannot register listener");
+        return;
+    }
+    let mut events = Events::with_capacity(16);
+    let mut next = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        if poll
+            .poll(&mut events, Some(Duration::from_millis(100)))
+            .is_err()
+        {
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    // SAFETY: into_raw_fd transfers ownership of a valid, open
+                    // socket descriptor to the std stream, which closes it.
+                    let std_stream = unsafe {
+                        <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(
+                            std::os::fd::IntoRawFd::into_raw_fd(s),
+                        )
+                    };
+                    let (tx, waker) = &inboxes[next % inboxes.len()];
+                    next += 1;
+                    if tx.send(std_stream).is_ok() {
+                        let _ = waker.wake();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub(crate) fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is bounds-checked
+    // by the macro against CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 means the calling thread; `set` is a valid cpu_set_t of
+    // the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        tracing::warn!(
+            cpu,
+            "cannot pin reactor: {}",
+            std::io::Error::last_os_error()
+        );
+    } else {
+        tracing::info!(cpu, "reactor pinned");
+    }
+}
