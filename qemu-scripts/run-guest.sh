@@ -139,8 +139,16 @@ if ! flock -n 9; then
 fi
 
 # ---- the share ---------------------------------------------------------------------
+# Shares left by a launcher that was SIGKILLed (its QEMU died with it through
+# pdeathsig): safe to remove while we hold the lock.
+for old in "${TMPDIR:-/tmp}"/unvme-share.*; do
+    [[ -d $old && -f $old/.owner && ! -e $old/.keep ]] || continue
+    kill -0 "$(cat "$old/.owner")" 2>/dev/null || rm -rf "$old"
+done
 share=$(mktemp -d "${TMPDIR:-/tmp}/unvme-share.XXXXXX")
 chmod 0755 "$share"
+echo $$ > "$share/.owner"
+[[ $keep_share -eq 1 ]] && : > "$share/.keep"
 cp "$scenario" "$share/scenario.sh"
 cp "$QS/guest/lib.sh" "$share/lib.sh"
 : > "$share/env.sh"
@@ -183,7 +191,7 @@ t0=$(date +%s%N)
 "${launcher[@]}" "${qemu[@]}" </dev/null >"$qemu_err" 2>&1 &
 qemu_pid=$!
 if [[ $verbose -eq 1 ]]; then
-    tail -n +1 -F "$logfile" >&2 2>/dev/null &
+    tail -n +1 -F "$logfile" 9>&- >&2 2>/dev/null &
     tail_pid=$!
 fi
 
@@ -203,7 +211,7 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
         host_deadline_ms=$((now + host_timeout * 1000 + 5000))
         log "guest ready after $(fmt_s "$now") s; running host command (limit ${host_timeout}s)"
         UNVME_SHARE=$share UNVME_GUEST_LOG=$logfile \
-            timeout -k 5 "$host_timeout" bash -c "$host_cmd" </dev/null &
+            timeout -k 5 "$host_timeout" bash -c "$host_cmd" </dev/null 9>&- &
         host_pid=$!
     fi
     if [[ -n $host_pid ]] && ! kill -0 "$host_pid" 2>/dev/null; then
