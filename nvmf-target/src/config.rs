@@ -124,12 +124,13 @@ impl TargetConfig {
         if self.listen.is_empty() {
             return Err(Error::Config("no listen address".into()));
         }
-        if self.in_capsule_data_size > 1024 * 1024 || self.in_capsule_data_size % 16 != 0 {
+        if self.in_capsule_data_size > 1024 * 1024 || !self.in_capsule_data_size.is_multiple_of(16)
+        {
             return Err(Error::Config(
                 "in-capsule data size must be a multiple of 16 up to 1 MiB".into(),
             ));
         }
-        if self.max_h2c_data < 4096 || self.max_h2c_data % 4 != 0 {
+        if self.max_h2c_data < 4096 || !self.max_h2c_data.is_multiple_of(4) {
             return Err(Error::Config(
                 "MAXH2CDATA must be at least 4096 and a multiple of 4".into(),
             ));

@@ -149,6 +149,9 @@ pub(crate) struct Conn {
     rx_end: usize,
     rx_target: RxTarget,
     pub readable: bool,
+    /// The peer's FIN (or an error) was reported: read until EOF, not just
+    /// until a short read.
+    pub read_closed: bool,
     pub writable: bool,
     tx_hdr: Vec<u8>,
     tx_segs: VecDeque<Seg>,
@@ -189,6 +192,7 @@ impl Conn {
             rx_end: 0,
             rx_target: RxTarget::None,
             readable: true,
+            read_closed: false,
             writable: true,
             tx_hdr: Vec::with_capacity(64 * 1024),
             tx_segs: VecDeque::with_capacity(4 * nslots),
@@ -282,7 +286,7 @@ impl Conn {
                                     off: off + n as u32,
                                 };
                                 total += n;
-                                if n < rem {
+                                if n < rem && !self.read_closed {
                                     self.readable = false;
                                     break;
                                 }
@@ -327,7 +331,7 @@ impl Conn {
                     self.rx_end += n;
                     total += n;
                     self.process(ctx);
-                    if n < space {
+                    if n < space && !self.read_closed {
                         self.readable = false;
                         break;
                     }
@@ -881,7 +885,7 @@ impl Conn {
                     }
                     _ => return self.complete(slot, Status::INVALID_LOG_PAGE, 0),
                 };
-                if g.lpo % 4 != 0 || g.lpo > page.len() as u64 {
+                if !g.lpo.is_multiple_of(4) || g.lpo > page.len() as u64 {
                     return self.complete(slot, Status::INVALID_FIELD, 0);
                 }
                 let start = g.lpo as usize;

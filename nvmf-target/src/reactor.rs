@@ -227,6 +227,9 @@ impl Reactor {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                         c.readable = true;
                     }
+                    if ev.is_read_closed() || ev.is_error() {
+                        c.read_closed = true;
+                    }
                     if ev.is_writable() {
                         c.writable = true;
                     }

@@ -133,7 +133,7 @@ impl Subsystem {
         for _ in 0..0xFFEF {
             let id = t.next;
             t.next = if t.next >= 0xFFEF { 1 } else { t.next + 1 };
-            if !t.live.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = t.live.entry(id) {
                 let c = Arc::new(CtrlShared {
                     cntlid: id,
                     subsys: self.clone(),
@@ -152,7 +152,7 @@ impl Subsystem {
                         wce: true,
                     }),
                 });
-                t.live.insert(id, c.clone());
+                slot.insert(c.clone());
                 return Some(c);
             }
         }
@@ -354,9 +354,10 @@ impl Subsystems {
             kas: 10, // 100 ms granularity
             ..Default::default()
         };
-        let mut ps = PowerStateDescriptor::default();
-        ps.mp = 100;
-        id.psd[0] = ps;
+        id.psd[0] = PowerStateDescriptor {
+            mp: 100,
+            ..Default::default()
+        };
         id
     }
 
@@ -368,7 +369,7 @@ impl Subsystems {
             nsze: info.num_blocks,
             ncap: info.num_blocks,
             nuse: info.num_blocks,
-            nsfeat: 0x4 | if info.deallocate { 0 } else { 0 }, // NAWUN etc. valid
+            nsfeat: 0,
             nmic: 1,
             dlfeat: if info.deallocate { 0x1 | 0x8 } else { 0 }, // deallocated blocks read as zeroes; DEAC in Write Zeroes
             nguid: ns.nguid,

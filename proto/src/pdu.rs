@@ -670,7 +670,7 @@ impl PduDecoder {
             return Ok(IC_LEN);
         }
         if is_term {
-            if plen < TERM_HLEN || plen > TERM_HLEN + TERM_MAX_DATA {
+            if !(TERM_HLEN..=TERM_HLEN + TERM_MAX_DATA).contains(&plen) {
                 return Err(FatalError::field(
                     4,
                     "termination request PLEN out of range",
@@ -710,6 +710,23 @@ impl PduDecoder {
             return Ok(header_total);
         }
         let dd = self.framing.ddgst;
+        let max = if t == pdu_type::CAPSULE_CMD {
+            self.limits.max_incapsule
+        } else {
+            self.limits.max_data
+        } as usize;
+        // Largest PDU of this type: header, up to 128 bytes of padding, data, digest.
+        if plen > header_total + 128 + max + DIGEST_LEN {
+            return Err(if t == pdu_type::CAPSULE_CMD {
+                FatalError::field(4, "PLEN exceeds the in-capsule data size")
+            } else {
+                FatalError {
+                    fes: fes::DATA_LIMIT_EXCEEDED,
+                    fei: 0,
+                    msg: "data PDU larger than the negotiated maximum",
+                }
+            });
+        }
         if (fl & flags::DDGSTF != 0) != dd {
             return Err(FatalError::field(
                 1,
@@ -732,11 +749,6 @@ impl PduDecoder {
         let Some(data) = data else {
             return Err(FatalError::field(4, "PLEN leaves no room for data"));
         };
-        let max = if t == pdu_type::CAPSULE_CMD {
-            self.limits.max_incapsule
-        } else {
-            self.limits.max_data
-        } as usize;
         if data > max {
             return Err(if t == pdu_type::CAPSULE_CMD {
                 FatalError::field(4, "in-capsule data larger than the controller accepts")
@@ -1174,9 +1186,10 @@ mod tests {
         assert!(matches!(ev, Some(Event::Pdu(_))));
         assert_eq!(dec.data_remaining(), 100);
         dec.consume_data_direct(&b[n..n + 100]);
-        let (_, ev) = dec.decode(&b[n + 100..]).unwrap();
-        assert!(ev.is_none());
-        let (_, ev) = dec.decode(&b[n + 100..]).unwrap();
+        // The digest bytes are consumed in the same call that ends the data.
+        let (used, ev) = dec.decode(&b[n + 100..]).unwrap();
+        assert_eq!(used, 4);
         assert_eq!(ev, Some(Event::DataEnd { digest_ok: true }));
+        assert!(dec.is_idle());
     }
 }
