@@ -627,13 +627,17 @@ impl Conn {
         if sqe.opc == fabrics::OPC_FABRICS {
             return self.fabrics(slot, ctx);
         }
-        if let Some(ctrl) = &self.ctrl {
-            if self.qid == 0 {
-                ctrl.regs().last_keep_alive = Instant::now();
-            }
-            let ready = ctrl.regs().csts & csts::RDY != 0;
-            if !ready {
-                return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
+        // Admin queue only: I/O queues exist only while the controller is
+        // ready (Connect checks it, and a reset closes them), so the I/O path
+        // takes no lock here.
+        if self.qid == 0 {
+            if let Some(ctrl) = &self.ctrl {
+                let mut r = ctrl.regs();
+                r.last_keep_alive = Instant::now();
+                if r.csts & csts::RDY == 0 {
+                    drop(r);
+                    return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
+                }
             }
         }
         if self.qid == 0 {
@@ -989,86 +993,29 @@ impl Conn {
     }
 
     fn io(&mut self, slot: u16, ctx: &mut Ctx<'_>) {
-        let Some(subsys) = self.subsys.clone() else {
-            return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
-        };
         let si = usize::from(slot);
-        let sqe = self.slots[si].sqe;
-        let Some(ns) = subsys.namespace(sqe.nsid) else {
-            return self.complete(slot, Status::INVALID_NS, 0);
-        };
-        let info = ns.bdev.info();
-        let bs = info.block_size;
-        let op = match sqe.opc {
-            io_opc::READ | io_opc::WRITE | io_opc::COMPARE => {
-                let (lba, nlb) = (sqe.slba(), sqe.nlb());
-                if info.check_range(lba, nlb).is_err() {
-                    return self.complete(slot, Status::LBA_OUT_OF_RANGE, 0);
-                }
-                let bytes = u64::from(nlb) * u64::from(bs);
-                if bytes != u64::from(self.slots[si].len) {
-                    return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID, 0);
-                }
-                match sqe.opc {
-                    io_opc::READ => IoOp::Read { lba, nlb },
-                    io_opc::WRITE => IoOp::Write {
-                        lba,
-                        nlb,
-                        fua: sqe.fua(),
-                    },
-                    _ => IoOp::Compare { lba, nlb },
-                }
-            }
-            io_opc::FLUSH => IoOp::Flush,
-            io_opc::WRITE_ZEROES => {
-                let (lba, nlb) = (sqe.slba(), sqe.nlb());
-                if info.check_range(lba, nlb).is_err() {
-                    return self.complete(slot, Status::LBA_OUT_OF_RANGE, 0);
-                }
-                IoOp::WriteZeroes {
-                    lba,
-                    nlb,
-                    deallocate: sqe.cdw12 & (1 << 25) != 0,
-                    fua: sqe.fua(),
-                }
-            }
-            io_opc::DSM => {
-                let nr = (sqe.cdw10 & 0xff) as usize + 1;
-                let ad = sqe.cdw11 & (1 << 2) != 0;
+        let prepared = match self.subsys.as_deref() {
+            Some(subsys) => {
                 let s = &self.slots[si];
-                let Some(buf) = s.buf.as_ref().filter(|_| s.len as usize >= nr * 16) else {
-                    return self.complete(slot, Status::DATA_SGL_LENGTH_INVALID, 0);
-                };
-                if !ad {
-                    // Only the deallocate attribute has an effect; the others are hints.
-                    return self.complete(slot, Status::SUCCESS, 0);
-                }
-                let mut ranges = Vec::with_capacity(nr);
-                for r in buf[..nr * 16].chunks_exact(16) {
-                    let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
-                    let lba =
-                        u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
-                    if nlb == 0 {
-                        continue;
-                    }
-                    if info.check_range(lba, nlb).is_err() {
-                        return self.complete(slot, Status::LBA_OUT_OF_RANGE, 0);
-                    }
-                    ranges.push(LbaRange { lba, nlb });
-                }
-                if !info.deallocate {
-                    return self.complete(slot, Status::SUCCESS, 0);
-                }
-                IoOp::Deallocate { ranges }
+                prepare_io(subsys, &s.sqe, s.len, s.buf.as_ref())
             }
-            _ => return self.complete(slot, Status::INVALID_OPCODE, 0),
+            None => Err(Status::COMMAND_SEQUENCE_ERROR),
         };
-        let gidx = ns.gidx;
+        let (gidx, op) = match prepared {
+            Ok(Some(x)) => x,
+            Ok(None) => return self.complete(slot, Status::SUCCESS, 0),
+            Err(st) => return self.complete(slot, st, 0),
+        };
         if ctx.queues[gidx].is_none() {
-            match ns.bdev.open_queue() {
+            let (sidx, nsid) = ctx.subsystems.all_namespaces[gidx];
+            let opened = match ctx.subsystems.list[sidx].namespace(nsid) {
+                Some(ns) => ns.bdev.open_queue().map_err(|e| e.to_string()),
+                None => Err("namespace vanished".to_string()),
+            };
+            match opened {
                 Ok(q) => ctx.queues[gidx] = Some(q),
                 Err(e) => {
-                    tracing::error!(nsid = ns.nsid, "cannot open a bdev queue: {e}");
+                    tracing::error!(nsid, "cannot open a bdev queue: {e}");
                     return self.complete(slot, Status::NS_NOT_READY, 0);
                 }
             }
@@ -1353,6 +1300,74 @@ fn data_dir(sqe: &Sqe) -> Dir {
         2 => Dir::C2h,
         _ => Dir::None,
     }
+}
+
+/// Validates an NVM I/O command against its namespace and builds the bdev
+/// operation: `Ok(None)` means "complete successfully without I/O" (hints).
+fn prepare_io(
+    subsys: &Subsystem,
+    sqe: &Sqe,
+    len: u32,
+    buf: Option<&IoBuf>,
+) -> Result<Option<(usize, IoOp)>, Status> {
+    let ns = subsys.namespace(sqe.nsid).ok_or(Status::INVALID_NS)?;
+    let info = ns.bdev.info();
+    let range = |lba: u64, nlb: u32| {
+        info.check_range(lba, nlb)
+            .map_err(|_| Status::LBA_OUT_OF_RANGE)
+    };
+    let op = match sqe.opc {
+        io_opc::READ | io_opc::WRITE | io_opc::COMPARE => {
+            let (lba, nlb) = (sqe.slba(), sqe.nlb());
+            range(lba, nlb)?;
+            if u64::from(nlb) * u64::from(info.block_size) != u64::from(len) {
+                return Err(Status::DATA_SGL_LENGTH_INVALID);
+            }
+            match sqe.opc {
+                io_opc::READ => IoOp::Read { lba, nlb },
+                io_opc::WRITE => IoOp::Write {
+                    lba,
+                    nlb,
+                    fua: sqe.fua(),
+                },
+                _ => IoOp::Compare { lba, nlb },
+            }
+        }
+        io_opc::FLUSH => IoOp::Flush,
+        io_opc::WRITE_ZEROES => {
+            let (lba, nlb) = (sqe.slba(), sqe.nlb());
+            range(lba, nlb)?;
+            IoOp::WriteZeroes {
+                lba,
+                nlb,
+                deallocate: sqe.cdw12 & (1 << 25) != 0,
+                fua: sqe.fua(),
+            }
+        }
+        io_opc::DSM => {
+            let nr = (sqe.cdw10 & 0xff) as usize + 1;
+            let buf = buf
+                .filter(|_| len as usize >= nr * 16)
+                .ok_or(Status::DATA_SGL_LENGTH_INVALID)?;
+            let mut ranges = Vec::with_capacity(nr);
+            for r in buf[..nr * 16].chunks_exact(16) {
+                let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+                let lba =
+                    u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+                if nlb > 0 {
+                    range(lba, nlb)?;
+                    ranges.push(LbaRange { lba, nlb });
+                }
+            }
+            // Only the Deallocate attribute (AD) has an effect; the rest are hints.
+            if sqe.cdw11 & (1 << 2) == 0 || !info.deallocate || ranges.is_empty() {
+                return Ok(None);
+            }
+            IoOp::Deallocate { ranges }
+        }
+        _ => return Err(Status::INVALID_OPCODE),
+    };
+    Ok(Some((ns.gidx, op)))
 }
 
 /// Maps a bdev outcome to the NVMe status.
