@@ -123,7 +123,6 @@ PKGS=(
     kmod             # modinfo/depmod helpers
     gzip
     binutils         # readelf for sanity checks
-    file
     ca-certificates
     shellcheck       # lint for the harness scripts
 )

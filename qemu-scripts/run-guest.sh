@@ -198,14 +198,24 @@ fi
 elapsed_ms() { echo $(( ($(date +%s%N) - t0) / 1000000 )); }
 fmt_s() { printf '%d.%02d' $(( $1 / 1000 )) $(( $1 % 1000 / 10 )); }
 
+guest_uptime() {
+    tr -d '\r' < "$logfile" | sed -n 's/.*UNVME-SCENARIO-START uptime=\([0-9.]*\).*/\1/p' | head -n 1
+}
+check_boot() {  # NOW_MS|"": report the boot time once the start marker shows up
+    [[ $booted -eq 0 ]] && grep -aq 'UNVME-SCENARIO-START' "$logfile" 2>/dev/null || return 0
+    booted=1
+    if [[ -n $1 ]]; then
+        log "guest booted in $(fmt_s "$1") s (QEMU start to scenario start; guest kernel uptime $(guest_uptime) s)"
+    else
+        log "guest booted (scenario start at guest kernel uptime $(guest_uptime) s)"
+    fi
+}
+
 deadline_ms=$((timeout_s * 1000))
 booted=0 timed_out=0 host_rc="" host_started=0 host_deadline_ms=0
 while kill -0 "$qemu_pid" 2>/dev/null; do
     now=$(elapsed_ms)
-    if [[ $booted -eq 0 ]] && grep -aq 'UNVME-SCENARIO-START' "$logfile" 2>/dev/null; then
-        booted=1
-        log "guest booted in $(fmt_s "$now") s (QEMU start to scenario start)"
-    fi
+    check_boot "$now"
     if [[ -n $host_cmd && $host_started -eq 0 && -e $share/ready ]]; then
         host_started=1
         host_deadline_ms=$((now + host_timeout * 1000 + 5000))
@@ -245,6 +255,7 @@ if [[ -n $host_pid ]]; then  # guest went away while the host command ran
     [[ -n $host_rc ]] || host_rc=1
 fi
 total_ms=$(elapsed_ms)
+check_boot ""   # the scenario may have finished between two polls
 
 show_tail() {
     [[ $verbose -eq 1 ]] && return 0
