@@ -1,1 +1,108 @@
-//! NVMe/TCP initiator (being written).
+//! The unvme NVMe/TCP host: connects to an NVMe over Fabrics controller over
+//! TCP, runs its admin queue, and opens poll-mode I/O queue pairs.
+//!
+//! - [`Controller`]: the admin side. [`Controller::connect`] performs the
+//!   connection initialization (ICReq/ICResp), Fabrics Connect, property
+//!   get/set to enable the controller, Identify and Set Features (Number of
+//!   Queues); the admin API is synchronous and a background thread sends
+//!   Keep Alive at KATO/2.
+//! - [`IoQpair`]: one I/O queue on its own TCP connection, owned by one
+//!   thread, non-blocking and polled. Command slots, buffers and send queue
+//!   are preallocated, so the steady-state I/O path takes no lock and does
+//!   not allocate. Read data lands straight in the request's buffer.
+//! - [`RemoteNamespace`]: a remote namespace as an [`unvme_bdev::Bdev`].
+//!
+//! This crate is not a multipath layer and does not reconnect: a vanished
+//! peer fails every outstanding command with [`unvme_bdev::IoError::Unavailable`]
+//! and the queue pair reports itself closed. Identify and discovery log
+//! structures are decoded in [`ident`].
+
+mod controller;
+pub mod ident;
+mod namespace;
+mod options;
+mod qpair;
+pub mod wire;
+
+pub use controller::{Controller, IoQpair};
+pub use namespace::RemoteNamespace;
+pub use options::{ConnectOptions, DISCOVERY_NQN};
+pub use qpair::{DataDir, NvmeCompletion, RawBusy};
+
+use unvme_bdev::IoError;
+use unvme_proto::nvme::Status;
+
+/// Errors of the initiator outside the per-I/O path.
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    /// The target address did not resolve.
+    #[error("cannot resolve {addr}: {source}")]
+    Resolve {
+        /// `host:port` as given.
+        addr: String,
+        /// Resolver error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TCP connection could not be established.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// `host:port` as given.
+        addr: String,
+        /// Socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A socket operation failed.
+    #[error("socket error while {what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// Socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection initialization (ICReq/ICResp) was refused or malformed.
+    #[error("NVMe/TCP connection initialization failed: {0}")]
+    Handshake(String),
+    /// The controller sent a PDU that violates the transport specification.
+    #[error("NVMe/TCP protocol error: {0}")]
+    Protocol(#[source] unvme_proto::pdu::FatalError),
+    /// The controller ended the connection with a C2HTermReq.
+    #[error("controller terminated the connection (FES {fes:#x}, FEI {fei:#x})")]
+    Terminated {
+        /// Fatal Error Status.
+        fes: u16,
+        /// Field Error Information.
+        fei: u32,
+    },
+    /// A command completed with an NVMe error status.
+    #[error("{what} failed: {status}")]
+    Nvme {
+        /// The command.
+        what: &'static str,
+        /// Its completion status.
+        status: Status,
+    },
+    /// A command failed below NVMe (timeout, transport, closed connection).
+    #[error("{what} failed: {source}")]
+    Command {
+        /// The command.
+        what: &'static str,
+        /// The failure.
+        #[source]
+        source: IoError,
+    },
+    /// The controller did not become ready (or shut down) in time.
+    #[error("controller not ready: {0}")]
+    NotReady(String),
+    /// Every I/O queue the controller granted is in use.
+    #[error("no I/O queue left (the controller granted {0})")]
+    NoQueue(u16),
+    /// The controller returned data this host cannot use.
+    #[error("invalid data from the controller: {0}")]
+    Invalid(String),
+}
+
+/// Result alias for [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
