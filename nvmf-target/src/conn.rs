@@ -741,7 +741,7 @@ impl Conn {
                 }
                 r.connected_qids.push(c.qid);
             }
-            tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, qid = c.qid, sqsize = c.sqsize + 1, "I/O queue connected");
+            tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, qid = c.qid, sqsize = c.sqsize + 1, hdgst = self.tx_framing.hdgst, ddgst = self.tx_framing.ddgst, "I/O queue connected");
             self.epoch = ctrl.epoch.load(Ordering::Acquire);
             let cntlid = ctrl.cntlid;
             self.ctrl = Some(ctrl);
