@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use unvme_bdev::{IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
 use unvme_proto::fabrics::{
     cc, csts, prop, ConnectCmd, ConnectData, PropertyCmd, CATTR_DISABLE_SQFLOW, CNTLID_DYNAMIC,
@@ -407,7 +407,7 @@ impl Controller {
         }
         let icdoff = id.icdoff;
         q.set_incapsule_max(ADMIN_INCAPSULE);
-        info!(
+        debug!(
             addr = %opts.addr,
             port = opts.port,
             subnqn = %opts.subnqn,

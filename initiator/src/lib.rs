@@ -26,7 +26,7 @@ pub mod wire;
 
 pub use controller::{Controller, IoQpair};
 pub use namespace::RemoteNamespace;
-pub use options::{ConnectOptions, DISCOVERY_NQN};
+pub use options::{format_uuid, ConnectOptions, DISCOVERY_NQN};
 pub use qpair::{DataDir, NvmeCompletion, RawBusy};
 
 use unvme_bdev::IoError;
