@@ -42,6 +42,8 @@ struct Behaviour {
     /// Send C2HData headers and data in separate, delayed segments, so the
     /// host reads data straight into its buffer.
     dribble: bool,
+    /// Corrupt the header digest of C2HData PDUs.
+    corrupt_hdgst: bool,
 }
 
 impl Default for Behaviour {
@@ -56,6 +58,7 @@ impl Default for Behaviour {
             term_on_read: false,
             ignore_opcode: None,
             dribble: false,
+            corrupt_hdgst: false,
         }
     }
 }
@@ -71,6 +74,7 @@ struct Log {
     incapsule_writes: Vec<u32>,
     h2c: Vec<(u16, u32, u32, bool)>,
     sgl_types: Vec<(u8, u8)>,
+    term_reqs: Vec<(u16, u32)>,
 }
 
 struct Fake {
@@ -135,6 +139,9 @@ impl Conn {
         let mut h = [0u8; MAX_HEADER];
         let n = encode_header(p, &self.tx, &mut h);
         let mut v = h[..n].to_vec();
+        if self.b.corrupt_hdgst && self.tx.hdgst && matches!(p, Pdu::C2hData(_)) {
+            v[24] ^= 1;
+        }
         if self.b.dribble && matches!(p, Pdu::C2hData(_)) {
             self.s.write_all(&v)?;
             v.clear();
@@ -256,6 +263,7 @@ impl Conn {
                 self.tx = f;
             }
             Pdu::CapsuleCmd(c) => self.command(c.sqe, data)?,
+            Pdu::H2cTermReq(t) => self.log.lock().unwrap().term_reqs.push((t.fes, t.fei)),
             Pdu::H2cData(d) => {
                 self.log
                     .lock()
@@ -764,4 +772,23 @@ fn read_data_arriving_after_its_header_lands_in_the_buffer_with_digest_checked()
     let c = qp.run_sync(1, read(40, 16, 2)).unwrap();
     assert_eq!(c.result, Ok(()));
     assert_eq!(&c.buf.unwrap()[..], &data[..]);
+}
+
+#[test]
+fn header_digest_error_ends_the_connection_with_h2c_term_req() {
+    let f = start(Behaviour {
+        corrupt_hdgst: true,
+        ..Behaviour::default()
+    });
+    let mut o = opts(f.port);
+    o.hdr_digest = true;
+    // Identify Controller's C2HData arrives with a bad header digest.
+    let err = Controller::connect(o).unwrap_err();
+    assert!(err.to_string().contains("Identify"), "{err}");
+    let end = Instant::now() + Duration::from_secs(5);
+    while f.log.lock().unwrap().term_reqs.is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let l = f.log.lock().unwrap();
+    assert_eq!(l.term_reqs[0].0, 0x03, "FES Header Digest Error");
 }
