@@ -82,7 +82,10 @@ pub(crate) mod le {
     /// Reads a fixed string field, trimming trailing spaces and NULs.
     pub fn str_field(b: &[u8], o: usize, len: usize) -> String {
         let f = &b[o..o + len];
-        let end = f.iter().rposition(|&c| c != b' ' && c != 0).map_or(0, |p| p + 1);
+        let end = f
+            .iter()
+            .rposition(|&c| c != b' ' && c != 0)
+            .map_or(0, |p| p + 1);
         String::from_utf8_lossy(&f[..end]).into_owned()
     }
 }
