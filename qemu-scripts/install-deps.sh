@@ -125,7 +125,14 @@ PKGS=(
     binutils         # readelf for sanity checks
     ca-certificates
     shellcheck       # lint for the harness scripts
+    tshark           # decodes NVMe/TCP captures (tests/wire-check.sh)
 )
+
+# tshark's wireshark-common asks whether non-root users may capture; answer
+# no (tests capture as root) so the install never prompts.
+if command -v debconf-set-selections >/dev/null; then
+    echo 'wireshark-common wireshark-common/install-setuid boolean false' | debconf-set-selections
+fi
 
 missing=()
 for p in "${BPO_PKGS[@]}" "${PKGS[@]}"; do
