@@ -120,6 +120,15 @@ fn identify_reports_the_subsystem_and_namespace() {
     assert_eq!(id.mdts, 8, "1 MiB MDTS in 4 KiB pages");
     assert_eq!(id.nn, 1);
     assert_eq!(id.ioccsz, (64 + 8192) / 16);
+    assert_eq!(
+        id.sgls, 0x10_0001,
+        "SGLs with in-capsule offsets, no keyed SGLs (RDMA only)"
+    );
+    assert_eq!(
+        id.lpa & 0x2,
+        0,
+        "no Commands Supported and Effects log is served"
+    );
     let mut s = Sqe {
         opc: admin::opc::IDENTIFY,
         cid: 2,

@@ -333,7 +333,7 @@ impl Subsystems {
             acl: 3,
             aerl: 3,
             frmw: 0x3,
-            lpa: 0x2 | 0x4, // extended data for Get Log Page, command effects not supported
+            lpa: 0x4, // extended data for Get Log Page; no Commands Supported and Effects log
             elpe: 0,
             sqes: 0x66,
             cqes: 0x44,
@@ -344,7 +344,9 @@ impl Subsystems {
             vwc: if s.is_discovery { 0 } else { 0x7 },
             awun: 0,
             awupf: 0,
-            sgls: 0x1 | (1 << 20) | (1 << 2), // SGLs supported, offset in capsule, keyed-less data blocks
+            // SGLs supported; Offset addressing (in-capsule data) supported. No
+            // keyed SGLs: those are for RDMA.
+            sgls: 0x1 | (1 << 20),
             subnqn: s.nqn.clone(),
             ioccsz: (64 + cfg.in_capsule_data_size) / 16,
             iorcsz: 1,
