@@ -35,6 +35,28 @@ wait_host_done() {
     return "${_rc:-1}"
 }
 
+# guest_step NAME [TIMEOUT_S]: a rendezvous with a running --host-cmd, for
+# scenarios that need the host to act more than once (e.g. restart a server).
+# Creates /share/step.NAME, then waits (default 120 s) for the host's
+# /share/ack.NAME, whose content is the host's status for that step; returns
+# it (124 on timeout).  The host side: tests/lib-host.sh (wait_step, ack_step).
+guest_step() {
+    : > "$UNVME_SHARE/step.$1.tmp" && mv "$UNVME_SHARE/step.$1.tmp" "$UNVME_SHARE/step.$1"
+    log "step $1: waiting for the host"
+    _t=${2:-120}
+    _end=$(( $(cut -d. -f1 /proc/uptime) + _t ))
+    while [ ! -f "$UNVME_SHARE/ack.$1" ]; do
+        if [ -f "$UNVME_SHARE/host-done" ] || [ "$(cut -d. -f1 /proc/uptime)" -ge "$_end" ]; then
+            log "step $1: no acknowledgement from the host (timeout ${_t}s or host command finished)"
+            return 124
+        fi
+        sleep 0.1
+    done
+    _rc=$(cat "$UNVME_SHARE/ack.$1")
+    log "step $1: host status ${_rc:-?}"
+    return "${_rc:-1}"
+}
+
 # wait_for PATH [TIMEOUT_S]: wait until PATH exists (e.g. a block device).
 wait_for() {
     _i=0
