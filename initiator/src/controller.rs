@@ -11,7 +11,7 @@ use unvme_bdev::{IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
 use unvme_proto::fabrics::{
     cc, csts, prop, ConnectCmd, ConnectData, PropertyCmd, CATTR_DISABLE_SQFLOW, CNTLID_DYNAMIC,
 };
-use unvme_proto::nvme::Sqe;
+use unvme_proto::nvme::{Sqe, Status};
 
 use crate::ident::{
     cntrltype, decode_ns_descriptors, decode_ns_list, DiscoveryLog, DiscoveryLogEntry,
@@ -35,6 +35,12 @@ const LOG_CHUNK: u32 = 64 * 1024;
 const MAX_DISCOVERY_RECORDS: u64 = 4096;
 /// Upper bound on waiting for shutdown to complete.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
+/// How long an I/O queue Connect answered with Command Sequence Error is
+/// retried. Linux nvmet tears a queue down asynchronously after its
+/// connection closes and until then rejects a Connect for the same qid
+/// ("qid N has already been created"), so a qid released by a dropped
+/// [`IoQpair`] and reused at once can race with that teardown.
+const QID_BUSY_RETRY: Duration = Duration::from_secs(2);
 
 /// Tags of admin commands; unique per process.
 static ADMIN_TAG: AtomicU64 = AtomicU64::new(1 << 63);
@@ -678,11 +684,29 @@ impl Controller {
                 return Err(Error::NoQueue(inner.io_queues));
             }
         };
-        match self.open_io_qpair(qid) {
-            Ok(q) => Ok(q),
-            Err(e) => {
-                inner.release_qid(qid);
-                Err(e)
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.open_io_qpair(qid) {
+                Ok(q) => return Ok(q),
+                Err(Error::Nvme {
+                    what: "Connect",
+                    status,
+                }) if status.sct == Status::COMMAND_SEQUENCE_ERROR.sct
+                    && status.sc == Status::COMMAND_SEQUENCE_ERROR.sc
+                    && start.elapsed() < QID_BUSY_RETRY =>
+                {
+                    debug!(
+                        qid,
+                        "I/O queue Connect: Command Sequence Error (qid still in use?); retrying"
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    inner.release_qid(qid);
+                    return Err(e);
+                }
             }
         }
     }

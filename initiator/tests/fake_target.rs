@@ -44,6 +44,9 @@ struct Behaviour {
     dribble: bool,
     /// Corrupt the header digest of C2HData PDUs.
     corrupt_hdgst: bool,
+    /// Answer the first N I/O queue Connects with Command Sequence Error (as
+    /// Linux nvmet does while the qid's previous queue is being torn down).
+    busy_io_connects: usize,
 }
 
 impl Default for Behaviour {
@@ -59,6 +62,7 @@ impl Default for Behaviour {
             ignore_opcode: None,
             dribble: false,
             corrupt_hdgst: false,
+            busy_io_connects: 0,
         }
     }
 }
@@ -373,7 +377,14 @@ impl Conn {
                 let c = ConnectCmd::from_sqe(&sqe);
                 let d = ConnectData::decode(&data).unwrap();
                 self.qid = c.qid;
-                self.log.lock().unwrap().connects.push((c, d));
+                let io_connects = {
+                    let mut l = self.log.lock().unwrap();
+                    l.connects.push((c, d));
+                    l.connects.iter().filter(|(c, _)| c.qid != 0).count()
+                };
+                if self.qid != 0 && io_connects <= self.b.busy_io_connects {
+                    return self.respond(&sqe, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
+                }
                 self.respond(&sqe, Status::SUCCESS, 1, 0)
             }
             fctype::PROPERTY_GET => {
@@ -791,4 +802,36 @@ fn header_digest_error_ends_the_connection_with_h2c_term_req() {
     }
     let l = f.log.lock().unwrap();
     assert_eq!(l.term_reqs[0].0, 0x03, "FES Header Digest Error");
+}
+
+#[test]
+fn io_connect_refused_while_the_qid_is_torn_down_is_retried() {
+    // Linux nvmet frees a queue asynchronously after its connection closes;
+    // until then a Connect for that qid gets Command Sequence Error ("qid 1
+    // has already been created"), e.g. when a dropped queue pair's qid is
+    // reused at once.
+    let f = start(Behaviour {
+        busy_io_connects: 2,
+        ..Behaviour::default()
+    });
+    let ctrl = Controller::connect(opts(f.port)).unwrap();
+    let mut qp = ctrl.create_io_qpair().unwrap();
+    assert_eq!(qp.qid(), 1);
+    let data = pattern(4096, 7);
+    assert_eq!(qp.run_sync(1, write(0, &data, 1)).unwrap().result, Ok(()));
+    let io: Vec<u16> = {
+        let l = f.log.lock().unwrap();
+        l.connects
+            .iter()
+            .filter(|(c, _)| c.qid != 0)
+            .map(|(c, _)| c.qid)
+            .collect()
+    };
+    assert_eq!(
+        io,
+        vec![1, 1, 1],
+        "two refused Connects, then success on the same qid"
+    );
+    drop(qp);
+    ctrl.disconnect().unwrap();
 }
