@@ -25,5 +25,7 @@ awk 'NR > 1 && $4 == "0A" { print "listening: " $2 }' /proc/net/tcp
 signal_ready
 rc=0
 wait_host_done "${HOST_TIMEOUT:-240}" || rc=$?
+# What the target said (pr_warn and below do not reach the console).
+dmesg | grep -E 'nvmet' | tail -n 40
 nvmet_clear
 exit "$rc"
