@@ -2,6 +2,7 @@
 //! to library code; each subcommand's arguments live in its own module.
 
 mod connect_args;
+mod nbd_cmd;
 mod perf;
 mod target_cmd;
 mod tools;
@@ -30,6 +31,8 @@ enum Command {
     Discover(tools::DiscoverArgs),
     /// Print Identify Controller / Namespace data (like `nvme id-ctrl`/`id-ns`).
     Identify(tools::IdentifyArgs),
+    /// Export a remote NVMe/TCP namespace (or a local device) over NBD.
+    Nbd(nbd_cmd::NbdArgs),
 }
 
 fn main() {
@@ -46,6 +49,7 @@ fn main() {
         Command::Perf(a) => perf::run(a),
         Command::Discover(a) => tools::discover(a),
         Command::Identify(a) => tools::identify(a),
+        Command::Nbd(a) => nbd_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("unvme: {e:#}");
