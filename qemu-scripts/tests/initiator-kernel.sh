@@ -52,7 +52,7 @@ nqns = [r["subnqn"] for r in d["records"]]
 assert sys.argv[2] in nqns, f"{sys.argv[2]} not in {nqns}"
 r = [r for r in d["records"] if r["subnqn"] == sys.argv[2]][0]
 assert r["trtype"] == "tcp" and r["trsvcid"] in ("4420", "8009"), r
-print(f"initiator-kernel: discover port {sys.argv[1]}: {len(nqns)} records: {nqns}", file=sys.stderr)
+print(f"initiator-kernel: discover: {len(nqns)} records: {nqns}", file=sys.stderr)
 EOF
     else
         fail "discover-json-$port"
