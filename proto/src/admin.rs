@@ -279,6 +279,42 @@ pub mod nidt {
     pub const CSI: u8 = 0x04;
 }
 
+/// Controller Type (CNTRLTYPE) values, Identify Controller byte 111
+/// (NVMe Base 2.0, §5.17, Identify Controller data structure).
+pub mod cntrltype {
+    /// Not reported (controllers older than NVMe 1.4).
+    pub const NOT_REPORTED: u8 = 0;
+    /// I/O controller.
+    pub const IO: u8 = 1;
+    /// Discovery controller.
+    pub const DISCOVERY: u8 = 2;
+    /// Administrative controller.
+    pub const ADMIN: u8 = 3;
+}
+
+/// Optional NVM Command Support (ONCS) bits, Identify Controller bytes
+/// 521:520 (NVMe Base 2.0, §5.17, Identify Controller data structure).
+pub mod oncs {
+    /// Compare.
+    pub const COMPARE: u16 = 1 << 0;
+    /// Write Uncorrectable.
+    pub const WRITE_UNCORRECTABLE: u16 = 1 << 1;
+    /// Dataset Management.
+    pub const DSM: u16 = 1 << 2;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u16 = 1 << 3;
+    /// Save field in Set/Get Features.
+    pub const SAVE_FEATURES: u16 = 1 << 4;
+    /// Reservations.
+    pub const RESERVATIONS: u16 = 1 << 5;
+    /// Timestamp feature.
+    pub const TIMESTAMP: u16 = 1 << 6;
+    /// Verify.
+    pub const VERIFY: u16 = 1 << 7;
+    /// Copy.
+    pub const COPY: u16 = 1 << 8;
+}
+
 /// Size of every Identify data structure and of the Changed Namespace List.
 pub const IDENTIFY_DATA_SIZE: usize = 4096;
 /// Most NSIDs a namespace list (Identify CNS 02h, log page 04h) holds.
@@ -790,6 +826,43 @@ impl IdentifyController {
             dctype: b[1806],
             psd,
         })
+    }
+
+    /// Largest data transfer of one command in bytes: 2^MDTS units of the
+    /// minimum memory page size, which is 2^(12 + CAP.MPSMIN) (NVMe Base 2.0,
+    /// §5.17 MDTS; CAP.MPSMIN is CAP bits 51:48). 0 when MDTS is 0 (no limit);
+    /// capped at 2 GiB so that it fits a `u32` transfer length.
+    pub fn max_transfer(&self, cap_mpsmin: u8) -> u32 {
+        const CAP: u64 = 1 << 31;
+        if self.mdts == 0 {
+            return 0;
+        }
+        let shift = 12 + u32::from(cap_mpsmin & 0xF) + u32::from(self.mdts);
+        // At most CAP, so the cast is lossless.
+        1u64.checked_shl(shift).map_or(CAP, |b| b.min(CAP)) as u32
+    }
+
+    /// Most bytes of in-capsule data an I/O command capsule may carry: the
+    /// capsule size IOCCSZ (16-byte units) less the 64-byte SQE (NVMe over
+    /// Fabrics 1.1, §4.1 and Identify Controller IOCCSZ); 0 when the
+    /// controller accepts none.
+    pub fn incapsule_data_size(&self) -> u32 {
+        self.ioccsz.saturating_mul(16).saturating_sub(64)
+    }
+
+    /// ONCS bit 2: Dataset Management is supported.
+    pub fn supports_dsm(&self) -> bool {
+        self.oncs & oncs::DSM != 0
+    }
+
+    /// ONCS bit 3: Write Zeroes is supported.
+    pub fn supports_write_zeroes(&self) -> bool {
+        self.oncs & oncs::WRITE_ZEROES != 0
+    }
+
+    /// VWC bit 0: a volatile write cache is present.
+    pub fn volatile_write_cache(&self) -> bool {
+        self.vwc & 1 != 0
     }
 }
 
@@ -2055,6 +2128,48 @@ mod tests {
         assert_eq!(&b[1792..1796], &[0x04, 0x01, 0, 0]);
         assert_eq!(&b[1796..1800], &[1, 0, 0, 0]);
         assert_eq!(b[1803], 1);
+    }
+
+    #[test]
+    fn max_transfer_scales_mdts_by_the_minimum_page_size() {
+        let mut c = IdentifyController::default();
+        assert_eq!(c.max_transfer(0), 0, "MDTS 0 is no limit");
+        c.mdts = 5;
+        assert_eq!(c.max_transfer(0), 128 * 1024);
+        assert_eq!(c.max_transfer(1), 256 * 1024, "MPSMIN 1 is 8 KiB pages");
+        c.mdts = 19;
+        assert_eq!(c.max_transfer(0), 1 << 31);
+        c.mdts = 20;
+        assert_eq!(c.max_transfer(0), 1 << 31, "capped at 2 GiB");
+        c.mdts = 255;
+        assert_eq!(c.max_transfer(15), 1 << 31, "no overflow");
+    }
+
+    #[test]
+    fn incapsule_data_size_is_ioccsz_less_the_sqe() {
+        let mut c = IdentifyController::default();
+        assert_eq!(c.incapsule_data_size(), 0);
+        c.ioccsz = 4;
+        assert_eq!(c.incapsule_data_size(), 0, "a bare SQE carries no data");
+        c.ioccsz = 260;
+        assert_eq!(c.incapsule_data_size(), 4096);
+        c.ioccsz = u32::MAX;
+        assert_eq!(c.incapsule_data_size(), u32::MAX - 64);
+    }
+
+    #[test]
+    fn oncs_and_vwc_bits_are_read_from_identify_controller() {
+        let mut b = IdentifyController::default().to_bytes();
+        b[520] = (oncs::DSM | oncs::WRITE_ZEROES) as u8;
+        b[525] = 0x07;
+        let c = IdentifyController::decode(&b).unwrap();
+        assert!(c.supports_dsm() && c.supports_write_zeroes() && c.volatile_write_cache());
+        let c = IdentifyController {
+            oncs: oncs::COMPARE,
+            vwc: 0x06,
+            ..Default::default()
+        };
+        assert!(!c.supports_dsm() && !c.supports_write_zeroes() && !c.volatile_write_cache());
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const TRTYPE_RDMA: u8 = 1;
 pub const TRTYPE_FC: u8 = 2;
 /// Transport Type (TRTYPE): TCP.
 pub const TRTYPE_TCP: u8 = 3;
+/// Transport Type (TRTYPE): intra-host transport (loopback).
+pub const TRTYPE_INTRA_HOST: u8 = 0xFE;
 
 /// Address Family (ADRFAM): IPv4.
 pub const ADRFAM_IPV4: u8 = 1;
@@ -29,6 +31,8 @@ pub const ADRFAM_IPV6: u8 = 2;
 pub const ADRFAM_IB: u8 = 3;
 /// Address Family (ADRFAM): Fibre Channel.
 pub const ADRFAM_FC: u8 = 4;
+/// Address Family (ADRFAM): intra-host transport (loopback).
+pub const ADRFAM_INTRA_HOST: u8 = 0xFE;
 
 /// Subsystem Type (SUBTYPE): a referral to another discovery subsystem.
 pub const SUBTYPE_REFERRAL: u8 = 1;
@@ -43,6 +47,8 @@ pub const TREQ_NOT_SPECIFIED: u8 = 0;
 pub const TREQ_REQUIRED: u8 = 1;
 /// TREQ bits 1:0: a secure channel is not required.
 pub const TREQ_NOT_REQUIRED: u8 = 2;
+/// TREQ bits 1:0: the secure channel requirement field.
+pub const TREQ_SECURE_CHANNEL_MASK: u8 = 0x3;
 /// TREQ bit 2: the controller supports disabling SQ flow control.
 pub const TREQ_DISABLE_SQFLOW: u8 = 1 << 2;
 
