@@ -414,10 +414,10 @@ pub fn run(a: PerfArgs) -> Result<(), BoxErr> {
         .max((a.qd + 1).min(u16::MAX as usize) as u16);
     let ctrl = Controller::connect(opts)?;
     let id = ctrl.identify_namespace(a.nsid)?;
-    let block_size = id.block_size() as usize;
-    if block_size == 0 || id.nsze == 0 {
-        return Err(format!("namespace {} is not active", a.nsid).into());
-    }
+    let block_size = match id.lba_size() {
+        Some(bs) if id.nsze != 0 => bs as usize,
+        _ => return Err(format!("namespace {} is not active", a.nsid).into()),
+    };
     if !a.io_size.is_multiple_of(block_size) {
         return Err(format!(
             "--io-size {} is not a multiple of the block size {block_size}",

@@ -2,10 +2,14 @@
 //! the format of `nvme discover` and `nvme id-ctrl`/`id-ns`.
 
 use serde_json::{json, Value};
-use unvme_initiator::ident::{
-    nidt, version_string, DiscoveryLogEntry, IdentifyController, IdentifyNamespace,
-};
 use unvme_initiator::{ConnectOptions, Controller};
+use unvme_proto::admin::{IdentifyController, IdentifyNamespace, NsIdDescriptor};
+use unvme_proto::discovery::{
+    DiscoveryLogEntry, ADRFAM_FC, ADRFAM_IB, ADRFAM_INTRA_HOST, ADRFAM_IPV4, ADRFAM_IPV6,
+    SECTYPE_NONE, SUBTYPE_CURRENT_DISCOVERY, SUBTYPE_NVME, SUBTYPE_REFERRAL, TREQ_NOT_REQUIRED,
+    TREQ_NOT_SPECIFIED, TREQ_REQUIRED, TREQ_SECURE_CHANNEL_MASK, TRTYPE_FC, TRTYPE_INTRA_HOST,
+    TRTYPE_RDMA, TRTYPE_TCP,
+};
 
 use crate::connect_args::ConnectArgs;
 
@@ -38,12 +42,70 @@ pub struct IdentifyArgs {
     json: bool,
 }
 
+/// TRTYPE as nvme-cli prints it.
+fn trtype_str(trtype: u8) -> &'static str {
+    match trtype {
+        TRTYPE_RDMA => "rdma",
+        TRTYPE_FC => "fc",
+        TRTYPE_TCP => "tcp",
+        TRTYPE_INTRA_HOST => "loop",
+        _ => "unrecognized",
+    }
+}
+
+/// ADRFAM as nvme-cli prints it.
+fn adrfam_str(adrfam: u8) -> &'static str {
+    match adrfam {
+        ADRFAM_IPV4 => "ipv4",
+        ADRFAM_IPV6 => "ipv6",
+        ADRFAM_IB => "infiniband",
+        ADRFAM_FC => "fibre-channel",
+        ADRFAM_INTRA_HOST => "loop",
+        _ => "unrecognized",
+    }
+}
+
+/// SUBTYPE as nvme-cli prints it.
+fn subtype_str(subtype: u8) -> &'static str {
+    match subtype {
+        SUBTYPE_REFERRAL => "discovery subsystem referral",
+        SUBTYPE_NVME => "nvme subsystem",
+        SUBTYPE_CURRENT_DISCOVERY => "current discovery subsystem",
+        _ => "unrecognized",
+    }
+}
+
+/// TREQ (its secure channel field) as nvme-cli prints it.
+fn treq_str(treq: u8) -> &'static str {
+    match treq & TREQ_SECURE_CHANNEL_MASK {
+        TREQ_NOT_SPECIFIED => "not specified",
+        TREQ_REQUIRED => "required",
+        TREQ_NOT_REQUIRED => "not required",
+        _ => "reserved",
+    }
+}
+
+/// The TCP security type as `nvme discover` prints it.
+fn sectype_str(sectype: u8) -> &'static str {
+    if sectype == SECTYPE_NONE {
+        "none"
+    } else {
+        "tls"
+    }
+}
+
+/// An NVMe version value (VS property or Identify VER) as
+/// `major.minor.tertiary`.
+fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v >> 16, (v >> 8) & 0xff, v & 0xff)
+}
+
 fn entry_json(e: &DiscoveryLogEntry) -> Value {
     json!({
-        "trtype": e.trtype_str(),
-        "adrfam": e.adrfam_str(),
-        "subtype": e.subtype_str(),
-        "treq": e.treq_str(),
+        "trtype": trtype_str(e.trtype),
+        "adrfam": adrfam_str(e.adrfam),
+        "subtype": subtype_str(e.subtype),
+        "treq": treq_str(e.treq),
         "portid": e.portid,
         "trsvcid": e.trsvcid,
         "subnqn": e.subnqn,
@@ -51,7 +113,7 @@ fn entry_json(e: &DiscoveryLogEntry) -> Value {
         "cntlid": e.cntlid,
         "asqsz": e.asqsz,
         "eflags": e.eflags,
-        "sectype": e.tsas[0],
+        "sectype": e.sectype,
     })
 }
 
@@ -78,16 +140,16 @@ pub fn discover(a: DiscoverArgs) -> Result<(), BoxErr> {
         );
         for (i, e) in log.entries.iter().enumerate() {
             println!("=====Discovery Log Entry {i}======");
-            println!("trtype:  {}", e.trtype_str());
-            println!("adrfam:  {}", e.adrfam_str());
-            println!("subtype: {}", e.subtype_str());
-            println!("treq:    {}", e.treq_str());
+            println!("trtype:  {}", trtype_str(e.trtype));
+            println!("adrfam:  {}", adrfam_str(e.adrfam));
+            println!("subtype: {}", subtype_str(e.subtype));
+            println!("treq:    {}", treq_str(e.treq));
             println!("portid:  {}", e.portid);
             println!("trsvcid: {}", e.trsvcid);
             println!("subnqn:  {}", e.subnqn);
             println!("traddr:  {}", e.traddr);
             println!("eflags:  {:#x}", e.eflags);
-            println!("sectype: {}", if e.tsas[0] == 0 { "none" } else { "tls" });
+            println!("sectype: {}", sectype_str(e.sectype));
         }
     }
     ctrl.disconnect()?;
@@ -110,10 +172,12 @@ fn human(bytes: u64) -> String {
     format!("{v:.2} {}", U[i])
 }
 
-fn ctrl_json(id: &IdentifyController) -> Value {
+/// `max_transfer` is the MDTS in bytes (the controller's CAP.MPSMIN is
+/// needed to scale it; 0 = no limit).
+fn ctrl_json(id: &IdentifyController, max_transfer: u32) -> Value {
     json!({
         "vid": id.vid, "ssvid": id.ssvid, "sn": id.sn, "mn": id.mn, "fr": id.fr,
-        "mdts": id.mdts, "max_transfer": id.max_transfer(), "cntlid": id.cntlid,
+        "mdts": id.mdts, "max_transfer": max_transfer, "cntlid": id.cntlid,
         "ver": version_string(id.ver), "cntrltype": id.cntrltype, "nn": id.nn,
         "oncs": id.oncs, "vwc": id.vwc, "sgls": id.sgls, "subnqn": id.subnqn,
         "ioccsz": id.ioccsz, "iorcsz": id.iorcsz, "icdoff": id.icdoff,
@@ -124,7 +188,7 @@ fn ctrl_json(id: &IdentifyController) -> Value {
     })
 }
 
-fn print_ctrl(id: &IdentifyController) {
+fn print_ctrl(id: &IdentifyController, max_transfer: u32) {
     println!("NVME Identify Controller:");
     println!("vid       : {:#x}", id.vid);
     println!("ssvid     : {:#x}", id.ssvid);
@@ -135,7 +199,7 @@ fn print_ctrl(id: &IdentifyController) {
     println!(
         "mdts      : {} ({})",
         id.mdts,
-        match id.max_transfer() {
+        match max_transfer {
             0 => "no limit".to_string(),
             m => human(u64::from(m)),
         }
@@ -169,20 +233,20 @@ fn print_ctrl(id: &IdentifyController) {
 }
 
 fn ns_json(nsid: u32, id: &IdentifyNamespace, uuid: Option<String>) -> Value {
-    let bs = u64::from(id.block_size());
+    let bs = u64::from(id.lba_size().unwrap_or(0));
     json!({
         "nsid": nsid, "nsze": id.nsze, "ncap": id.ncap, "nuse": id.nuse,
         "nsfeat": id.nsfeat, "nlbaf": id.nlbaf, "flbas": id.flbas,
         "nmic": id.nmic, "nguid": hex(&id.nguid), "eui64": hex(&id.eui64),
         "uuid": uuid, "block_size": bs, "size_bytes": id.nsze * bs,
-        "lbafs": id.lbaf.iter().enumerate().map(|(i, f)| json!({
-            "ms": f.ms, "ds": f.lbads, "rp": f.rp, "in_use": i == id.lbaf_index(),
+        "lbafs": id.lba_formats().iter().enumerate().map(|(i, f)| json!({
+            "ms": f.ms, "ds": f.lbads, "rp": f.rp, "in_use": i == id.flbas_index(),
         })).collect::<Vec<_>>(),
     })
 }
 
 fn print_ns(nsid: u32, id: &IdentifyNamespace, uuid: Option<String>) {
-    let bs = u64::from(id.block_size());
+    let bs = u64::from(id.lba_size().unwrap_or(0));
     println!("NVME Identify Namespace {nsid}:");
     println!("nsze    : {:#x}", id.nsze);
     println!("ncap    : {:#x}", id.ncap);
@@ -196,13 +260,13 @@ fn print_ns(nsid: u32, id: &IdentifyNamespace, uuid: Option<String>) {
     if let Some(u) = uuid {
         println!("uuid    : {u}");
     }
-    for (i, f) in id.lbaf.iter().enumerate() {
+    for (i, f) in id.lba_formats().iter().enumerate() {
         println!(
             "lbaf {i:>2} : ms:{:<3} lbads:{:<2} rp:{:#x}{}",
             f.ms,
             f.lbads,
             f.rp,
-            if i == id.lbaf_index() {
+            if i == id.flbas_index() {
                 " (in use)"
             } else {
                 ""
@@ -234,19 +298,23 @@ pub fn identify(a: IdentifyArgs) -> Result<(), BoxErr> {
         let uuid = ctrl
             .ns_descriptors(nsid)
             .ok()
-            .and_then(|d| d.into_iter().find(|d| d.nidt == nidt::UUID))
-            .and_then(|d| <[u8; 16]>::try_from(d.nid.as_slice()).ok())
+            .and_then(|d| {
+                d.into_iter().find_map(|d| match d {
+                    NsIdDescriptor::Uuid(u) => Some(u),
+                    _ => None,
+                })
+            })
             .map(|u| unvme_initiator::format_uuid(&u));
         namespaces.push((nsid, ns, uuid));
     }
     if a.json {
         let j = json!({
-            "controller": ctrl_json(&id),
+            "controller": ctrl_json(&id, ctrl.max_transfer()),
             "namespaces": namespaces.iter().map(|(n, ns, u)| ns_json(*n, ns, u.clone())).collect::<Vec<_>>(),
         });
         println!("{j}");
     } else {
-        print_ctrl(&id);
+        print_ctrl(&id, ctrl.max_transfer());
         for (n, ns, u) in &namespaces {
             println!();
             print_ns(*n, ns, u.clone());

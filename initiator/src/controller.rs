@@ -8,27 +8,28 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use unvme_bdev::{IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
+use unvme_proto::admin::{
+    cns, cntrltype, decode_ns_id_descs, decode_ns_list, fid, lid, opc, IdentifyController,
+    IdentifyNamespace, NsIdDescriptor, NumberOfQueues, IDENTIFY_DATA_SIZE, NS_LIST_MAX,
+};
+use unvme_proto::discovery::{DiscoveryLogEntry, DiscoveryLogHeader, DISCOVERY_NQN};
 use unvme_proto::fabrics::{
     cc, csts, prop, ConnectCmd, ConnectData, PropertyCmd, CATTR_DISABLE_SQFLOW, CNTLID_DYNAMIC,
 };
 use unvme_proto::nvme::{Sqe, Status};
 
-use crate::ident::{
-    cntrltype, decode_ns_descriptors, decode_ns_list, DiscoveryLog, DiscoveryLogEntry,
-    DiscoveryLogHeader, IdentifyController, IdentifyNamespace, NsDescriptor, DISCOVERY_RECORD,
-};
 use crate::qpair::{
     connect_socket, initialize_connection, DataDir, NvmeCompletion, QueuePair, RawBusy,
 };
-use crate::wire::{self, admin_opc, cns, encode_dsm_ranges, fid, lid};
-use crate::{ConnectOptions, Error, Result, DISCOVERY_NQN};
+use crate::wire::{self, encode_dsm_ranges};
+use crate::{ConnectOptions, Error, Result};
 
 /// Admin queue entries (SQSIZE 31, as Linux).
 const ADMIN_QSIZE: u16 = 32;
 /// In-capsule data the admin queue accepts (NVMe/TCP 1.0 §3.3.2: 8 KiB).
 const ADMIN_INCAPSULE: u32 = 8192;
 /// Identify data size.
-const IDENTIFY_SIZE: u32 = 4096;
+const IDENTIFY_SIZE: u32 = IDENTIFY_DATA_SIZE as u32;
 /// Largest Get Log Page transfer when the controller sets no MDTS.
 const LOG_CHUNK: u32 = 64 * 1024;
 /// Most discovery records accepted (bounds the allocation).
@@ -148,6 +149,17 @@ struct QidPool {
     released: Vec<u16>,
 }
 
+/// A whole discovery log page as [`Controller::discovery_log`] read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiscoveryLog {
+    /// Generation Counter.
+    pub genctr: u64,
+    /// Record Format.
+    pub recfmt: u16,
+    /// The entries (NUMREC of them).
+    pub entries: Vec<DiscoveryLogEntry>,
+}
+
 /// Geometry of a namespace as an I/O queue needs it.
 #[derive(Clone, Copy, Debug)]
 struct NsGeom {
@@ -163,6 +175,8 @@ struct Inner {
     vs: u32,
     cc: u32,
     id: IdentifyController,
+    /// Largest transfer per command in bytes (MDTS and CAP.MPSMIN; 0 = no limit).
+    max_transfer: u32,
     discovery: bool,
     io_queues: u16,
     qids: Mutex<QidPool>,
@@ -211,7 +225,7 @@ impl Inner {
 
     fn keep_alive(&self) -> Result<()> {
         let sqe = Sqe {
-            opc: admin_opc::KEEP_ALIVE,
+            opc: opc::KEEP_ALIVE,
             ..Sqe::default()
         };
         self.admin("Keep Alive", sqe, None, DataDir::None, 0)?;
@@ -221,10 +235,13 @@ impl Inner {
     fn identify_namespace(&self, nsid: u32) -> Result<IdentifyNamespace> {
         let b = self.admin_read(
             "Identify Namespace",
-            wire::identify(cns::NAMESPACE, nsid, 0),
+            wire::identify(cns::NS, nsid, 0),
             IDENTIFY_SIZE,
         )?;
-        Ok(IdentifyNamespace::decode(&b))
+        IdentifyNamespace::decode(&b).map_err(|source| Error::Decode {
+            what: "Identify Namespace",
+            source,
+        })
     }
 
     fn ns_geom(&self, nsid: u32) -> Result<NsGeom> {
@@ -235,13 +252,12 @@ impl Inner {
         if id.nsze == 0 {
             return Err(Error::Invalid(format!("namespace {nsid} is not active")));
         }
-        let block_size = id.block_size();
-        if block_size == 0 {
+        let Some(block_size) = id.lba_size() else {
             return Err(Error::Invalid(format!(
                 "namespace {nsid} has an invalid LBA format (FLBAS {:#x})",
                 id.flbas
             )));
-        }
+        };
         let g = NsGeom { block_size };
         lock(&self.ns_geom).push((nsid, g));
         Ok(g)
@@ -295,6 +311,19 @@ impl Drop for Inner {
 }
 
 /// CAP.TO (500 ms units) as a duration, at least 500 ms.
+/// CAP.MPSMIN (bits 51:48): the minimum memory page size is 2^(12 + MPSMIN).
+fn cap_mpsmin(cap: u64) -> u8 {
+    ((cap >> 48) & 0xf) as u8
+}
+
+/// Decodes Identify Controller data as an admin read returned it.
+fn decode_identify_controller(b: Option<&[u8]>) -> Result<IdentifyController> {
+    IdentifyController::decode(b.unwrap_or_default()).map_err(|source| Error::Decode {
+        what: "Identify Controller",
+        source,
+    })
+}
+
 fn cap_timeout(cap: u64) -> Duration {
     Duration::from_millis(((cap >> 24) & 0xff).max(1) * 500)
 }
@@ -381,7 +410,7 @@ impl Controller {
         }
         let c = check(
             q.run(
-                wire::identify(cns::CONTROLLER, 0, 0),
+                wire::identify(cns::CTRL, 0, 0),
                 Some(IoBuf::new(IDENTIFY_SIZE as usize)),
                 DataDir::ControllerToHost,
                 IDENTIFY_SIZE,
@@ -390,14 +419,16 @@ impl Controller {
             ),
             "Identify Controller",
         )?;
-        let id = IdentifyController::decode(c.buf.as_deref().unwrap_or(&[]));
+        let id = decode_identify_controller(c.buf.as_deref())?;
+        let max_transfer = id.max_transfer(cap_mpsmin(cap));
         let discovery = id.cntrltype == cntrltype::DISCOVERY || opts.subnqn == DISCOVERY_NQN;
         let mut io_queues = 0;
         if !discovery && opts.num_io_queues > 0 {
-            let n = u32::from(opts.num_io_queues - 1);
+            let n = u32::from(opts.num_io_queues);
+            let nq = NumberOfQueues::from_counts(n, n);
             let c = check(
                 q.run(
-                    wire::set_features(fid::NUM_QUEUES, 0, n | (n << 16), false),
+                    wire::set_features(fid::NUM_QUEUES, 0, nq.to_dword(), false),
                     None,
                     DataDir::None,
                     0,
@@ -406,10 +437,12 @@ impl Controller {
                 ),
                 "Set Features (Number of Queues)",
             )?;
-            let dw0 = c.cqe.map_or(0, |c| c.dw0);
-            let nsqa = (dw0 & 0xffff) as u16;
-            let ncqa = (dw0 >> 16) as u16;
-            io_queues = nsqa.min(ncqa).saturating_add(1).min(opts.num_io_queues);
+            let got = NumberOfQueues::from_dword(c.cqe.map_or(0, |c| c.dw0));
+            // At most num_io_queues, so the cast is lossless.
+            io_queues = got
+                .sq_count()
+                .min(got.cq_count())
+                .min(u32::from(opts.num_io_queues)) as u16;
         }
         let icdoff = id.icdoff;
         q.set_incapsule_max(ADMIN_INCAPSULE);
@@ -444,6 +477,7 @@ impl Controller {
             shut: AtomicBool::new(false),
             ka: ka.clone(),
             id,
+            max_transfer,
             opts,
         });
         if kato > 0 {
@@ -497,9 +531,10 @@ impl Controller {
         &self.inner.id
     }
 
-    /// Largest transfer per command in bytes (from MDTS; 0 = no limit).
+    /// Largest transfer per command in bytes (from MDTS and CAP.MPSMIN;
+    /// 0 = no limit).
     pub fn max_transfer(&self) -> u32 {
-        self.inner.id.max_transfer()
+        self.inner.max_transfer
     }
 
     /// Runs any admin command and returns its completion as it is (NVMe
@@ -515,10 +550,10 @@ impl Controller {
     pub fn identify_controller(&self) -> Result<IdentifyController> {
         let b = self.inner.admin_read(
             "Identify Controller",
-            wire::identify(cns::CONTROLLER, 0, 0),
+            wire::identify(cns::CTRL, 0, 0),
             IDENTIFY_SIZE,
         )?;
-        Ok(IdentifyController::decode(&b))
+        decode_identify_controller(Some(&b))
     }
 
     /// Reads Identify Namespace for `nsid`.
@@ -537,7 +572,7 @@ impl Controller {
                 IDENTIFY_SIZE,
             )?;
             let list = decode_ns_list(&b);
-            let full = list.len() == 1024;
+            let full = list.len() == NS_LIST_MAX;
             let last = list.last().copied();
             all.extend(list.into_iter().filter(|&n| n > start));
             match last {
@@ -548,13 +583,16 @@ impl Controller {
     }
 
     /// The Namespace Identification Descriptors of `nsid`.
-    pub fn ns_descriptors(&self, nsid: u32) -> Result<Vec<NsDescriptor>> {
+    pub fn ns_descriptors(&self, nsid: u32) -> Result<Vec<NsIdDescriptor>> {
         let b = self.inner.admin_read(
             "Identify Namespace Descriptors",
-            wire::identify(cns::NS_DESCRIPTORS, nsid, 0),
+            wire::identify(cns::NS_DESC_LIST, nsid, 0),
             IDENTIFY_SIZE,
         )?;
-        Ok(decode_ns_descriptors(&b))
+        decode_ns_id_descs(&b).map_err(|source| Error::Decode {
+            what: "Namespace Identification Descriptor list",
+            source,
+        })
     }
 
     /// Reads `len` bytes of log page `lid` from byte `offset` (NSID all).
@@ -586,13 +624,16 @@ impl Controller {
     /// Reads the whole discovery log page: the header, then all records
     /// (by NUMREC), then the header again; retries if GENCTR changed.
     pub fn discovery_log(&self) -> Result<DiscoveryLog> {
+        let decode_err = |source| Error::Decode {
+            what: "discovery log page",
+            source,
+        };
+        let header = || -> Result<DiscoveryLogHeader> {
+            let b = self.get_log_page_ns(lid::DISCOVERY, 0, 0, DiscoveryLogHeader::SIZE)?;
+            DiscoveryLogHeader::decode(&b).map_err(decode_err)
+        };
         for _ in 0..10 {
-            let h = DiscoveryLogHeader::decode(&self.get_log_page_ns(
-                lid::DISCOVERY,
-                0,
-                0,
-                DISCOVERY_RECORD,
-            )?);
+            let h = header()?;
             if h.numrec > MAX_DISCOVERY_RECORDS {
                 return Err(Error::Invalid(format!(
                     "discovery log claims {} records",
@@ -604,18 +645,13 @@ impl Controller {
                 self.get_log_page_ns(
                     lid::DISCOVERY,
                     0,
-                    DISCOVERY_RECORD as u64,
-                    n * DISCOVERY_RECORD,
+                    DiscoveryLogHeader::SIZE as u64,
+                    n * DiscoveryLogEntry::SIZE,
                 )?
             } else {
                 Vec::new()
             };
-            let h2 = DiscoveryLogHeader::decode(&self.get_log_page_ns(
-                lid::DISCOVERY,
-                0,
-                0,
-                DISCOVERY_RECORD,
-            )?);
+            let h2 = header()?;
             if h2.genctr != h.genctr || h2.numrec != h.numrec {
                 debug!(
                     old = h.genctr,
@@ -628,9 +664,10 @@ impl Controller {
                 genctr: h.genctr,
                 recfmt: h.recfmt,
                 entries: page
-                    .chunks_exact(DISCOVERY_RECORD)
+                    .chunks_exact(DiscoveryLogEntry::SIZE)
                     .map(DiscoveryLogEntry::decode)
-                    .collect(),
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(decode_err)?,
             });
         }
         Err(Error::Invalid(
@@ -735,7 +772,7 @@ impl Controller {
             qp,
             ctrl: inner.clone(),
             geoms: Vec::with_capacity(8),
-            max_transfer: inner.id.max_transfer(),
+            max_transfer: inner.max_transfer,
         })
     }
 

@@ -14,20 +14,21 @@
 //!
 //! This crate is not a multipath layer and does not reconnect: a vanished
 //! peer fails every outstanding command with [`unvme_bdev::IoError::Unavailable`]
-//! and the queue pair reports itself closed. Identify and discovery log
-//! structures are decoded in [`ident`].
+//! and the queue pair reports itself closed. Identify data, the discovery
+//! log page and admin command dwords are [`unvme_proto`]'s; this crate
+//! only drives them.
 
 mod controller;
-pub mod ident;
 mod namespace;
 mod options;
 mod qpair;
 pub mod wire;
 
-pub use controller::{Controller, IoQpair};
+pub use controller::{Controller, DiscoveryLog, IoQpair};
 pub use namespace::RemoteNamespace;
-pub use options::{format_uuid, ConnectOptions, DISCOVERY_NQN};
+pub use options::{format_uuid, ConnectOptions};
 pub use qpair::{DataDir, NvmeCompletion, RawBusy};
+pub use unvme_proto::discovery::DISCOVERY_NQN;
 
 use unvme_bdev::IoError;
 use unvme_proto::nvme::Status;
@@ -102,6 +103,15 @@ pub enum Error {
     /// The controller returned data this host cannot use.
     #[error("invalid data from the controller: {0}")]
     Invalid(String),
+    /// The controller returned a data structure that does not decode.
+    #[error("malformed {what} from the controller: {source}")]
+    Decode {
+        /// The data structure.
+        what: &'static str,
+        /// Why it does not decode.
+        #[source]
+        source: unvme_proto::Error,
+    },
 }
 
 /// Result alias for [`Error`].

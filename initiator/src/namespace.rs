@@ -2,7 +2,8 @@
 
 use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoOp, IoRequest, SubmitError};
 
-use crate::ident::IdentifyNamespace;
+use unvme_proto::admin::IdentifyNamespace;
+
 use crate::{Controller, IoQpair, Result};
 
 /// A remote namespace. Each [`Bdev::open_queue`] opens a new I/O queue pair
@@ -19,18 +20,20 @@ impl RemoteNamespace {
     /// Reads Identify Namespace for `nsid` and describes it as a bdev.
     pub fn open(ctrl: &Controller, nsid: u32) -> Result<Self> {
         let id = ctrl.identify_namespace(nsid)?;
-        let block_size = id.block_size();
-        if id.nsze == 0 || block_size == 0 {
-            return Err(crate::Error::Invalid(format!(
-                "namespace {nsid} is not active or has no valid LBA format"
-            )));
-        }
+        let block_size = match id.lba_size() {
+            Some(bs) if id.nsze != 0 => bs,
+            _ => {
+                return Err(crate::Error::Invalid(format!(
+                    "namespace {nsid} is not active or has no valid LBA format"
+                )))
+            }
+        };
         let cid = ctrl.identify();
         let info = BdevInfo {
             name: format!("{}/ns{nsid}", ctrl.options().subnqn),
             block_size,
             num_blocks: id.nsze,
-            max_transfer: cid.max_transfer(),
+            max_transfer: ctrl.max_transfer(),
             volatile_write_cache: cid.volatile_write_cache(),
             deallocate: cid.supports_dsm(),
             write_zeroes: cid.supports_write_zeroes(),

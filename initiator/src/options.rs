@@ -4,9 +4,6 @@ use std::io::Read;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// The well-known NQN of a discovery subsystem (NVMe over Fabrics 1.1 §7.1).
-pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
-
 /// How to reach a controller and what to ask of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectOptions {

@@ -3,55 +3,10 @@
 //! Management range lists, and the H2CData PDUs that answer an R2T. No I/O.
 
 use unvme_bdev::{IoError, IoOp, LbaRange};
+use unvme_proto::admin::{opc, sel, GetFeatures, GetLogPage, Identify, SetFeatures};
 use unvme_proto::nvme::{io_opc, Sqe, Status};
 
 use crate::qpair::DataDir;
-
-/// Admin command opcodes (NVMe Base 2.0 Figure 139).
-pub mod admin_opc {
-    /// Get Log Page.
-    pub const GET_LOG_PAGE: u8 = 0x02;
-    /// Identify.
-    pub const IDENTIFY: u8 = 0x06;
-    /// Set Features.
-    pub const SET_FEATURES: u8 = 0x09;
-    /// Get Features.
-    pub const GET_FEATURES: u8 = 0x0A;
-    /// Keep Alive.
-    pub const KEEP_ALIVE: u8 = 0x18;
-}
-
-/// Identify CNS values.
-pub mod cns {
-    /// Identify Namespace.
-    pub const NAMESPACE: u8 = 0x00;
-    /// Identify Controller.
-    pub const CONTROLLER: u8 = 0x01;
-    /// Active Namespace ID list.
-    pub const ACTIVE_NS_LIST: u8 = 0x02;
-    /// Namespace Identification Descriptor list.
-    pub const NS_DESCRIPTORS: u8 = 0x03;
-}
-
-/// Feature identifiers used by the host.
-pub mod fid {
-    /// Volatile Write Cache.
-    pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
-    /// Number of Queues.
-    pub const NUM_QUEUES: u8 = 0x07;
-    /// Keep Alive Timer.
-    pub const KEEP_ALIVE_TIMER: u8 = 0x0F;
-}
-
-/// Log page identifiers used by the host.
-pub mod lid {
-    /// Error Information.
-    pub const ERROR: u8 = 0x01;
-    /// SMART / Health Information.
-    pub const SMART: u8 = 0x02;
-    /// Discovery log page.
-    pub const DISCOVERY: u8 = 0x70;
-}
 
 /// Most ranges in one Dataset Management command.
 pub const DSM_MAX_RANGES: usize = 256;
@@ -187,10 +142,17 @@ pub fn encode_dsm_ranges(ranges: &[LbaRange], out: &mut [u8]) -> usize {
 
 /// An Identify command for `cns`, `nsid` and controller `cntid`.
 pub fn identify(cns: u8, nsid: u32, cntid: u16) -> Sqe {
+    let [cdw10, cdw11] = Identify {
+        cns,
+        cntid,
+        ..Identify::default()
+    }
+    .to_cdws();
     Sqe {
-        opc: admin_opc::IDENTIFY,
+        opc: opc::IDENTIFY,
         nsid,
-        cdw10: u32::from(cns) | (u32::from(cntid) << 16),
+        cdw10,
+        cdw11,
         ..Sqe::default()
     }
 }
@@ -198,14 +160,20 @@ pub fn identify(cns: u8, nsid: u32, cntid: u16) -> Sqe {
 /// A Get Log Page command for `len` bytes (a non-zero multiple of 4) of
 /// log `lid` starting at byte `offset`.
 pub fn get_log_page(lid: u8, nsid: u32, offset: u64, len: u32) -> Sqe {
-    let numd = (len / 4).saturating_sub(1);
+    let [cdw10, cdw11, cdw12, cdw13] = GetLogPage {
+        lid,
+        numd: (len / 4).saturating_sub(1),
+        lpo: offset,
+        ..GetLogPage::default()
+    }
+    .to_cdws();
     Sqe {
-        opc: admin_opc::GET_LOG_PAGE,
+        opc: opc::GET_LOG_PAGE,
         nsid,
-        cdw10: u32::from(lid) | ((numd & 0xffff) << 16),
-        cdw11: numd >> 16,
-        cdw12: offset as u32,
-        cdw13: (offset >> 32) as u32,
+        cdw10,
+        cdw11,
+        cdw12,
+        cdw13,
         ..Sqe::default()
     }
 }
@@ -213,9 +181,13 @@ pub fn get_log_page(lid: u8, nsid: u32, offset: u64, len: u32) -> Sqe {
 /// A Get Features command (current value).
 pub fn get_features(fid: u8, nsid: u32, cdw11: u32) -> Sqe {
     Sqe {
-        opc: admin_opc::GET_FEATURES,
+        opc: opc::GET_FEATURES,
         nsid,
-        cdw10: u32::from(fid),
+        cdw10: GetFeatures {
+            fid,
+            sel: sel::CURRENT,
+        }
+        .to_cdw10(),
         cdw11,
         ..Sqe::default()
     }
@@ -224,9 +196,9 @@ pub fn get_features(fid: u8, nsid: u32, cdw11: u32) -> Sqe {
 /// A Set Features command; `save` sets SV.
 pub fn set_features(fid: u8, nsid: u32, cdw11: u32, save: bool) -> Sqe {
     Sqe {
-        opc: admin_opc::SET_FEATURES,
+        opc: opc::SET_FEATURES,
         nsid,
-        cdw10: u32::from(fid) | (u32::from(save) << 31),
+        cdw10: SetFeatures { fid, sv: save }.to_cdw10(),
         cdw11,
         ..Sqe::default()
     }
@@ -281,6 +253,7 @@ pub fn status_to_io_error(s: Status) -> Result<(), IoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use unvme_proto::admin::lid;
 
     #[test]
     fn read_builds_zero_based_nlb_and_slba() {
