@@ -126,6 +126,10 @@ PKGS=(
     ca-certificates
     shellcheck       # lint for the harness scripts
     tshark           # decodes NVMe/TCP captures (tests/wire-check.sh)
+    nbdkit           # NBD reference server (bench/nbd)
+    libnbd-bin       # nbdinfo, nbdcopy, nbdsh (tests/nbd-clients.sh)
+    python3-libnbd   # nbdsh's Python module
+    qemu-utils       # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
 )
 
 # tshark's wireshark-common asks whether non-root users may capture; answer
