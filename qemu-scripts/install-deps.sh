@@ -110,7 +110,7 @@ else
 fi
 
 # QEMU from backports (matches the preinstalled qemu-utils 10.0).
-BPO_PKGS=(qemu-system-x86 qemu-block-extra)
+BPO_PKGS=(qemu-system-x86 qemu-block-extra qemu-utils)  # qemu-utils: qemu-img/io/nbd, qemu-storage-daemon
 # Guest build inputs and host-side tools.
 PKGS=(
     busybox-static   # guest userland
@@ -129,7 +129,6 @@ PKGS=(
     nbdkit           # NBD reference server (bench/nbd)
     libnbd-bin       # nbdinfo, nbdcopy, nbdsh (tests/nbd-clients.sh)
     python3-libnbd   # nbdsh's Python module
-    qemu-utils       # qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
 )
 
 # tshark's wireshark-common asks whether non-root users may capture; answer
