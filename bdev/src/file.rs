@@ -35,11 +35,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::completions::Completions;
-use crate::{
-    Bdev, BdevInfo, BdevQueue, Error, IoBuf, IoCompletion, IoError, IoOp, IoRequest, Result,
-    SubmitError, DEFAULT_QUEUE_DEPTH,
-};
+use crate::sync_queue::{IoResult, SyncBackend, SyncQueue};
+use crate::{Bdev, BdevInfo, BdevQueue, Error, IoBuf, IoError, Result, DEFAULT_QUEUE_DEPTH};
 
 /// Size of the shared zero buffer and of each queue's Compare scratch
 /// buffer: a multiple of every supported block size (512..=65536).
@@ -155,7 +152,7 @@ impl FileBdev {
     }
 
     /// Sets how many completions a queue opened later holds before `submit`
-    /// answers [`SubmitError::Busy`] (default [`DEFAULT_QUEUE_DEPTH`]).
+    /// answers [`crate::SubmitError::Busy`] (default [`DEFAULT_QUEUE_DEPTH`]).
     pub fn with_queue_depth(mut self, depth: usize) -> Self {
         self.queue_depth = depth.max(1);
         self
@@ -173,10 +170,8 @@ impl Bdev for FileBdev {
     }
 
     fn open_queue(&self) -> Result<Box<dyn BdevQueue>> {
-        Ok(Box::new(FileQueue::new(
-            Arc::clone(&self.inner),
-            self.queue_depth,
-        )))
+        let ops = FileOps::new(Arc::clone(&self.inner));
+        Ok(Box::new(SyncQueue::new(ops, self.queue_depth)))
     }
 
     fn flush_all(&self) -> Result<()> {
@@ -271,11 +266,11 @@ fn media(e: io::Error) -> IoError {
     IoError::Media(e.to_string())
 }
 
-/// A queue on a [`FileBdev`]; executes each request inside `submit`.
+/// The data operations of a queue on a [`FileBdev`]: `pread`/`pwrite`,
+/// `fdatasync` and `fallocate` on the shared file.
 #[derive(Debug)]
-struct FileQueue {
+struct FileOps {
     inner: Arc<FileInner>,
-    done: Completions,
     /// Scratch for Compare (aligned, so it works with `O_DIRECT`).
     scratch: IoBuf,
     /// `FALLOC_FL_ZERO_RANGE` has not been refused yet.
@@ -284,53 +279,17 @@ struct FileQueue {
     punch_hole_ok: bool,
 }
 
-impl FileQueue {
-    fn new(inner: Arc<FileInner>, depth: usize) -> Self {
-        FileQueue {
+impl FileOps {
+    fn new(inner: Arc<FileInner>) -> Self {
+        FileOps {
             inner,
-            done: Completions::new(depth),
             scratch: IoBuf::new(CHUNK),
             zero_range_ok: true,
             punch_hole_ok: true,
         }
     }
 
-    /// Validates and performs one request.
-    fn execute(&mut self, op: &IoOp, buf: Option<&mut IoBuf>) -> std::result::Result<(), IoError> {
-        self.inner.info.check_request(op, buf.as_deref())?;
-        let bs = u64::from(self.inner.info.block_size);
-        // check_request proved every range lies inside the file, whose size
-        // fits in u64, so these products cannot overflow.
-        let bytes = |nlb: u32| u64::from(nlb) * bs;
-        let file = &self.inner.file;
-        match *op {
-            IoOp::Read { lba, nlb } => {
-                let buf = buf.ok_or(IoError::BadBuffer)?;
-                file.read_exact_at(&mut buf[..bytes(nlb) as usize], lba * bs)
-                    .map_err(media)
-            }
-            IoOp::Write { lba, nlb, fua } => {
-                let buf = buf.ok_or(IoError::BadBuffer)?;
-                file.write_all_at(&buf[..bytes(nlb) as usize], lba * bs)
-                    .map_err(media)?;
-                self.sync_if(fua)
-            }
-            IoOp::Compare { lba, nlb } => {
-                let buf = buf.ok_or(IoError::BadBuffer)?;
-                self.compare(lba * bs, &buf[..bytes(nlb) as usize])
-            }
-            IoOp::Flush => self.sync_if(true),
-            IoOp::WriteZeroes { lba, nlb, fua, .. } => {
-                self.write_zeroes(lba * bs, bytes(nlb))?;
-                self.sync_if(fua)
-            }
-            IoOp::Deallocate { ref ranges } => ranges
-                .iter()
-                .try_for_each(|r| self.deallocate(r.lba * bs, bytes(r.nlb))),
-        }
-    }
-
-    fn sync_if(&self, sync: bool) -> std::result::Result<(), IoError> {
+    fn sync_if(&self, sync: bool) -> IoResult {
         if sync {
             self.inner.file.sync_data().map_err(media)
         } else {
@@ -338,61 +297,18 @@ impl FileQueue {
         }
     }
 
-    /// Compares the file at `offset` with `want`, chunk by chunk.
-    fn compare(&mut self, offset: u64, want: &[u8]) -> std::result::Result<(), IoError> {
-        let mut pos = offset;
-        for want in want.chunks(CHUNK) {
-            let got = &mut self.scratch[..want.len()];
-            self.inner.file.read_exact_at(got, pos).map_err(media)?;
-            if got != want {
-                return Err(IoError::CompareFailure);
-            }
-            pos += want.len() as u64;
-        }
-        Ok(())
-    }
-
     /// Zeroes `len` bytes at `offset`: zero range, else punch hole, else
     /// write zeroes.
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::result::Result<(), IoError> {
-        if len == 0 {
-            return Ok(());
+    fn zero(&mut self, offset: u64, len: u64) -> IoResult {
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match try_fallocate(&self.inner.file, &mut self.zero_range_ok, mode, offset, len)? {
+            true => Ok(()),
+            false => self.deallocate(offset, len),
         }
-        if self.zero_range_ok {
-            match self.fallocate(
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ) {
-                Ok(()) => return Ok(()),
-                Err(e) if unsupported(&e) => self.zero_range_ok = false,
-                Err(e) => return Err(media(e)),
-            }
-        }
-        self.deallocate(offset, len)
-    }
-
-    /// Deallocates `len` bytes at `offset`: punch hole, else write zeroes.
-    fn deallocate(&mut self, offset: u64, len: u64) -> std::result::Result<(), IoError> {
-        if len == 0 {
-            return Ok(());
-        }
-        if self.punch_hole_ok {
-            match self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ) {
-                Ok(()) => return Ok(()),
-                Err(e) if unsupported(&e) => self.punch_hole_ok = false,
-                Err(e) => return Err(media(e)),
-            }
-        }
-        self.write_zero_bytes(offset, len)
     }
 
     /// Writes `len` zero bytes at `offset` from the shared zero buffer.
-    fn write_zero_bytes(&self, offset: u64, len: u64) -> std::result::Result<(), IoError> {
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> IoResult {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -407,51 +323,103 @@ impl FileQueue {
         }
         Ok(())
     }
+}
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-        let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
-        let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
-        // SAFETY: fallocate only reads its integer arguments; the fd is open
-        // for as long as `self.inner` lives.
-        let rc = unsafe { libc::fallocate(self.inner.file.as_raw_fd(), mode, offset, len) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    // SAFETY: fallocate only reads its integer arguments; the fd is open for
+    // as long as `file` is borrowed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
-impl BdevQueue for FileQueue {
-    fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
-        let mut req = self.done.admit(req)?;
-        let result = self.execute(&req.op, req.buf.as_mut());
-        if let Err(e) = &result {
-            tracing::debug!(tag = req.tag, error = %e, "file bdev request failed");
+/// Runs `fallocate(mode)` unless the filesystem refused `mode` before
+/// (`*supported` false); returns whether the range is done (an empty one
+/// always is). A refusal clears `*supported`, so the mode is not asked for
+/// again.
+fn try_fallocate(
+    file: &File,
+    supported: &mut bool,
+    mode: libc::c_int,
+    offset: u64,
+    len: u64,
+) -> std::result::Result<bool, IoError> {
+    if len == 0 {
+        return Ok(true);
+    }
+    if !*supported {
+        return Ok(false);
+    }
+    match fallocate(file, mode, offset, len) {
+        Ok(()) => Ok(true),
+        Err(e) if unsupported(&e) => {
+            *supported = false;
+            Ok(false)
         }
-        self.done.push(IoCompletion {
-            tag: req.tag,
-            result,
-            buf: req.buf,
-        });
+        Err(e) => Err(media(e)),
+    }
+}
+
+impl SyncBackend for FileOps {
+    fn info(&self) -> &BdevInfo {
+        &self.inner.info
+    }
+
+    fn read(&mut self, offset: u64, dst: &mut [u8]) -> IoResult {
+        self.inner.file.read_exact_at(dst, offset).map_err(media)
+    }
+
+    /// `pwrite`, then `fdatasync` for `fua`.
+    fn write(&mut self, offset: u64, src: &[u8], fua: bool) -> IoResult {
+        self.inner.file.write_all_at(src, offset).map_err(media)?;
+        self.sync_if(fua)
+    }
+
+    /// Reads the file chunk by chunk into the scratch buffer and compares.
+    fn compare(&mut self, offset: u64, want: &[u8]) -> IoResult {
+        let mut pos = offset;
+        for want in want.chunks(CHUNK) {
+            let got = &mut self.scratch[..want.len()];
+            self.inner.file.read_exact_at(got, pos).map_err(media)?;
+            if got != want {
+                return Err(IoError::CompareFailure);
+            }
+            pos += want.len() as u64;
+        }
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        self.done.drain_into(out)
+    fn flush(&mut self) -> IoResult {
+        self.sync_if(true)
     }
 
-    fn outstanding(&self) -> usize {
-        self.done.len()
+    /// Zeroes the range, then `fdatasync` for `fua`.
+    fn write_zeroes(&mut self, offset: u64, len: u64, _dealloc: bool, fua: bool) -> IoResult {
+        self.zero(offset, len)?;
+        self.sync_if(fua)
+    }
+
+    /// Punch hole, else write zeroes.
+    fn deallocate(&mut self, offset: u64, len: u64) -> IoResult {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match try_fallocate(&self.inner.file, &mut self.punch_hole_ok, mode, offset, len)? {
+            true => Ok(()),
+            false => self.write_zero_bytes(offset, len),
+        }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::ram::tests::{check_against_model, model_ops};
-    use crate::LbaRange;
+    use crate::testutil::{self, check_against_model, model_ops, pattern, read, run, write};
+    use crate::IoOp;
     use proptest::prelude::*;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -477,30 +445,6 @@ pub(crate) mod tests {
         }
     }
 
-    fn run(q: &mut dyn BdevQueue, op: IoOp, buf: Option<IoBuf>) -> IoCompletion {
-        q.submit(IoRequest { tag: 5, op, buf })
-            .expect("queue has room");
-        let mut out = Vec::new();
-        assert_eq!(q.poll(&mut out), 1);
-        out.pop().expect("one completion")
-    }
-
-    fn read(q: &mut dyn BdevQueue, lba: u64, nlb: u32, bs: usize) -> Vec<u8> {
-        let c = run(
-            q,
-            IoOp::Read { lba, nlb },
-            Some(IoBuf::new(nlb as usize * bs)),
-        );
-        assert_eq!(c.result, Ok(()));
-        c.buf.expect("buffer handed back").to_vec()
-    }
-
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) | 1)
-            .collect()
-    }
-
     fn fail_probe(_: &File, _: u32) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EINVAL))
     }
@@ -515,16 +459,7 @@ pub(crate) mod tests {
             assert!(dev.info().volatile_write_cache);
             let mut q = dev.open_queue().unwrap();
             assert!(read(&mut *q, 0, 256, 4096).iter().all(|&b| b == 0));
-            let c = run(
-                &mut *q,
-                IoOp::Write {
-                    lba: 100,
-                    nlb: 8,
-                    fua: false,
-                },
-                Some(IoBuf::from_slice(&data)),
-            );
-            assert_eq!(c.result, Ok(()));
+            assert_eq!(write(&mut *q, 100, 8, &data, false), Ok(()));
             assert_eq!(read(&mut *q, 100, 8, 4096), data);
             assert_eq!(run(&mut *q, IoOp::Flush, None).result, Ok(()));
             dev.flush_all().unwrap();
@@ -536,16 +471,7 @@ pub(crate) mod tests {
         assert_eq!(read(&mut *q, 100, 8, 4096), data);
         drop(dev);
         // The queue keeps the file open after the bdev is gone.
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 1,
-                fua: true,
-            },
-            Some(IoBuf::from_slice(&[9; 4096])),
-        );
-        assert_eq!(c.result, Ok(()));
+        assert_eq!(write(&mut *q, 0, 1, &[9; 4096], true), Ok(()));
     }
 
     #[test]
@@ -585,16 +511,7 @@ pub(crate) mod tests {
         assert!(!dev.is_direct());
         let mut q = dev.open_queue().unwrap();
         let data = pattern(3 * 512, 4);
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 1,
-                nlb: 3,
-                fua: true,
-            },
-            Some(IoBuf::from_slice(&data)),
-        );
-        assert_eq!(c.result, Ok(()));
+        assert_eq!(write(&mut *q, 1, 3, &data, true), Ok(()));
         assert_eq!(read(&mut *q, 1, 3, 512), data);
     }
 
@@ -609,16 +526,7 @@ pub(crate) mod tests {
         {
             let dev = FileBdev::open(&path.0, 512, Some(1 << 16)).unwrap();
             let mut q = dev.open_queue().unwrap();
-            let c = run(
-                &mut *q,
-                IoOp::Write {
-                    lba: 7,
-                    nlb: 16,
-                    fua: true,
-                },
-                Some(IoBuf::from_slice(&data)),
-            );
-            assert_eq!(c.result, Ok(()));
+            assert_eq!(write(&mut *q, 7, 16, &data, true), Ok(()));
             let op = IoOp::WriteZeroes {
                 lba: 9,
                 nlb: 9,
@@ -637,85 +545,22 @@ pub(crate) mod tests {
     #[test]
     fn out_of_range_and_lba_overflow_are_rejected() {
         let path = TempPath::new("range");
-        let dev = FileBdev::open(&path.0, 512, Some(16 * 512)).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Read { lba: 15, nlb: 2 },
-            Some(IoBuf::new(1024)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: u64::MAX,
-                nlb: 1,
-                fua: false,
-            },
-            Some(IoBuf::new(512)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let op = IoOp::WriteZeroes {
-            lba: 16,
-            nlb: 1,
-            deallocate: false,
-            fua: false,
-        };
-        assert_eq!(run(&mut *q, op, None).result, Err(IoError::OutOfRange));
-        let op = IoOp::Deallocate {
-            ranges: vec![LbaRange {
-                lba: u64::MAX,
-                nlb: u32::MAX,
-            }],
-        };
-        assert_eq!(run(&mut *q, op, None).result, Err(IoError::OutOfRange));
+        testutil::rejects_out_of_range(&FileBdev::open(&path.0, 512, Some(16 * 512)).unwrap());
     }
 
     #[test]
     fn short_or_missing_buffer_is_bad_buffer() {
         let path = TempPath::new("shortbuf");
         let dev = FileBdev::open(&path.0, 4096, Some(16 * 4096)).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Read { lba: 0, nlb: 2 },
-            Some(IoBuf::new(4096)),
-        );
-        assert_eq!(c.result, Err(IoError::BadBuffer));
-        let c = run(&mut *q, IoOp::Compare { lba: 0, nlb: 1 }, None);
-        assert_eq!(c.result, Err(IoError::BadBuffer));
+        testutil::rejects_short_or_missing_buffer(&dev);
     }
 
     #[test]
     fn compare_reports_match_and_mismatch() {
         let path = TempPath::new("compare");
         let dev = FileBdev::open(&path.0, 512, Some(512 * 512)).unwrap();
-        let mut q = dev.open_queue().unwrap();
         // Larger than the scratch chunk, so the comparison spans chunks.
-        let data = pattern(200 * 512, 2);
-        run(
-            &mut *q,
-            IoOp::Write {
-                lba: 10,
-                nlb: 200,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&data)),
-        );
-        let c = run(
-            &mut *q,
-            IoOp::Compare { lba: 10, nlb: 200 },
-            Some(IoBuf::from_slice(&data)),
-        );
-        assert_eq!(c.result, Ok(()));
-        let mut other = data;
-        other[199 * 512] ^= 1;
-        let c = run(
-            &mut *q,
-            IoOp::Compare { lba: 10, nlb: 200 },
-            Some(IoBuf::from_slice(&other)),
-        );
-        assert_eq!(c.result, Err(IoError::CompareFailure));
+        testutil::compare_reports_match_and_mismatch(&dev, 200);
     }
 
     #[test]
@@ -724,66 +569,7 @@ pub(crate) mod tests {
         let dev = FileBdev::open(&path.0, 512, Some(8 * 512))
             .unwrap()
             .with_queue_depth(3);
-        let mut q = dev.open_queue().unwrap();
-        for tag in 0..3 {
-            q.submit(IoRequest {
-                tag,
-                op: IoOp::Flush,
-                buf: None,
-            })
-            .unwrap();
-        }
-        let Err(SubmitError::Busy(req)) = q.submit(IoRequest {
-            tag: 3,
-            op: IoOp::Flush,
-            buf: None,
-        }) else {
-            panic!("a full queue accepted a request")
-        };
-        let mut out = Vec::new();
-        assert_eq!(q.poll(&mut out), 3);
-        q.submit(req).unwrap();
-        assert_eq!(q.poll(&mut out), 1);
-        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), [0, 1, 2, 3]);
-    }
-
-    /// Writes a pattern, deallocates and zeroes parts of it through `q`, and
-    /// checks the result.
-    fn zeroing_reads_back_zeroes(q: &mut dyn BdevQueue) {
-        let data = pattern(64 * 512, 6);
-        run(
-            q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 64,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&data)),
-        );
-        let op = IoOp::Deallocate {
-            ranges: vec![LbaRange { lba: 3, nlb: 18 }, LbaRange { lba: 40, nlb: 1 }],
-        };
-        assert_eq!(run(q, op, None).result, Ok(()));
-        let op = IoOp::WriteZeroes {
-            lba: 48,
-            nlb: 16,
-            deallocate: false,
-            fua: true,
-        };
-        assert_eq!(run(q, op, None).result, Ok(()));
-        let op = IoOp::WriteZeroes {
-            lba: 30,
-            nlb: 2,
-            deallocate: true,
-            fua: false,
-        };
-        assert_eq!(run(q, op, None).result, Ok(()));
-        let mut want = data;
-        want[3 * 512..21 * 512].fill(0);
-        want[30 * 512..32 * 512].fill(0);
-        want[40 * 512..41 * 512].fill(0);
-        want[48 * 512..].fill(0);
-        assert_eq!(read(q, 0, 64, 512), want);
+        testutil::full_queue_is_busy_until_polled(&dev, 3);
     }
 
     #[test]
@@ -791,17 +577,17 @@ pub(crate) mod tests {
         let path = TempPath::new("zeroes");
         let dev = FileBdev::open(&path.0, 512, Some(64 * 512)).unwrap();
         let mut q = dev.open_queue().unwrap();
-        zeroing_reads_back_zeroes(&mut *q);
+        testutil::zeroing_reads_back_zeroes(&mut *q);
     }
 
     #[test]
     fn zeroing_without_fallocate_writes_zeroes() {
         let path = TempPath::new("nofalloc");
         let dev = FileBdev::open(&path.0, 512, Some(64 * 512)).unwrap();
-        let mut q = FileQueue::new(Arc::clone(&dev.inner), 8);
-        q.zero_range_ok = false;
-        q.punch_hole_ok = false;
-        zeroing_reads_back_zeroes(&mut q);
+        let mut q = SyncQueue::new(FileOps::new(Arc::clone(&dev.inner)), 8);
+        q.backend.zero_range_ok = false;
+        q.backend.punch_hole_ok = false;
+        testutil::zeroing_reads_back_zeroes(&mut q);
     }
 
     proptest! {

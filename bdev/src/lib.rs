@@ -21,6 +21,9 @@ pub mod file;
 pub mod null;
 pub mod ram;
 mod spec;
+mod sync_queue;
+#[cfg(test)]
+mod testutil;
 
 pub use buf::IoBuf;
 pub use file::FileBdev;

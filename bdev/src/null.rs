@@ -10,10 +10,8 @@
 
 use std::sync::Arc;
 
-use crate::completions::Completions;
-use crate::{
-    Bdev, BdevInfo, BdevQueue, IoCompletion, IoRequest, Result, SubmitError, DEFAULT_QUEUE_DEPTH,
-};
+use crate::sync_queue::{IoResult, SyncBackend, SyncQueue};
+use crate::{Bdev, BdevInfo, BdevQueue, Result, DEFAULT_QUEUE_DEPTH};
 
 /// A block device that discards writes and leaves read buffers untouched.
 #[derive(Debug)]
@@ -47,7 +45,7 @@ impl NullBdev {
     }
 
     /// Sets how many completions a queue opened later holds before `submit`
-    /// answers [`SubmitError::Busy`] (default [`DEFAULT_QUEUE_DEPTH`]).
+    /// answers [`crate::SubmitError::Busy`] (default [`DEFAULT_QUEUE_DEPTH`]).
     pub fn with_queue_depth(mut self, depth: usize) -> Self {
         self.queue_depth = depth.max(1);
         self
@@ -60,137 +58,79 @@ impl Bdev for NullBdev {
     }
 
     fn open_queue(&self) -> Result<Box<dyn BdevQueue>> {
-        Ok(Box::new(NullQueue {
+        let ops = NullOps {
             info: Arc::clone(&self.info),
-            done: Completions::new(self.queue_depth),
-        }))
+        };
+        Ok(Box::new(SyncQueue::new(ops, self.queue_depth)))
     }
 }
 
-/// A queue on a [`NullBdev`].
+/// The data operations of a queue on a [`NullBdev`]: none, every validated
+/// request succeeds.
 #[derive(Debug)]
-struct NullQueue {
+struct NullOps {
     info: Arc<BdevInfo>,
-    done: Completions,
 }
 
-impl BdevQueue for NullQueue {
-    fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
-        let req = self.done.admit(req)?;
-        let result = self.info.check_request(&req.op, req.buf.as_ref());
-        self.done.push(IoCompletion {
-            tag: req.tag,
-            result,
-            buf: req.buf,
-        });
+impl SyncBackend for NullOps {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    /// Leaves `dst` as the caller filled it.
+    fn read(&mut self, _offset: u64, _dst: &mut [u8]) -> IoResult {
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        self.done.drain_into(out)
+    fn write(&mut self, _offset: u64, _src: &[u8], _fua: bool) -> IoResult {
+        Ok(())
     }
 
-    fn outstanding(&self) -> usize {
-        self.done.len()
+    fn compare(&mut self, _offset: u64, _want: &[u8]) -> IoResult {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> IoResult {
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, _offset: u64, _len: u64, _dealloc: bool, _fua: bool) -> IoResult {
+        Ok(())
+    }
+
+    fn deallocate(&mut self, _offset: u64, _len: u64) -> IoResult {
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{IoBuf, IoError, IoOp, LbaRange};
-
-    fn run(q: &mut dyn BdevQueue, op: IoOp, buf: Option<IoBuf>) -> IoCompletion {
-        q.submit(IoRequest { tag: 7, op, buf })
-            .expect("queue has room");
-        let mut out = Vec::new();
-        assert_eq!(q.poll(&mut out), 1);
-        out.pop().expect("one completion")
-    }
+    use crate::testutil::{self, run, write, TAG};
+    use crate::{IoBuf, IoOp, LbaRange};
 
     #[test]
     fn write_then_read_leaves_read_buffer_untouched() {
         let dev = NullBdev::new("null0", 1024, 512).unwrap();
         let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 2,
-                fua: true,
-            },
-            Some(IoBuf::from_slice(&[0xaa; 1024])),
-        );
-        assert_eq!(c.result, Ok(()));
-        assert_eq!(c.tag, 7);
+        assert_eq!(write(&mut *q, 0, 2, &[0xaa; 1024], true), Ok(()));
         let c = run(
             &mut *q,
             IoOp::Read { lba: 0, nlb: 2 },
             Some(IoBuf::from_slice(&[0x55; 1024])),
         );
-        assert_eq!(c.result, Ok(()));
+        assert_eq!((c.tag, c.result), (TAG, Ok(())));
         assert!(c.buf.unwrap().iter().all(|&b| b == 0x55));
     }
 
     #[test]
     fn out_of_range_and_lba_overflow_are_rejected() {
-        let dev = NullBdev::new("null0", 1024, 512).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Read { lba: 1023, nlb: 2 },
-            Some(IoBuf::new(1024)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: u64::MAX,
-                nlb: 1,
-                fua: false,
-            },
-            Some(IoBuf::new(512)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let c = run(
-            &mut *q,
-            IoOp::WriteZeroes {
-                lba: 1024,
-                nlb: 1,
-                deallocate: false,
-                fua: false,
-            },
-            None,
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let ranges = vec![
-            LbaRange { lba: 0, nlb: 1 },
-            LbaRange {
-                lba: u64::MAX - 1,
-                nlb: 4,
-            },
-        ];
-        let c = run(&mut *q, IoOp::Deallocate { ranges }, None);
-        assert_eq!(c.result, Err(IoError::OutOfRange));
+        testutil::rejects_out_of_range(&NullBdev::new("null0", 1024, 512).unwrap());
     }
 
     #[test]
     fn short_or_missing_buffer_is_bad_buffer() {
-        let dev = NullBdev::new("null0", 1024, 4096).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 2,
-                fua: false,
-            },
-            Some(IoBuf::new(4096)),
-        );
-        assert_eq!(c.result, Err(IoError::BadBuffer));
-        assert!(c.buf.is_some(), "the buffer is handed back even on failure");
-        let c = run(&mut *q, IoOp::Read { lba: 0, nlb: 1 }, None);
-        assert_eq!(c.result, Err(IoError::BadBuffer));
+        testutil::rejects_short_or_missing_buffer(&NullBdev::new("null0", 1024, 4096).unwrap());
     }
 
     #[test]
@@ -223,53 +163,16 @@ mod tests {
     #[test]
     fn full_queue_is_busy_until_polled() {
         let dev = NullBdev::new("null0", 16, 512).unwrap().with_queue_depth(4);
-        let mut q = dev.open_queue().unwrap();
-        for tag in 0..4 {
-            q.submit(IoRequest {
-                tag,
-                op: IoOp::Flush,
-                buf: None,
-            })
-            .unwrap();
-        }
-        assert_eq!(q.outstanding(), 4);
-        match q.submit(IoRequest {
-            tag: 99,
-            op: IoOp::Flush,
-            buf: None,
-        }) {
-            Err(SubmitError::Busy(req)) => assert_eq!(req.tag, 99),
-            Ok(()) => panic!("a full queue accepted a request"),
-        }
-        let mut out = Vec::new();
-        assert_eq!(q.poll(&mut out), 4);
-        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), [0, 1, 2, 3]);
-        assert_eq!(q.outstanding(), 0);
-        q.submit(IoRequest {
-            tag: 99,
-            op: IoOp::Flush,
-            buf: None,
-        })
-        .unwrap();
+        testutil::full_queue_is_busy_until_polled(&dev, 4);
     }
 
     #[test]
     fn bad_geometry_is_a_config_error() {
-        assert!(matches!(
-            NullBdev::new("n", 0, 512),
-            Err(crate::Error::Config(_))
-        ));
-        assert!(matches!(
-            NullBdev::new("n", 8, 1000),
-            Err(crate::Error::Config(_))
-        ));
-        assert!(matches!(
-            NullBdev::new("n", 8, 256),
-            Err(crate::Error::Config(_))
-        ));
-        assert!(matches!(
-            NullBdev::new("n", u64::MAX, 4096),
-            Err(crate::Error::Config(_))
-        ));
+        for (blocks, bs) in [(0, 512), (8, 1000), (8, 256), (u64::MAX, 4096)] {
+            assert!(
+                matches!(NullBdev::new("n", blocks, bs), Err(crate::Error::Config(_))),
+                "{blocks} blocks of {bs}"
+            );
+        }
     }
 }

@@ -30,11 +30,8 @@ use std::io;
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
-use crate::completions::Completions;
-use crate::{
-    Bdev, BdevInfo, BdevQueue, Error, IoBuf, IoCompletion, IoError, IoOp, IoRequest, Result,
-    SubmitError, DEFAULT_QUEUE_DEPTH,
-};
+use crate::sync_queue::{IoResult, SyncBackend, SyncQueue};
+use crate::{Bdev, BdevInfo, BdevQueue, Error, IoError, Result, DEFAULT_QUEUE_DEPTH};
 
 /// Chunk size for Compare, which copies device memory to the stack before
 /// comparing so that no reference to shared device memory exists.
@@ -244,7 +241,7 @@ impl RamBdev {
     }
 
     /// Sets how many completions a queue opened later holds before `submit`
-    /// answers [`SubmitError::Busy`] (default [`DEFAULT_QUEUE_DEPTH`]).
+    /// answers [`crate::SubmitError::Busy`] (default [`DEFAULT_QUEUE_DEPTH`]).
     pub fn with_queue_depth(mut self, depth: usize) -> Self {
         self.queue_depth = depth.max(1);
         self
@@ -257,108 +254,73 @@ impl Bdev for RamBdev {
     }
 
     fn open_queue(&self) -> Result<Box<dyn BdevQueue>> {
-        Ok(Box::new(RamQueue {
+        let ops = RamOps {
             inner: Arc::clone(&self.inner),
-            done: Completions::new(self.queue_depth),
-        }))
+        };
+        Ok(Box::new(SyncQueue::new(ops, self.queue_depth)))
     }
 }
 
-/// A queue on a [`RamBdev`]; executes each request inside `submit`.
+/// The data operations of a queue on a [`RamBdev`]: copies into and out of
+/// the mapping.
 #[derive(Debug)]
-struct RamQueue {
+struct RamOps {
     inner: Arc<RamInner>,
-    done: Completions,
 }
 
-impl RamQueue {
-    /// Validates and performs one request.
-    fn execute(&self, op: &IoOp, buf: Option<&mut IoBuf>) -> std::result::Result<(), IoError> {
-        let info = &self.inner.info;
-        info.check_request(op, buf.as_deref())?;
-        let mem = &self.inner.mem;
-        let bs = info.block_size as usize;
-        // check_request proved every range lies inside the device, whose byte
-        // size fits in usize, so these products cannot overflow.
-        let off = |lba: u64| lba as usize * bs;
-        let len = |nlb: u32| nlb as usize * bs;
-        match *op {
-            IoOp::Read { lba, nlb } => {
-                let buf = buf.ok_or(IoError::BadBuffer)?;
-                mem.read(off(lba), &mut buf[..len(nlb)]);
-            }
-            IoOp::Write { lba, nlb, .. } => {
-                let buf = buf.ok_or(IoError::BadBuffer)?;
-                mem.write(off(lba), &buf[..len(nlb)]);
-            }
-            IoOp::Compare { lba, nlb } => {
-                let buf = buf.ok_or(IoError::BadBuffer)?;
-                if !mem.equals(off(lba), &buf[..len(nlb)]) {
-                    return Err(IoError::CompareFailure);
-                }
-            }
-            IoOp::Flush => {}
-            IoOp::WriteZeroes { lba, nlb, .. } => mem.zero(off(lba), len(nlb)),
-            IoOp::Deallocate { ref ranges } => {
-                for r in ranges {
-                    mem.zero(off(r.lba), len(r.nlb));
-                }
-            }
+/// A byte offset or length of a validated request as a mapping index: the
+/// request lies inside the device, whose size fits in `usize`
+/// ([`RamBdev::new`]), so the conversion is lossless.
+fn at(n: u64) -> usize {
+    n as usize
+}
+
+impl SyncBackend for RamOps {
+    fn info(&self) -> &BdevInfo {
+        &self.inner.info
+    }
+
+    fn read(&mut self, offset: u64, dst: &mut [u8]) -> IoResult {
+        self.inner.mem.read(at(offset), dst);
+        Ok(())
+    }
+
+    /// Memory has no volatile cache: `fua` needs nothing more.
+    fn write(&mut self, offset: u64, src: &[u8], _fua: bool) -> IoResult {
+        self.inner.mem.write(at(offset), src);
+        Ok(())
+    }
+
+    fn compare(&mut self, offset: u64, want: &[u8]) -> IoResult {
+        if self.inner.mem.equals(at(offset), want) {
+            Ok(())
+        } else {
+            Err(IoError::CompareFailure)
         }
-        Ok(())
     }
-}
 
-impl BdevQueue for RamQueue {
-    fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
-        let mut req = self.done.admit(req)?;
-        let result = self.execute(&req.op, req.buf.as_mut());
-        self.done.push(IoCompletion {
-            tag: req.tag,
-            result,
-            buf: req.buf,
-        });
+    fn flush(&mut self) -> IoResult {
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        self.done.drain_into(out)
+    /// Gives whole pages back whether or not deallocation is allowed: they
+    /// read as zeroes either way.
+    fn write_zeroes(&mut self, offset: u64, len: u64, _dealloc: bool, _fua: bool) -> IoResult {
+        self.inner.mem.zero(at(offset), at(len));
+        Ok(())
     }
 
-    fn outstanding(&self) -> usize {
-        self.done.len()
+    fn deallocate(&mut self, offset: u64, len: u64) -> IoResult {
+        self.inner.mem.zero(at(offset), at(len));
+        Ok(())
     }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::LbaRange;
+    use crate::testutil::{self, check_against_model, model_ops, pattern, read, write};
     use proptest::prelude::*;
-
-    fn run(q: &mut dyn BdevQueue, op: IoOp, buf: Option<IoBuf>) -> IoCompletion {
-        q.submit(IoRequest { tag: 1, op, buf })
-            .expect("queue has room");
-        let mut out = Vec::new();
-        assert_eq!(q.poll(&mut out), 1);
-        out.pop().expect("one completion")
-    }
-
-    fn read(q: &mut dyn BdevQueue, lba: u64, nlb: u32, bs: usize) -> Vec<u8> {
-        let c = run(
-            q,
-            IoOp::Read { lba, nlb },
-            Some(IoBuf::new(nlb as usize * bs)),
-        );
-        assert_eq!(c.result, Ok(()));
-        c.buf.expect("buffer handed back").to_vec()
-    }
-
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-            .collect()
-    }
 
     #[test]
     fn new_device_reads_zeroes_and_round_trips_writes() {
@@ -366,16 +328,7 @@ pub(crate) mod tests {
         let mut q = dev.open_queue().unwrap();
         assert!(read(&mut *q, 0, 64, 512).iter().all(|&b| b == 0));
         let data = pattern(3 * 512, 9);
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 5,
-                nlb: 3,
-                fua: true,
-            },
-            Some(IoBuf::from_slice(&data)),
-        );
-        assert_eq!(c.result, Ok(()));
+        assert_eq!(write(&mut *q, 5, 3, &data, true), Ok(()));
         assert_eq!(read(&mut *q, 5, 3, 512), data);
         // Another queue sees the same memory.
         let mut q2 = dev.open_queue().unwrap();
@@ -386,176 +339,34 @@ pub(crate) mod tests {
     fn longer_buffer_uses_only_the_transfer_length() {
         let dev = RamBdev::new("ram0", 8, 512).unwrap();
         let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 1,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&[7; 4096])),
-        );
-        assert_eq!(c.result, Ok(()));
+        assert_eq!(write(&mut *q, 0, 1, &[7; 4096], false), Ok(()));
         let back = read(&mut *q, 0, 2, 512);
         assert!(back[..512].iter().all(|&b| b == 7) && back[512..].iter().all(|&b| b == 0));
     }
 
     #[test]
     fn out_of_range_and_lba_overflow_are_rejected() {
-        let dev = RamBdev::new("ram0", 16, 512).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let c = run(
-            &mut *q,
-            IoOp::Read { lba: 15, nlb: 2 },
-            Some(IoBuf::new(1024)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: u64::MAX,
-                nlb: 2,
-                fua: false,
-            },
-            Some(IoBuf::new(1024)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let c = run(
-            &mut *q,
-            IoOp::Compare { lba: 16, nlb: 1 },
-            Some(IoBuf::new(512)),
-        );
-        assert_eq!(c.result, Err(IoError::OutOfRange));
-        let op = IoOp::WriteZeroes {
-            lba: u64::MAX - 1,
-            nlb: u32::MAX,
-            deallocate: true,
-            fua: false,
-        };
-        assert_eq!(run(&mut *q, op, None).result, Err(IoError::OutOfRange));
-        let op = IoOp::Deallocate {
-            ranges: vec![LbaRange { lba: 0, nlb: 17 }],
-        };
-        assert_eq!(run(&mut *q, op, None).result, Err(IoError::OutOfRange));
+        testutil::rejects_out_of_range(&RamBdev::new("ram0", 16, 512).unwrap());
     }
-
     #[test]
     fn short_or_missing_buffer_is_bad_buffer() {
-        let dev = RamBdev::new("ram0", 16, 512).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let mut short = IoBuf::new(4096);
-        short.set_len(1000);
-        let c = run(&mut *q, IoOp::Read { lba: 0, nlb: 2 }, Some(short));
-        assert_eq!(c.result, Err(IoError::BadBuffer));
-        let c = run(
-            &mut *q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 1,
-                fua: false,
-            },
-            None,
-        );
-        assert_eq!(c.result, Err(IoError::BadBuffer));
+        testutil::rejects_short_or_missing_buffer(&RamBdev::new("ram0", 16, 512).unwrap());
     }
-
     #[test]
     fn compare_reports_match_and_mismatch() {
-        let dev = RamBdev::new("ram0", 32, 512).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let data = pattern(20 * 512, 3);
-        run(
-            &mut *q,
-            IoOp::Write {
-                lba: 4,
-                nlb: 20,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&data)),
-        );
-        let c = run(
-            &mut *q,
-            IoOp::Compare { lba: 4, nlb: 20 },
-            Some(IoBuf::from_slice(&data)),
-        );
-        assert_eq!(c.result, Ok(()));
-        let mut other = data.clone();
-        other[19 * 512 + 100] ^= 0xff;
-        let c = run(
-            &mut *q,
-            IoOp::Compare { lba: 4, nlb: 20 },
-            Some(IoBuf::from_slice(&other)),
-        );
-        assert_eq!(c.result, Err(IoError::CompareFailure));
+        testutil::compare_reports_match_and_mismatch(&RamBdev::new("ram0", 32, 512).unwrap(), 20);
     }
-
     #[test]
     fn deallocate_and_write_zeroes_read_back_zeroes_around_partial_pages() {
-        let bs = 512;
-        let dev = RamBdev::new("ram0", 64, bs as u32).unwrap();
-        let mut q = dev.open_queue().unwrap();
-        let data = pattern(64 * bs, 5);
-        run(
-            &mut *q,
-            IoOp::Write {
-                lba: 0,
-                nlb: 64,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&data)),
-        );
         // Blocks 3..21 cover bytes 1536..10752: one whole page and two partial ones.
-        let op = IoOp::Deallocate {
-            ranges: vec![LbaRange { lba: 3, nlb: 18 }, LbaRange { lba: 40, nlb: 1 }],
-        };
-        assert_eq!(run(&mut *q, op, None).result, Ok(()));
-        let op = IoOp::WriteZeroes {
-            lba: 48,
-            nlb: 16,
-            deallocate: false,
-            fua: true,
-        };
-        assert_eq!(run(&mut *q, op, None).result, Ok(()));
-        let mut want = data;
-        want[3 * bs..21 * bs].fill(0);
-        want[40 * bs..41 * bs].fill(0);
-        want[48 * bs..].fill(0);
-        assert_eq!(read(&mut *q, 0, 64, bs), want);
+        let dev = RamBdev::new("ram0", 64, 512).unwrap();
+        testutil::zeroing_reads_back_zeroes(&mut *dev.open_queue().unwrap());
     }
-
     #[test]
     fn full_queue_is_busy_until_polled() {
         let dev = RamBdev::new("ram0", 16, 512).unwrap().with_queue_depth(2);
-        let mut q = dev.open_queue().unwrap();
-        q.submit(IoRequest {
-            tag: 1,
-            op: IoOp::Flush,
-            buf: None,
-        })
-        .unwrap();
-        q.submit(IoRequest {
-            tag: 2,
-            op: IoOp::Read { lba: 0, nlb: 1 },
-            buf: Some(IoBuf::new(512)),
-        })
-        .unwrap();
-        let busy = q.submit(IoRequest {
-            tag: 3,
-            op: IoOp::Read { lba: 0, nlb: 1 },
-            buf: Some(IoBuf::new(512)),
-        });
-        let Err(SubmitError::Busy(req)) = busy else {
-            panic!("a full queue accepted a request")
-        };
-        assert_eq!(req.tag, 3);
-        assert!(req.buf.is_some(), "the request comes back untouched");
-        let mut out = Vec::new();
-        assert_eq!(q.poll(&mut out), 2);
-        assert_eq!(q.outstanding(), 0);
-        q.submit(req).unwrap();
-        assert_eq!(q.outstanding(), 1);
+        testutil::full_queue_is_busy_until_polled(&dev, 2);
     }
-
     #[test]
     fn large_device_commits_no_memory_until_written() {
         fn rss_bytes() -> Option<u64> {
@@ -567,15 +378,7 @@ pub(crate) mod tests {
         let dev = RamBdev::new("ram0", 1 << 21, 512).unwrap(); // 1 GiB
         let mut q = dev.open_queue().unwrap();
         let last = dev.info().num_blocks - 1;
-        run(
-            &mut *q,
-            IoOp::Write {
-                lba: last,
-                nlb: 1,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&[1; 512])),
-        );
+        assert_eq!(write(&mut *q, last, 1, &[1; 512], false), Ok(()));
         assert_eq!(read(&mut *q, last, 1, 512), vec![1; 512]);
         if let (Some(before), Some(after)) = (before, rss_bytes()) {
             assert!(
@@ -594,15 +397,8 @@ pub(crate) mod tests {
                 std::thread::spawn(move || {
                     let mut q = dev.open_queue().unwrap();
                     for i in 0..256u64 {
-                        let op = IoOp::Write {
-                            lba: u64::from(t) * 256 + i,
-                            nlb: 1,
-                            fua: false,
-                        };
-                        assert_eq!(
-                            run(&mut *q, op, Some(IoBuf::from_slice(&[t + 1; 512]))).result,
-                            Ok(())
-                        );
+                        let lba = u64::from(t) * 256 + i;
+                        assert_eq!(write(&mut *q, lba, 1, &[t + 1; 512], false), Ok(()));
                     }
                 })
             })
@@ -622,117 +418,8 @@ pub(crate) mod tests {
         let dev = RamBdev::new("ram0", 8, 512).unwrap();
         let mut q = dev.open_queue().unwrap();
         drop(dev);
-        run(
-            &mut *q,
-            IoOp::Write {
-                lba: 7,
-                nlb: 1,
-                fua: false,
-            },
-            Some(IoBuf::from_slice(&[3; 512])),
-        );
+        assert_eq!(write(&mut *q, 7, 1, &[3; 512], false), Ok(()));
         assert_eq!(read(&mut *q, 7, 1, 512), vec![3; 512]);
-    }
-
-    /// One step of the model test.
-    #[derive(Clone, Debug)]
-    pub(crate) enum ModelOp {
-        Write {
-            lba: u64,
-            nlb: u32,
-            seed: u8,
-        },
-        WriteZeroes {
-            lba: u64,
-            nlb: u32,
-            deallocate: bool,
-        },
-        Deallocate {
-            lba: u64,
-            nlb: u32,
-        },
-        Read {
-            lba: u64,
-            nlb: u32,
-        },
-    }
-
-    /// Random operations on a device of `blocks` blocks.
-    pub(crate) fn model_ops(blocks: u64) -> impl Strategy<Value = Vec<ModelOp>> {
-        let range = (0..blocks).prop_flat_map(move |lba| (Just(lba), 1..=(blocks - lba) as u32));
-        let op = prop_oneof![
-            3 => (range.clone(), any::<u8>()).prop_map(|((lba, nlb), seed)| ModelOp::Write { lba, nlb, seed }),
-            1 => (range.clone(), any::<bool>())
-                .prop_map(|((lba, nlb), deallocate)| ModelOp::WriteZeroes { lba, nlb, deallocate }),
-            1 => range.clone().prop_map(|(lba, nlb)| ModelOp::Deallocate { lba, nlb }),
-            2 => range.prop_map(|(lba, nlb)| ModelOp::Read { lba, nlb }),
-        ];
-        proptest::collection::vec(op, 1..40)
-    }
-
-    /// Applies `ops` to the device and to a `Vec<u8>` model; every read and a
-    /// final full read must match the model.
-    pub(crate) fn check_against_model(dev: &dyn Bdev, ops: &[ModelOp]) {
-        let bs = dev.info().block_size as usize;
-        let blocks = dev.info().num_blocks;
-        let mut q = dev.open_queue().unwrap();
-        let mut model = read(&mut *q, 0, blocks as u32, bs);
-        for op in ops {
-            match *op {
-                ModelOp::Write { lba, nlb, seed } => {
-                    let data = pattern(nlb as usize * bs, seed);
-                    let c = run(
-                        &mut *q,
-                        IoOp::Write {
-                            lba,
-                            nlb,
-                            fua: seed % 2 == 0,
-                        },
-                        Some(IoBuf::from_slice(&data)),
-                    );
-                    assert_eq!(c.result, Ok(()));
-                    model[lba as usize * bs..][..data.len()].copy_from_slice(&data);
-                }
-                ModelOp::WriteZeroes {
-                    lba,
-                    nlb,
-                    deallocate,
-                } => {
-                    let c = run(
-                        &mut *q,
-                        IoOp::WriteZeroes {
-                            lba,
-                            nlb,
-                            deallocate,
-                            fua: false,
-                        },
-                        None,
-                    );
-                    assert_eq!(c.result, Ok(()));
-                    model[lba as usize * bs..][..nlb as usize * bs].fill(0);
-                }
-                ModelOp::Deallocate { lba, nlb } => {
-                    let c = run(
-                        &mut *q,
-                        IoOp::Deallocate {
-                            ranges: vec![LbaRange { lba, nlb }],
-                        },
-                        None,
-                    );
-                    assert_eq!(c.result, Ok(()));
-                    model[lba as usize * bs..][..nlb as usize * bs].fill(0);
-                }
-                ModelOp::Read { lba, nlb } => {
-                    let got = read(&mut *q, lba, nlb, bs);
-                    assert_eq!(
-                        got,
-                        model[lba as usize * bs..][..nlb as usize * bs],
-                        "read {lba}+{nlb}"
-                    );
-                }
-            }
-        }
-        assert_eq!(read(&mut *q, 0, blocks as u32, bs), model);
     }
 
     proptest! {

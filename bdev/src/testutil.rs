@@ -1,0 +1,314 @@
+//! Test support shared by the backends' unit tests: running one request,
+//! data patterns, the checks every built-in backend must pass (validation,
+//! a bounded queue) and the random-operations model test.
+
+use proptest::prelude::*;
+
+use crate::{
+    Bdev, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, LbaRange, SubmitError,
+};
+
+/// Tag of the requests [`run`] submits.
+pub(crate) const TAG: u64 = 7;
+
+/// Submits one request, polls once and returns its completion.
+pub(crate) fn run(q: &mut dyn BdevQueue, op: IoOp, buf: Option<IoBuf>) -> IoCompletion {
+    q.submit(IoRequest { tag: TAG, op, buf })
+        .expect("queue has room");
+    let mut out = Vec::new();
+    assert_eq!(q.poll(&mut out), 1);
+    out.pop().expect("one completion")
+}
+
+/// Reads `nlb` blocks of `bs` bytes at `lba`, which must succeed.
+pub(crate) fn read(q: &mut dyn BdevQueue, lba: u64, nlb: u32, bs: usize) -> Vec<u8> {
+    let c = run(
+        q,
+        IoOp::Read { lba, nlb },
+        Some(IoBuf::new(nlb as usize * bs)),
+    );
+    assert_eq!(c.result, Ok(()));
+    c.buf.expect("buffer handed back").to_vec()
+}
+
+/// Writes `data` (`nlb` blocks) at `lba` and returns the outcome.
+pub(crate) fn write(
+    q: &mut dyn BdevQueue,
+    lba: u64,
+    nlb: u32,
+    data: &[u8],
+    fua: bool,
+) -> Result<(), IoError> {
+    let op = IoOp::Write { lba, nlb, fua };
+    run(q, op, Some(IoBuf::from_slice(data))).result
+}
+
+/// `len` bytes of a pattern that depends on `seed` and contains no zero.
+pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// Every LBA range reaching past the end of `dev`, or overflowing, fails
+/// with [`IoError::OutOfRange`], whatever the operation.
+pub(crate) fn rejects_out_of_range(dev: &dyn Bdev) {
+    let n = dev.info().num_blocks;
+    let bs = dev.info().block_size as usize;
+    let mut q = dev.open_queue().unwrap();
+    let ops = [
+        (IoOp::Read { lba: n - 1, nlb: 2 }, 2),
+        (
+            IoOp::Write {
+                lba: u64::MAX,
+                nlb: 1,
+                fua: false,
+            },
+            1,
+        ),
+        (IoOp::Compare { lba: n, nlb: 1 }, 1),
+        (
+            IoOp::WriteZeroes {
+                lba: n,
+                nlb: 1,
+                deallocate: false,
+                fua: false,
+            },
+            0,
+        ),
+        (
+            IoOp::WriteZeroes {
+                lba: u64::MAX - 1,
+                nlb: u32::MAX,
+                deallocate: true,
+                fua: false,
+            },
+            0,
+        ),
+        (
+            IoOp::Deallocate {
+                ranges: vec![
+                    LbaRange { lba: 0, nlb: 1 },
+                    LbaRange {
+                        lba: u64::MAX - 1,
+                        nlb: 4,
+                    },
+                ],
+            },
+            0,
+        ),
+        (
+            IoOp::Deallocate {
+                ranges: vec![LbaRange {
+                    lba: 0,
+                    nlb: n as u32 + 1,
+                }],
+            },
+            0,
+        ),
+    ];
+    for (op, blocks) in ops {
+        let buf = (blocks > 0).then(|| IoBuf::new(blocks * bs));
+        let c = run(&mut *q, op.clone(), buf);
+        assert_eq!(c.result, Err(IoError::OutOfRange), "{op:?}");
+    }
+}
+
+/// A data transfer without a buffer, or with one shorter than the transfer,
+/// fails with [`IoError::BadBuffer`] and hands the buffer back.
+pub(crate) fn rejects_short_or_missing_buffer(dev: &dyn Bdev) {
+    let bs = dev.info().block_size as usize;
+    let mut q = dev.open_queue().unwrap();
+    let c = run(&mut *q, IoOp::Read { lba: 0, nlb: 2 }, Some(IoBuf::new(bs)));
+    assert_eq!(c.result, Err(IoError::BadBuffer));
+    assert!(c.buf.is_some(), "the buffer is handed back even on failure");
+    let mut short = IoBuf::new(2 * bs);
+    short.set_len(bs + 1);
+    let write = IoOp::Write {
+        lba: 0,
+        nlb: 2,
+        fua: false,
+    };
+    assert_eq!(
+        run(&mut *q, write.clone(), Some(short)).result,
+        Err(IoError::BadBuffer)
+    );
+    for op in [
+        IoOp::Read { lba: 0, nlb: 1 },
+        write,
+        IoOp::Compare { lba: 0, nlb: 1 },
+    ] {
+        assert_eq!(run(&mut *q, op, None).result, Err(IoError::BadBuffer));
+    }
+}
+
+/// A queue of `dev`, which must have been built with a queue depth of
+/// `depth`, answers Busy with the request untouched once `depth`
+/// completions wait, and takes requests again after a poll.
+pub(crate) fn full_queue_is_busy_until_polled(dev: &dyn Bdev, depth: u64) {
+    let bs = dev.info().block_size as usize;
+    let mut q = dev.open_queue().unwrap();
+    for tag in 0..depth {
+        q.submit(IoRequest {
+            tag,
+            op: IoOp::Flush,
+            buf: None,
+        })
+        .unwrap();
+    }
+    assert_eq!(q.outstanding(), depth as usize);
+    let busy = q.submit(IoRequest {
+        tag: depth,
+        op: IoOp::Read { lba: 0, nlb: 1 },
+        buf: Some(IoBuf::new(bs)),
+    });
+    let Err(SubmitError::Busy(req)) = busy else {
+        panic!("a full queue accepted a request")
+    };
+    assert_eq!(req.tag, depth);
+    assert!(req.buf.is_some(), "the request comes back untouched");
+    let mut out = Vec::new();
+    assert_eq!(q.poll(&mut out), depth as usize);
+    assert_eq!(q.outstanding(), 0);
+    q.submit(req).unwrap();
+    assert_eq!(q.outstanding(), 1);
+    assert_eq!(q.poll(&mut out), 1);
+    let tags: Vec<u64> = out.iter().map(|c| c.tag).collect();
+    assert_eq!(tags, (0..=depth).collect::<Vec<_>>());
+}
+
+/// Compare of `nlb` blocks at LBA 4 succeeds on the data written there and
+/// fails with [`IoError::CompareFailure`] when the last block differs.
+pub(crate) fn compare_reports_match_and_mismatch(dev: &dyn Bdev, nlb: u32) {
+    let bs = dev.info().block_size as usize;
+    let mut q = dev.open_queue().unwrap();
+    let data = pattern(nlb as usize * bs, 3);
+    assert_eq!(write(&mut *q, 4, nlb, &data, false), Ok(()));
+    let compare = IoOp::Compare { lba: 4, nlb };
+    let c = run(&mut *q, compare.clone(), Some(IoBuf::from_slice(&data)));
+    assert_eq!(c.result, Ok(()));
+    let mut other = data;
+    other[(nlb as usize - 1) * bs + 100] ^= 0xff;
+    let c = run(&mut *q, compare, Some(IoBuf::from_slice(&other)));
+    assert_eq!(c.result, Err(IoError::CompareFailure));
+}
+
+/// Writes a pattern over the first 64 blocks of 512 bytes, deallocates and
+/// zeroes parts of it through `q`, and checks what reads back.
+pub(crate) fn zeroing_reads_back_zeroes(q: &mut dyn BdevQueue) {
+    let data = pattern(64 * 512, 6);
+    assert_eq!(write(q, 0, 64, &data, false), Ok(()));
+    let zeroing = [
+        IoOp::Deallocate {
+            ranges: vec![LbaRange { lba: 3, nlb: 18 }, LbaRange { lba: 40, nlb: 1 }],
+        },
+        IoOp::WriteZeroes {
+            lba: 48,
+            nlb: 16,
+            deallocate: false,
+            fua: true,
+        },
+        IoOp::WriteZeroes {
+            lba: 30,
+            nlb: 2,
+            deallocate: true,
+            fua: false,
+        },
+    ];
+    for op in zeroing {
+        assert_eq!(run(q, op, None).result, Ok(()));
+    }
+    let mut want = data;
+    want[3 * 512..21 * 512].fill(0);
+    want[30 * 512..32 * 512].fill(0);
+    want[40 * 512..41 * 512].fill(0);
+    want[48 * 512..].fill(0);
+    assert_eq!(read(q, 0, 64, 512), want);
+}
+
+/// One step of the model test.
+#[derive(Clone, Debug)]
+pub(crate) enum ModelOp {
+    Write {
+        lba: u64,
+        nlb: u32,
+        seed: u8,
+    },
+    WriteZeroes {
+        lba: u64,
+        nlb: u32,
+        deallocate: bool,
+    },
+    Deallocate {
+        lba: u64,
+        nlb: u32,
+    },
+    Read {
+        lba: u64,
+        nlb: u32,
+    },
+}
+
+/// Random operations on a device of `blocks` blocks.
+pub(crate) fn model_ops(blocks: u64) -> impl Strategy<Value = Vec<ModelOp>> {
+    let range = (0..blocks).prop_flat_map(move |lba| (Just(lba), 1..=(blocks - lba) as u32));
+    let op = prop_oneof![
+        3 => (range.clone(), any::<u8>()).prop_map(|((lba, nlb), seed)| ModelOp::Write { lba, nlb, seed }),
+        1 => (range.clone(), any::<bool>())
+            .prop_map(|((lba, nlb), deallocate)| ModelOp::WriteZeroes { lba, nlb, deallocate }),
+        1 => range.clone().prop_map(|(lba, nlb)| ModelOp::Deallocate { lba, nlb }),
+        2 => range.prop_map(|(lba, nlb)| ModelOp::Read { lba, nlb }),
+    ];
+    proptest::collection::vec(op, 1..40)
+}
+
+/// Applies `ops` to the device and to a `Vec<u8>` model; every read and a
+/// final full read must match the model.
+pub(crate) fn check_against_model(dev: &dyn Bdev, ops: &[ModelOp]) {
+    let bs = dev.info().block_size as usize;
+    let blocks = dev.info().num_blocks;
+    let mut q = dev.open_queue().unwrap();
+    let mut model = read(&mut *q, 0, blocks as u32, bs);
+    for op in ops {
+        let (io, zeroed) = match *op {
+            ModelOp::Write { lba, nlb, seed } => {
+                let data = pattern(nlb as usize * bs, seed);
+                assert_eq!(write(&mut *q, lba, nlb, &data, seed % 2 == 0), Ok(()));
+                model[lba as usize * bs..][..data.len()].copy_from_slice(&data);
+                continue;
+            }
+            ModelOp::Read { lba, nlb } => {
+                let got = read(&mut *q, lba, nlb, bs);
+                assert_eq!(
+                    got,
+                    model[lba as usize * bs..][..nlb as usize * bs],
+                    "read {lba}+{nlb}"
+                );
+                continue;
+            }
+            ModelOp::WriteZeroes {
+                lba,
+                nlb,
+                deallocate,
+            } => (
+                IoOp::WriteZeroes {
+                    lba,
+                    nlb,
+                    deallocate,
+                    fua: false,
+                },
+                (lba, nlb),
+            ),
+            ModelOp::Deallocate { lba, nlb } => (
+                IoOp::Deallocate {
+                    ranges: vec![LbaRange { lba, nlb }],
+                },
+                (lba, nlb),
+            ),
+        };
+        assert_eq!(run(&mut *q, io, None).result, Ok(()));
+        let (lba, nlb) = zeroed;
+        model[lba as usize * bs..][..nlb as usize * bs].fill(0);
+    }
+    assert_eq!(read(&mut *q, 0, blocks as u32, bs), model);
+}
