@@ -261,10 +261,12 @@ impl<'a, S: Stream> Conn<'a, S> {
             let since = *idle_since.get_or_insert_with(Instant::now);
             let idle = since.elapsed();
             if self.q.outstanding() > 0 || !self.to_submit.is_empty() {
-                // The device will complete something: keep polling it.
+                // The device will complete something: keep polling it, but
+                // give the CPU away (a bridged target may share it). Only a
+                // device silent for long (a lost target timing out) sleeps.
                 if idle < self.limits.spin {
                     std::hint::spin_loop();
-                } else if idle < Duration::from_millis(1) {
+                } else if idle < Duration::from_millis(100) {
                     std::thread::yield_now();
                 } else {
                     self.wait_socket(1);
