@@ -4,6 +4,7 @@
 #
 #   kt  kernel nvmet-tcp target, null_blk (1 GiB, irqmode=0), 127.0.0.1:4420
 #   ut  `unvme target --null 1G --reactors 1 --cpus 0`, 127.0.0.1:4421
+#       (again with --spin-us 0 for the fio runs, tag ut0)
 #   fio (io_uring, else libaio; O_DIRECT, 1 job, CPU 1) through the kernel
 #       nvme-tcp host, and `unvme perf --cpus 1`, against each target:
 #       4 KiB randread / randwrite at QD1 and QD32, BENCH_TIME s each.
@@ -102,24 +103,41 @@ run nvme disconnect -n "$NQN_K"
 run_perf kt 4420 "$NQN_K"
 
 # ---- (b) unvme target in the guest ---------------------------------------------
-# shellcheck disable=SC2086  # BENCH_TARGET_ARGS: extra words
-/tmp/unvme target --listen 127.0.0.1:4421 --nqn "$NQN_U" --null 1G --reactors 1 --cpus "$TCPU" \
-    ${BENCH_TARGET_ARGS:-} --log info 2>/tmp/ut.log &
-ut_pid=$!
-i=0
-while ! grep -q listening /tmp/ut.log; do
-    i=$((i + 1))
-    [ "$i" -lt 100 ] || { cat /tmp/ut.log; fail "unvme target did not start"; }
-    sleep 0.1
-done
+# start_ut EXTRA-ARGS...: unvme target on 127.0.0.1:4421 (reactor on $TCPU)
+start_ut() {
+    : > /tmp/ut.log
+    # shellcheck disable=SC2086  # BENCH_TARGET_ARGS: extra words
+    /tmp/unvme target --listen 127.0.0.1:4421 --nqn "$NQN_U" --null 1G --reactors 1 --cpus "$TCPU" \
+        ${BENCH_TARGET_ARGS:-} "$@" --log info 2>/tmp/ut.log &
+    ut_pid=$!
+    _i=0
+    while ! grep -q listening /tmp/ut.log; do
+        _i=$((_i + 1))
+        [ "$_i" -lt 100 ] || { cat /tmp/ut.log; fail "unvme target did not start"; }
+        sleep 0.1
+    done
+}
+stop_ut() {
+    kill -TERM "$ut_pid" 2>/dev/null || true
+    wait "$ut_pid" 2>/dev/null || true
+    cat /tmp/ut.log >> "$RES/unvme-target.log"
+}
+start_ut
 dev=$(connect "$NQN_U" 4421) || { tail /tmp/ut.log; fail "kernel host cannot connect to unvme target"; }
 log "unvme target: $dev"
 run_fio ut "$dev"
 run nvme disconnect -n "$NQN_U"
 run_perf ut 4421 "$NQN_U"
-kill -TERM "$ut_pid" 2>/dev/null || true
-wait "$ut_pid" 2>/dev/null || true
-cp /tmp/ut.log "$RES/unvme-target.log"
+stop_ut
+# The same kernel-host runs against a reactor that never spins (--spin-us 0):
+# a spinning reactor holds its vCPU, and kernel work queued there (the
+# nvme-tcp host's io_work, softirqs deferred to ksoftirqd) waits for the
+# scheduler tick to preempt it.
+start_ut --spin-us 0
+dev=$(connect "$NQN_U" 4421) || { tail /tmp/ut.log; fail "kernel host cannot connect to unvme target"; }
+run_fio ut0 "$dev"
+run nvme disconnect -n "$NQN_U"
+stop_ut
 nvmet_clear
 
 log "done; handing the results to the host"
