@@ -188,6 +188,14 @@ fn semantics(t: &TargetProc) {
     let ns = RemoteNamespace::open(&ctrl, 1).expect("namespace");
     let info = ns.info().clone();
     assert_eq!(info.block_size, 512);
+    // A remote queue gives callers its socket to sleep on; local ones need none.
+    assert!(ns.open_queue().expect("bdev queue").wait_fd().is_some());
+    assert!(unvme_bdev::from_spec("ram:1M")
+        .unwrap()
+        .open_queue()
+        .unwrap()
+        .wait_fd()
+        .is_none());
     let mut q = ctrl.create_io_qpair().expect("queue");
     let mut b = IoBuf::new(64 * 512);
     fill(&mut b, 0, 5);

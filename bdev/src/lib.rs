@@ -24,6 +24,8 @@ mod spec;
 mod sync_queue;
 #[cfg(test)]
 mod testutil;
+#[cfg(feature = "vfio")]
+pub mod vfio;
 
 pub use buf::IoBuf;
 pub use file::FileBdev;
@@ -259,6 +261,16 @@ pub trait BdevQueue: Send {
 
     /// Requests submitted but not yet returned by [`BdevQueue::poll`].
     fn outstanding(&self) -> usize;
+
+    /// A file descriptor that polls readable when [`BdevQueue::poll`] may
+    /// make progress, so a caller with requests outstanding can sleep in
+    /// poll(2)/epoll beside its other descriptors instead of spinning (a
+    /// spinning thread starves a peer that shares its CPU). `None`, the
+    /// default, means the queue needs no outside event: whatever was
+    /// submitted is ready at the next `poll`.
+    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// A block device: shared description, per-thread queues.

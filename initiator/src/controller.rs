@@ -958,6 +958,13 @@ impl IoQpair {
     }
 }
 
+impl std::os::fd::AsRawFd for IoQpair {
+    /// The queue pair's socket: readable when a response may be waiting.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.qp.stream().as_raw_fd()
+    }
+}
+
 impl Drop for IoQpair {
     fn drop(&mut self) {
         self.qp.shutdown();

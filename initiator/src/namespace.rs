@@ -94,6 +94,10 @@ impl BdevQueue for RemoteQueue {
     fn outstanding(&self) -> usize {
         self.qp.outstanding()
     }
+
+    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.qp))
+    }
 }
 
 impl Bdev for RemoteNamespace {

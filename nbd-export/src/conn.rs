@@ -266,10 +266,11 @@ impl<'a, S: Stream> Conn<'a, S> {
                 // device silent for long (a lost target timing out) sleeps.
                 if idle < self.limits.spin {
                     std::hint::spin_loop();
-                } else if idle < Duration::from_millis(100) {
-                    std::thread::yield_now();
                 } else {
-                    self.wait_socket(1);
+                    // Sleep on the client socket and the device's own
+                    // descriptor together: spinning (or sched_yield) here
+                    // starves a target or initiator sharing this CPU.
+                    self.wait_socket(100);
                 }
             } else if idle >= self.limits.spin {
                 self.wait_socket(50);
@@ -292,7 +293,8 @@ impl<'a, S: Stream> Conn<'a, S> {
     }
 
     /// Sleeps until the socket is readable (when we want input) or writable
-    /// (when replies wait), or `ms` passes.
+    /// (when replies wait), the device queue may have completions, or `ms`
+    /// passes.
     fn wait_socket(&self, ms: i32) {
         let mut events = 0;
         if self.ending == Ending::Open && !self.free.is_empty() {
@@ -301,15 +303,32 @@ impl<'a, S: Stream> Conn<'a, S> {
         if !self.tx.is_empty() && !self.tx_dead {
             events |= libc::POLLOUT;
         }
-        let mut pfd = libc::pollfd {
-            fd: self.s.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd on our stack for the duration of
-        // the call and nfds is 1; the fd is owned by `self.s`, open here.
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.s.as_raw_fd(),
+                events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let mut ms = ms;
+        if self.q.outstanding() > 0 {
+            match self.q.wait_fd() {
+                Some(fd) => pfds[1].fd = fd,
+                // The device completes without outside events: don't sleep.
+                None => ms = 0,
+            }
+        }
+        // SAFETY: `pfds` is a valid array of two pollfds on our stack for
+        // the duration of the call; the first fd is owned by `self.s` and the
+        // second (or -1, which poll ignores) by the device queue `self.q`,
+        // both open while `self` lives.
         unsafe {
-            libc::poll(&mut pfd, 1, ms);
+            libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms);
         }
     }
 

@@ -732,12 +732,16 @@ impl Conn {
             }
             {
                 let mut r = ctrl.regs();
-                if r.csts & csts::RDY == 0
-                    || c.qid > r.io_queues
-                    || r.connected_qids.contains(&c.qid)
-                {
+                if r.csts & csts::RDY == 0 || c.qid > r.io_queues {
                     drop(r);
                     return invalid(self, false, 42);
+                }
+                if r.connected_qids.contains(&c.qid) {
+                    // As Linux nvmet: a queue ID still in use (its old
+                    // connection may not be torn down yet) is a sequence
+                    // error, which hosts retry.
+                    drop(r);
+                    return self.complete(slot, Status::COMMAND_SEQUENCE_ERROR, 0);
                 }
                 r.connected_qids.push(c.qid);
             }

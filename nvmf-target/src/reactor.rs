@@ -324,6 +324,12 @@ impl Reactor {
             }
             if work {
                 last_work = Instant::now();
+            } else if spinning {
+                // An idle spinning turn gives the CPU to any other runnable
+                // thread on it (a bridge or initiator sharing the core)
+                // instead of holding it for a whole scheduler slice; with
+                // nothing else runnable sched_yield returns at once.
+                std::thread::yield_now();
             }
         }
         // Shutdown: close connections, drain outstanding bdev I/O briefly.
