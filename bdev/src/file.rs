@@ -219,9 +219,9 @@ fn file_size(file: &File) -> io::Result<u64> {
 fn probe_direct(file: &File, block_size: u32) -> io::Result<()> {
     if let Some((mem_align, offset_align)) = dio_alignment(file) {
         let ok = offset_align != 0
-            && block_size % offset_align == 0
+            && block_size.is_multiple_of(offset_align)
             && mem_align != 0
-            && crate::buf::IOBUF_ALIGN as u32 % mem_align == 0;
+            && (crate::buf::IOBUF_ALIGN as u32).is_multiple_of(mem_align);
         if !ok {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }

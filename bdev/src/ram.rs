@@ -168,7 +168,7 @@ impl RamMem {
     /// returns false if the kernel refused.
     fn discard(&self, offset: usize, len: usize) -> bool {
         self.check(offset, len);
-        debug_assert!(offset % self.page_size == 0 && len % self.page_size == 0);
+        debug_assert!(offset.is_multiple_of(self.page_size) && len.is_multiple_of(self.page_size));
         // SAFETY: the range is page-aligned (the mapping base is, and so is
         // `offset`) and inside our private anonymous mapping, which no Rust
         // reference covers; MADV_DONTNEED on such a mapping only replaces

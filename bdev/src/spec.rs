@@ -58,7 +58,7 @@ fn parse_block_size(s: &str) -> Result<u32> {
 /// Number of blocks of `block_size` in `size` bytes; the size must be a
 /// non-zero multiple of the block size.
 fn blocks_of(spec: &str, size: u64, block_size: u32) -> Result<u64> {
-    if block_size == 0 || size == 0 || size % u64::from(block_size) != 0 {
+    if block_size == 0 || size == 0 || !size.is_multiple_of(u64::from(block_size)) {
         return Err(Error::Config(format!(
             "{spec:?}: size {size} is not a non-zero multiple of the block size {block_size}"
         )));
@@ -135,6 +135,12 @@ pub fn from_spec(spec: &str) -> Result<Arc<dyn Bdev>> {
             let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
             Ok(Arc::new(FileBdev::open(path, block_size, create_size)?))
         }
+        #[cfg(feature = "vfio")]
+        "vfio" => crate::vfio::from_spec(spec, rest),
+        #[cfg(not(feature = "vfio"))]
+        "vfio" => Err(Error::Config(format!(
+            "{spec:?}: this build has no VFIO support (cargo feature `vfio`)"
+        ))),
         other => Err(Error::Config(format!(
             "{spec:?}: unknown backend {other:?} (use ram, null or file)"
         ))),
