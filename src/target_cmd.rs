@@ -26,6 +26,10 @@ pub struct TargetArgs {
     /// File-backed namespace: PATH[:BS][:create=SIZE] (repeatable).
     #[arg(long, value_name = "PATH")]
     file: Vec<String>,
+    /// NVMe controller bound to vfio-pci, served through the user-space
+    /// VFIO driver: DDDD:BB:DD.F[:NSID] (repeatable; adds `vfio:ADDR`).
+    #[arg(long, value_name = "PCI_ADDR")]
+    vfio: Vec<String>,
     /// Namespace by backend spec (ram:SIZE[:BS], null:SIZE[:BS], file:PATH…) (repeatable).
     #[arg(long, value_name = "SPEC")]
     ns: Vec<String>,
@@ -86,6 +90,7 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     specs.extend(a.ram.iter().map(|s| format!("ram:{s}")));
     specs.extend(a.null.iter().map(|s| format!("null:{s}")));
     specs.extend(a.file.iter().map(|s| format!("file:{s}")));
+    specs.extend(a.vfio.iter().map(|s| format!("vfio:{s}")));
     specs.extend(a.ns.iter().cloned());
     if !specs.is_empty() {
         let namespaces = specs

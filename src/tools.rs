@@ -40,6 +40,11 @@ pub struct IdentifyArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Inspect a local NVMe controller bound to vfio-pci (DDDD:BB:DD.F)
+    /// instead of a remote target.
+    #[cfg(feature = "vfio")]
+    #[arg(long, value_name = "PCI_ADDR")]
+    vfio: Option<String>,
 }
 
 /// TRTYPE as nvme-cli prints it.
@@ -283,6 +288,10 @@ fn print_ns(nsid: u32, id: &IdentifyNamespace, uuid: Option<String>) {
 
 /// Prints Identify data.
 pub fn identify(a: IdentifyArgs) -> Result<(), BoxErr> {
+    #[cfg(feature = "vfio")]
+    if let Some(addr) = &a.vfio {
+        return identify_vfio(addr, &a);
+    }
     let mut opts = a.conn.options();
     opts.num_io_queues = 1;
     let ctrl = Controller::connect(opts)?;
@@ -321,5 +330,25 @@ pub fn identify(a: IdentifyArgs) -> Result<(), BoxErr> {
         }
     }
     ctrl.disconnect()?;
+    Ok(())
+}
+
+/// `unvme identify --vfio ADDR`: Identify data of a local device.
+#[cfg(feature = "vfio")]
+fn identify_vfio(addr: &str, a: &IdentifyArgs) -> Result<(), BoxErr> {
+    let d = unvme_bdev::vfio::identify_device(addr, a.nsid)?;
+    if a.json {
+        let j = json!({
+            "controller": ctrl_json(&d.controller, d.max_transfer),
+            "namespaces": d.namespaces.iter().map(|(n, ns)| ns_json(*n, ns, None)).collect::<Vec<_>>(),
+        });
+        println!("{j}");
+    } else {
+        print_ctrl(&d.controller, d.max_transfer);
+        for (n, ns) in &d.namespaces {
+            println!();
+            print_ns(*n, ns, None);
+        }
+    }
     Ok(())
 }

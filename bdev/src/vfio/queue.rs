@@ -1,0 +1,506 @@
+//! One NVMe I/O queue pair owned by one thread: the VFIO backend's
+//! [`BdevQueue`].
+//!
+//! Memory (one IOMMU-mapped region per queue, allocated at open):
+//!
+//! ```text
+//! | SQ (entries × 64 B) | CQ (entries × 16 B) | PRP list page per slot | data arena (4 KiB pages) |
+//! ```
+//!
+//! A command occupies a slot (its CID is the slot index); a data command
+//! also takes pages of the arena, not necessarily adjacent — the PRP list
+//! gathers them. Write data is copied from the request's [`IoBuf`] into
+//! those pages at submit and read data copied back at completion.
+//!
+//! That copy is the price of the current bdev contract, where the caller
+//! owns ordinary heap buffers the IOMMU does not know. It goes away when
+//! the caller allocates its buffers from the backend (a `Bdev::alloc_buf`
+//! returning an [`IoBuf`] carved from this queue's mapped arena, with its
+//! IOVA), so the target receives socket data straight into DMA memory;
+//! the queue would then build PRPs from the buffer's own IOVAs.
+//!
+//! Doorbells: SQEs are written at submit and the SQ tail doorbell is rung
+//! once per batch (at the next poll, or when [`DOORBELL_BATCH`] SQEs are
+//! pending); poll reaps every new CQE (phase tag) and writes the CQ head
+//! doorbell once. Health (CSTS) and command deadlines are checked only
+//! while commands are outstanding and the CQ has been quiet for a while.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use unvme_proto::nvme::{io_opc, sct, Sqe, Status, CQE_SIZE, SQE_SIZE};
+
+use super::ctrl::{read_cqe, set_prps, Controller};
+use super::dma::{build_prps, DmaRegion, PagePool, PAGE, PRPS_PER_PAGE};
+use super::regs::{CqRing, SqRing};
+use super::Error;
+use crate::{BdevInfo, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
+
+/// SQEs written before the doorbell is rung without waiting for a poll.
+pub(crate) const DOORBELL_BATCH: usize = 32;
+/// Data arena of a queue: at least this much, and at least two largest transfers.
+const MIN_ARENA: usize = 8 << 20;
+/// Polls without a completion, with commands outstanding, between health checks.
+const HEALTH_EVERY: u32 = 4096;
+/// Most LBA ranges of one Dataset Management command (NR is 8 bits, 0's based).
+const DSM_MAX_RANGES: usize = 256;
+/// Most blocks of one Write Zeroes command (NLB is 16 bits, 0's based).
+const WZ_MAX_BLOCKS: u32 = 1 << 16;
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum SlotState {
+    Free,
+    /// A command the device owns; its completion goes to the caller.
+    Busy,
+    /// Its caller got a Timeout or Unavailable; the slot and its pages stay
+    /// reserved until the device completes it (maybe never).
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Slot {
+    state: SlotState,
+    tag: u64,
+    /// Bytes copied back to `buf` on success (reads).
+    read_len: usize,
+    buf: Option<IoBuf>,
+    pages: Vec<u32>,
+    deadline: Instant,
+}
+
+/// Capabilities of the namespace that decide which ops are sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NsCaps {
+    pub nsid: u32,
+    pub dsm: bool,
+    pub write_zeroes: bool,
+    pub compare: bool,
+}
+
+/// An I/O SQ/CQ pair of a VFIO NVMe controller.
+pub(crate) struct VfioQueue {
+    qid: u16,
+    entries: u16,
+    sq: SqRing,
+    cq: CqRing,
+    sq_doorbell: usize,
+    cq_doorbell: usize,
+    /// SQEs written since the last SQ doorbell.
+    pending: usize,
+    slots: Vec<Slot>,
+    free_slots: Vec<u16>,
+    in_flight: usize,
+    pool: PagePool,
+    /// Completions decided at submit (invalid requests, a failed device).
+    done: Vec<IoCompletion>,
+    scratch: Vec<u64>,
+    idle_polls: u32,
+    /// Set when the controller failed: everything completes Unavailable.
+    broken: bool,
+    info: BdevInfo,
+    ns: NsCaps,
+    cq_off: usize,
+    prp_off: usize,
+    data_off: usize,
+    region: DmaRegion,
+    ctrl: Arc<Controller>,
+}
+
+impl VfioQueue {
+    /// Allocates the queue's memory and creates the SQ/CQ pair on the device.
+    pub fn open(ctrl: Arc<Controller>, info: BdevInfo, ns: NsCaps) -> Result<Self, Error> {
+        ctrl.check_status()?;
+        let entries = ctrl.io_entries;
+        let n_slots = usize::from(entries) - 1;
+        let max_pages = ctrl.max_transfer as usize / PAGE;
+        let arena_pages = (MIN_ARENA / PAGE).max(2 * max_pages);
+        let sq_bytes = (usize::from(entries) * SQE_SIZE).next_multiple_of(PAGE);
+        let cq_bytes = (usize::from(entries) * CQE_SIZE).next_multiple_of(PAGE);
+        let cq_off = sq_bytes;
+        let prp_off = cq_off + cq_bytes;
+        let data_off = prp_off + n_slots * PAGE;
+        let region = DmaRegion::new(&ctrl.dev.container, data_off + arena_pages * PAGE)?;
+        let qid = ctrl.alloc_qid()?;
+        if let Err(e) = ctrl.create_io_queues(qid, region.iova(cq_off), region.iova(0)) {
+            ctrl.free_qid(qid);
+            return Err(e);
+        }
+        let now = Instant::now();
+        tracing::debug!(addr = %ctrl.addr, qid, entries, arena_pages, "I/O queue pair created");
+        Ok(VfioQueue {
+            qid,
+            entries,
+            sq: SqRing::new(entries),
+            cq: CqRing::new(entries),
+            sq_doorbell: ctrl.cap.sq_doorbell(qid),
+            cq_doorbell: ctrl.cap.cq_doorbell(qid),
+            pending: 0,
+            slots: (0..n_slots)
+                .map(|_| Slot {
+                    state: SlotState::Free,
+                    tag: 0,
+                    read_len: 0,
+                    buf: None,
+                    pages: Vec::with_capacity(max_pages),
+                    deadline: now,
+                })
+                .collect(),
+            free_slots: (0..n_slots as u16).rev().collect(),
+            in_flight: 0,
+            pool: PagePool::new(arena_pages),
+            done: Vec::with_capacity(n_slots),
+            scratch: vec![0; max_pages.max(1)],
+            idle_polls: 0,
+            broken: false,
+            info,
+            ns,
+            cq_off,
+            prp_off,
+            data_off,
+            region,
+            ctrl,
+        })
+    }
+
+    fn finish_now(&mut self, req: IoRequest, result: Result<(), IoError>) {
+        self.done.push(IoCompletion {
+            tag: req.tag,
+            result,
+            buf: req.buf,
+        });
+    }
+
+    /// Checks what the device will be asked against what it can do.
+    fn admit(&self, req: &IoRequest) -> Result<(), IoError> {
+        self.info.check_request(&req.op, req.buf.as_ref())?;
+        match &req.op {
+            IoOp::Compare { .. } if !self.ns.compare => Err(IoError::Unsupported),
+            IoOp::WriteZeroes { .. } if !self.ns.write_zeroes => Err(IoError::Unsupported),
+            IoOp::WriteZeroes { nlb, .. } if *nlb > WZ_MAX_BLOCKS => Err(IoError::TooLarge),
+            IoOp::Deallocate { .. } if !self.ns.dsm => Err(IoError::Unsupported),
+            IoOp::Deallocate { ranges } if ranges.len() > DSM_MAX_RANGES => Err(IoError::TooLarge),
+            _ => Ok(()),
+        }
+    }
+
+    /// Builds the SQE for `req` in slot `cid`, staging its data in DMA memory.
+    fn build(&mut self, cid: u16, req: &IoRequest) -> Sqe {
+        let mut sqe = Sqe {
+            cid,
+            nsid: self.ns.nsid,
+            ..Default::default()
+        };
+        let bs = self.info.block_size;
+        match &req.op {
+            IoOp::Read { lba, nlb } | IoOp::Write { lba, nlb, .. } | IoOp::Compare { lba, nlb } => {
+                sqe.opc = match req.op {
+                    IoOp::Read { .. } => io_opc::READ,
+                    IoOp::Write { .. } => io_opc::WRITE,
+                    _ => io_opc::COMPARE,
+                };
+                sqe.set_lba_range(*lba, *nlb);
+                if let IoOp::Write { fua: true, .. } = req.op {
+                    sqe.cdw12 |= 1 << 30;
+                }
+                let len = req.op.data_len(bs);
+                let slot = &self.slots[usize::from(cid)];
+                for (i, &p) in slot.pages.iter().enumerate() {
+                    self.scratch[i] = self.region.iova(self.data_off + p as usize * PAGE);
+                }
+                if !matches!(req.op, IoOp::Read { .. }) {
+                    if let Some(buf) = &req.buf {
+                        for (i, &p) in self.slots[usize::from(cid)].pages.iter().enumerate() {
+                            let start = i * PAGE;
+                            let n = PAGE.min(len - start);
+                            self.region
+                                .slice_mut(self.data_off + p as usize * PAGE, n)
+                                .copy_from_slice(&buf[start..start + n]);
+                        }
+                    }
+                }
+                let list_off = self.prp_off + usize::from(cid) * PAGE;
+                let npages = self.slots[usize::from(cid)].pages.len();
+                let mut list = [0u64; PRPS_PER_PAGE];
+                // The pages were sized from `len` and max_transfer is at most
+                // one list page, so this cannot fail; fall back to an
+                // invalid (zero) pointer the device rejects if it ever did.
+                let (prp1, prp2) = build_prps(
+                    &self.scratch[..npages],
+                    len,
+                    &mut list,
+                    self.region.iova(list_off),
+                )
+                .unwrap_or((0, 0));
+                if npages > 2 {
+                    let dst = self.region.slice_mut(list_off, (npages - 1) * 8);
+                    for (d, e) in dst.chunks_exact_mut(8).zip(&list) {
+                        d.copy_from_slice(&u64::from_le(*e).to_le_bytes());
+                    }
+                }
+                set_prps(&mut sqe, prp1, prp2);
+            }
+            IoOp::Flush => sqe.opc = io_opc::FLUSH,
+            IoOp::WriteZeroes {
+                lba,
+                nlb,
+                deallocate,
+                fua,
+            } => {
+                sqe.opc = io_opc::WRITE_ZEROES;
+                sqe.set_lba_range(*lba, *nlb);
+                sqe.cdw12 |= (u32::from(*deallocate) << 25) | (u32::from(*fua) << 30);
+            }
+            IoOp::Deallocate { ranges } => {
+                sqe.opc = io_opc::DSM;
+                // The range list goes in the slot's PRP list page (unused by DSM).
+                let off = self.prp_off + usize::from(cid) * PAGE;
+                let dst = self.region.slice_mut(off, ranges.len() * 16);
+                for (d, r) in dst.chunks_exact_mut(16).zip(ranges) {
+                    d[..4].copy_from_slice(&0u32.to_le_bytes()); // context attributes
+                    d[4..8].copy_from_slice(&r.nlb.to_le_bytes());
+                    d[8..].copy_from_slice(&r.lba.to_le_bytes());
+                }
+                sqe.cdw10 = ranges.len().saturating_sub(1) as u32; // NR, 0's based
+                sqe.cdw11 = 1 << 2; // AD: deallocate
+                set_prps(&mut sqe, self.region.iova(off), 0);
+            }
+        }
+        sqe
+    }
+
+    fn ring_sq(&mut self) {
+        if self.pending > 0 {
+            // SQEs in memory before the doorbell makes the device fetch them.
+            fence(Ordering::SeqCst);
+            self.ctrl
+                .dev
+                .bar0
+                .write32(self.sq_doorbell, u32::from(self.sq.tail()));
+            self.pending = 0;
+        }
+    }
+
+    fn release(&mut self, idx: usize) {
+        let slot = &mut self.slots[idx];
+        slot.state = SlotState::Free;
+        let mut pages = std::mem::take(&mut slot.pages);
+        self.pool.give(&mut pages);
+        self.slots[idx].pages = pages;
+        self.free_slots.push(idx as u16);
+    }
+
+    /// Hands every in-flight command back with `err`; their slots stay
+    /// reserved (the device may still touch their pages).
+    fn abandon_all(&mut self, err: IoError, out: &mut Vec<IoCompletion>) -> usize {
+        let mut n = 0;
+        for slot in &mut self.slots {
+            if slot.state == SlotState::Busy {
+                slot.state = SlotState::Abandoned;
+                out.push(IoCompletion {
+                    tag: slot.tag,
+                    result: Err(err.clone()),
+                    buf: slot.buf.take(),
+                });
+                n += 1;
+            }
+        }
+        self.in_flight -= n;
+        n
+    }
+
+    fn health_check(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        if let Err(e) = self.ctrl.check_status() {
+            tracing::error!(addr = %self.ctrl.addr, qid = self.qid, "failing outstanding I/O: {e}");
+            self.broken = true;
+            return self.abandon_all(IoError::Unavailable, out);
+        }
+        let now = Instant::now();
+        let mut n = 0;
+        for slot in &mut self.slots {
+            if slot.state == SlotState::Busy && now > slot.deadline {
+                slot.state = SlotState::Abandoned;
+                out.push(IoCompletion {
+                    tag: slot.tag,
+                    result: Err(IoError::Timeout),
+                    buf: slot.buf.take(),
+                });
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, commands = n, timeout_ms = self.ctrl.cmd_timeout.as_millis() as u64, "NVMe commands timed out");
+            self.in_flight -= n;
+        }
+        n
+    }
+}
+
+/// Maps an NVMe completion status to the bdev outcome.
+pub(crate) fn status_result(status: Status) -> Result<(), IoError> {
+    match (status.sct, status.sc) {
+        (sct::GENERIC, 0x00) => Ok(()),
+        (sct::GENERIC, 0x01) => Err(IoError::Unsupported),
+        (sct::GENERIC, 0x80) => Err(IoError::OutOfRange),
+        (sct::MEDIA, 0x85) => Err(IoError::CompareFailure),
+        (sct, sc) => Err(IoError::Media(format!(
+            "NVMe status SCT {sct:#x} SC {sc:#04x}"
+        ))),
+    }
+}
+
+impl BdevQueue for VfioQueue {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if self.done.len() >= self.slots.len() {
+            return Err(SubmitError::Busy(req));
+        }
+        if self.broken || self.ctrl.failed() {
+            self.broken = true;
+            self.finish_now(req, Err(IoError::Unavailable));
+            return Ok(());
+        }
+        if let Err(e) = self.admit(&req) {
+            self.finish_now(req, Err(e));
+            return Ok(());
+        }
+        let Some(&cid) = self.free_slots.last() else {
+            return Err(SubmitError::Busy(req));
+        };
+        let idx = usize::from(cid);
+        let npages = req.op.data_len(self.info.block_size).div_ceil(PAGE);
+        let mut pages = std::mem::take(&mut self.slots[idx].pages);
+        let got = self.pool.take(npages, &mut pages);
+        self.slots[idx].pages = pages;
+        if !got {
+            return Err(SubmitError::Busy(req));
+        }
+        self.free_slots.pop();
+        let sqe = self.build(cid, &req);
+        let at = usize::from(self.sq.push()) * SQE_SIZE;
+        sqe.encode(self.region.slice_mut(at, SQE_SIZE));
+        let slot = &mut self.slots[idx];
+        slot.state = SlotState::Busy;
+        slot.tag = req.tag;
+        slot.read_len = match req.op {
+            IoOp::Read { .. } => req.op.data_len(self.info.block_size),
+            _ => 0,
+        };
+        slot.buf = req.buf;
+        slot.deadline = Instant::now() + self.ctrl.cmd_timeout;
+        self.in_flight += 1;
+        self.pending += 1;
+        if self.pending >= DOORBELL_BATCH {
+            self.ring_sq();
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        self.ring_sq();
+        let mut n = self.done.len();
+        out.append(&mut self.done);
+        let mut reaped = 0usize;
+        loop {
+            let off = self.cq_off + usize::from(self.cq.head()) * CQE_SIZE;
+            let Some(cqe) = read_cqe(&self.region, off, &self.cq) else {
+                break;
+            };
+            self.cq.advance();
+            reaped += 1;
+            let idx = usize::from(cqe.cid);
+            let state = self.slots.get(idx).map(|s| s.state);
+            match state {
+                Some(SlotState::Busy) => {
+                    let mut result = status_result(cqe.status());
+                    let slot = &mut self.slots[idx];
+                    let mut buf = slot.buf.take();
+                    if result.is_ok() && slot.read_len > 0 {
+                        match buf.as_mut() {
+                            Some(b) => {
+                                for (i, &p) in slot.pages.iter().enumerate() {
+                                    let start = i * PAGE;
+                                    let len = PAGE.min(slot.read_len - start);
+                                    b[start..start + len].copy_from_slice(
+                                        self.region.slice(self.data_off + p as usize * PAGE, len),
+                                    );
+                                }
+                            }
+                            None => result = Err(IoError::BadBuffer),
+                        }
+                    }
+                    out.push(IoCompletion {
+                        tag: slot.tag,
+                        result,
+                        buf,
+                    });
+                    self.in_flight -= 1;
+                    n += 1;
+                    self.release(idx);
+                }
+                Some(SlotState::Abandoned) => self.release(idx),
+                _ => tracing::warn!(
+                    qid = self.qid,
+                    cid = cqe.cid,
+                    "completion for no command in flight; ignored"
+                ),
+            }
+        }
+        if reaped > 0 {
+            self.ctrl
+                .dev
+                .bar0
+                .write32(self.cq_doorbell, u32::from(self.cq.head()));
+            self.idle_polls = 0;
+        } else if self.in_flight > 0 {
+            self.idle_polls += 1;
+            if self.idle_polls >= HEALTH_EVERY {
+                self.idle_polls = 0;
+                n += self.health_check(out);
+            }
+        }
+        n
+    }
+
+    fn outstanding(&self) -> usize {
+        self.in_flight + self.done.len()
+    }
+}
+
+impl Drop for VfioQueue {
+    fn drop(&mut self) {
+        if !self.ctrl.failed() {
+            // Deleting the SQ aborts what it still holds; the CQ goes after it.
+            if let Err(e) = self.ctrl.delete_io_queues(self.qid) {
+                tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, "deleting I/O queues: {e}");
+            }
+        }
+        self.ctrl.free_qid(self.qid);
+        tracing::debug!(addr = %self.ctrl.addr, qid = self.qid, entries = self.entries, "I/O queue pair closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvme_statuses_map_to_bdev_errors() {
+        assert_eq!(status_result(Status::SUCCESS), Ok(()));
+        assert_eq!(
+            status_result(Status::LBA_OUT_OF_RANGE),
+            Err(IoError::OutOfRange)
+        );
+        assert_eq!(
+            status_result(Status::INVALID_OPCODE),
+            Err(IoError::Unsupported)
+        );
+        assert_eq!(
+            status_result(Status::COMPARE_FAILURE),
+            Err(IoError::CompareFailure)
+        );
+        assert!(matches!(
+            status_result(Status::WRITE_FAULT),
+            Err(IoError::Media(m)) if m.contains("SCT 0x2") && m.contains("SC 0x80")
+        ));
+    }
+}
