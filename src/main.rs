@@ -6,6 +6,7 @@ mod nbd_cmd;
 mod perf;
 mod target_cmd;
 mod tools;
+mod vhost_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,9 @@ enum Command {
     Identify(tools::IdentifyArgs),
     /// Export a remote NVMe/TCP namespace (or a local device) over NBD.
     Nbd(nbd_cmd::NbdArgs),
+    /// Export a remote NVMe/TCP namespace (or a local device) to QEMU as vhost-user-blk.
+    #[command(name = "vhost-blk")]
+    VhostBlk(vhost_cmd::VhostArgs),
 }
 
 fn main() {
@@ -50,6 +54,7 @@ fn main() {
         Command::Discover(a) => tools::discover(a),
         Command::Identify(a) => tools::identify(a),
         Command::Nbd(a) => nbd_cmd::run(a),
+        Command::VhostBlk(a) => vhost_cmd::run(a),
     };
     if let Err(e) = result {
         eprintln!("unvme: {e:#}");

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# vhost-blk.sh: the Linux kernel's virtio_blk driver (in a QEMU guest with
+# memfd-shared RAM) against `unvme vhost-blk` on the host, attached as
+# `-device vhost-user-blk-pci` (scenario vhost-blk.sh), in three setups:
+#   ram        unvme vhost-blk --ram 256M, one virtqueue
+#   bridge     unvme vhost-blk bridged to `unvme target --ram 256M` over
+#              NVMe/TCP, one virtqueue (one queue pair)
+#   bridge-mq  the same with two virtqueues (two queue pairs), 2 guest vCPUs
+# Select some with UNVME_VB_CASES="ram bridge" (default: all).
+#
+# Needs target/release/unvme and the guest harness
+# (qemu-scripts/install-deps.sh). Every step is bounded; everything started
+# here is stopped on exit.
+set -euo pipefail
+
+QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$QS/.." && pwd)
+UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
+GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
+CASES=${UNVME_VB_CASES:-ram bridge bridge-mq}
+SIZE=$((256 << 20))
+SERIAL=unvme-vb-test
+
+log() { echo "vhost-blk: $*" >&2; }
+[[ -x $UNVME ]] || { log "FAIL: $UNVME missing (cargo build --release)"; exit 2; }
+command -v qemu-system-x86_64 >/dev/null || { log "FAIL: qemu-system-x86_64 missing"; exit 2; }
+timeout -k 10 900 "$QS/build-guest.sh" || { log "FAIL: guest build"; exit 1; }
+
+# shellcheck source=lib-host.sh
+. "$QS/tests/lib-host.sh"
+
+work=$(mktemp -d /tmp/unvme-vhost-blk.XXXXXX)
+pids=()
+stop_all() {
+    local p
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    pids=()
+}
+cleanup() { stop_all; rm -rf "$work"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME PATTERN CMD...: start a server, wait for PATTERN in its log.
+start() {
+    local name=$1 pat=$2
+    shift 2
+    "$@" --log info 2>"$work/$name.log" &
+    pids+=($!)
+    for _ in $(seq 100); do
+        grep -q "$pat" "$work/$name.log" 2>/dev/null && return 0
+        kill -0 "${pids[-1]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "$name did not start:"; cat "$work/$name.log" >&2
+    return 1
+}
+
+failed=()
+scenario() { # NAME QUEUES SOCKET (device already started)
+    local name=$1 queues=$2 sock=$3 rc=0
+    timeout -k 10 $((GUEST_TIMEOUT + 660)) "$QS/run-guest.sh" --timeout "$GUEST_TIMEOUT" \
+        --shared-memory --memory 1G --cpus 2 \
+        --env "UNVME_VB_SIZE=$SIZE" --env "UNVME_VB_QUEUES=$queues" \
+        --env "UNVME_VB_SERIAL=$SERIAL" \
+        --log "$QS/build/logs/vhost-blk-$name.log" \
+        --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock" \
+        --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vb0,num-queues=$queues" \
+        "$QS/scenarios/vhost-blk.sh" || rc=$?
+    if grep -q panicked "$work"/*.log; then log "a server panicked"; rc=1; fi
+    for p in "${pids[@]}"; do
+        kill -0 "$p" 2>/dev/null || { log "a server exited early"; rc=1; }
+    done
+    stop_all
+    if [[ $rc -ne 0 ]]; then
+        for f in "$work"/*.log; do log "--- $f"; tail -n 20 "$f" >&2; done
+    fi
+    rm -f "$work"/*.log
+    if [[ $rc -eq 0 ]]; then log "PASS $name"; else log "FAIL $name ($rc)"; failed+=("$name"); fi
+}
+
+for c in $CASES; do
+    sock=$work/$c.sock
+    case $c in
+        ram)
+            start vb "listening" "$UNVME" vhost-blk --ram 256M --socket "$sock" --serial "$SERIAL"
+            scenario ram 1 "$sock"
+            ;;
+        bridge | bridge-mq)
+            q=1
+            [[ $c == bridge-mq ]] && q=2
+            tport=$(free_port)
+            start target "listening.*:$tport" "$UNVME" target --ram 256M \
+                --listen "127.0.0.1:$tport" --reactors 1
+            start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock" \
+                --num-queues "$q" --serial "$SERIAL"
+            scenario "$c" "$q" "$sock"
+            ;;
+        *) log "unknown case $c"; failed+=("$c") ;;
+    esac
+done
+
+if [[ ${#failed[@]} -gt 0 ]]; then log "failed: ${failed[*]}"; exit 1; fi
+log "all passed"

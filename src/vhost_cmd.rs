@@ -1,0 +1,114 @@
+//! `unvme vhost-blk`: export a block device to a QEMU guest as a
+//! vhost-user-blk disk until SIGINT/SIGTERM.
+//!
+//! The source is a local device (`--ram`, `--file`) or, when neither is
+//! given, a namespace of a remote NVMe/TCP controller (`--nsid`, default 1,
+//! with the connection arguments of `unvme perf`). Each virtqueue gets its
+//! own device queue, so with a remote source its own NVMe/TCP queue pair.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use unvme_bdev::Bdev;
+use unvme_initiator::{Controller, RemoteNamespace};
+use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
+
+use crate::connect_args::ConnectArgs;
+
+/// Arguments of `unvme vhost-blk`.
+#[derive(clap::Args, Debug)]
+pub struct VhostArgs {
+    /// vhost-user Unix socket to listen on (replaced if it exists).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Export a RAM disk of SIZE (e.g. 1G, or 1G:4096 for 4 KiB blocks).
+    #[arg(long, value_name = "SIZE", conflicts_with = "file")]
+    ram: Option<String>,
+    /// Export a file: PATH[:BS][:create=SIZE].
+    #[arg(long, value_name = "PATH")]
+    file: Option<String>,
+    /// Remote namespace to export (when neither --ram nor --file is given).
+    #[arg(long, default_value_t = 1)]
+    nsid: u32,
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// Number of virtqueues, each served by its own thread and device queue.
+    #[arg(long, default_value_t = 1)]
+    num_queues: u16,
+    /// Largest virtqueue size the frontend may configure.
+    #[arg(long, default_value_t = 1024)]
+    max_queue_size: u16,
+    /// Offer a read-only disk (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    read_only: bool,
+    /// Spin on the virtqueues without ever sleeping (lowest latency, one
+    /// busy core per queue).
+    #[arg(long)]
+    poll: bool,
+    /// Microseconds an idle queue thread spins before sleeping on its kick
+    /// eventfd (without --poll).
+    #[arg(long, default_value_t = 100)]
+    spin_us: u64,
+    /// GET_ID serial (default: the device name, truncated to 20 bytes).
+    #[arg(long)]
+    serial: Option<String>,
+}
+
+fn source(a: &VhostArgs) -> Result<Arc<dyn Bdev>, Box<dyn std::error::Error>> {
+    if let Some(s) = &a.ram {
+        return Ok(unvme_bdev::from_spec(&format!("ram:{s}"))?);
+    }
+    if let Some(f) = &a.file {
+        return Ok(unvme_bdev::from_spec(&format!("file:{f}"))?);
+    }
+    let opts = a.conn.options();
+    let ctrl = Controller::connect(opts.clone())?;
+    let ns = RemoteNamespace::open(&ctrl, a.nsid)?;
+    tracing::info!(
+        nqn = %opts.subnqn,
+        nsid = a.nsid,
+        addr = %opts.addr,
+        port = opts.port,
+        "remote namespace"
+    );
+    Ok(Arc::new(ns))
+}
+
+/// Runs the device until SIGINT/SIGTERM.
+pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let bdev = source(&a)?;
+    let info = bdev.info().clone();
+    let cfg = ServerConfig {
+        socket: a.socket.clone(),
+        bdev: bdev.clone(),
+        device: DeviceOptions {
+            num_queues: a.num_queues,
+            max_queue_size: a.max_queue_size,
+            read_only: a.read_only,
+            poll: a.poll,
+            spin: Duration::from_micros(a.spin_us),
+            serial: a.serial.clone(),
+        },
+    };
+    let server = Server::start(cfg)?;
+    tracing::info!(
+        device = %info.name,
+        bytes = info.size_bytes(),
+        block_size = info.block_size,
+        queues = a.num_queues,
+        features = format_args!("{:#x}", server.geometry().features),
+        "vhost-user-blk device"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    while !stop.load(Ordering::Relaxed) && !server.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = server.shutdown();
+    bdev.flush_all()?;
+    tracing::info!("stopped");
+    Ok(r?)
+}

@@ -1,0 +1,421 @@
+//! The vhost-user side: [`BlkBackend`] implements `vhost-user-backend`'s
+//! [`VhostUserBackend`] — features, configuration space, memory updates —
+//! and runs each virtqueue's [`Worker`] on that queue's own epoll thread.
+//!
+//! Threading: `queues_per_thread` gives every virtqueue its own thread. A
+//! kick wakes the thread, which then spins in [`BlkBackend::handle_event`]:
+//! popping chains, submitting them and polling completions, until the queue
+//! is idle (nothing in flight) for the spin budget; then it re-enables
+//! notifications and returns to sleep on the kick eventfd. With `poll` it
+//! never sleeps while the queue runs. Requests in flight keep the thread
+//! spinning, since a device queue has no completion fd.
+//!
+//! Stop (GET_VRING_BASE): the framework marks the queue not ready and calls
+//! [`VhostUserBackend::stop_vring`], which waits for the worker to leave
+//! `handle_event`; the worker stops popping when it sees the queue not ready,
+//! finishes what is in flight, and leaves. So the ring base handed back to
+//! QEMU covers every request, and none is lost or completed after the stop.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use unvme_bdev::{Bdev, BdevInfo};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::request::{Limits, MAX_DISCARD_SEG};
+use crate::spec::{features as f, BlkConfig, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
+use crate::worker::Worker;
+use crate::{Error, Result};
+
+/// Guest memory as the framework hands it over.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Largest IN/OUT request accepted when the backend sets no limit of its own.
+pub const DEFAULT_MAX_REQUEST: u32 = 1 << 20;
+
+/// `seg_max` when the transfer limit allows it; 128 - 2 fits QEMU's default
+/// queue size of 128 with the header and status descriptors.
+const SEG_MAX: u32 = 126;
+
+/// Largest DISCARD / WRITE_ZEROES segment, in sectors (2 GiB).
+const MAX_DWZ_SECTORS: u32 = 1 << 22;
+
+/// How the device is exported.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Number of virtqueues (1..=64).
+    pub num_queues: u16,
+    /// Largest virtqueue size the frontend may configure.
+    pub max_queue_size: u16,
+    /// Offer `VIRTIO_BLK_F_RO`.
+    pub read_only: bool,
+    /// Spin on the virtqueue without ever sleeping.
+    pub poll: bool,
+    /// Idle time a queue thread spins before sleeping on the kick eventfd.
+    pub spin: Duration,
+    /// GET_ID serial (truncated to 20 bytes); default: the device name.
+    pub serial: Option<String>,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            num_queues: 1,
+            max_queue_size: 1024,
+            read_only: false,
+            poll: false,
+            spin: Duration::from_micros(100),
+            serial: None,
+        }
+    }
+}
+
+/// Everything the configuration space and the parser need, derived once
+/// from the device and the options.
+#[derive(Clone, Debug)]
+pub struct Geometry {
+    /// Virtio feature bits offered.
+    pub features: u64,
+    /// Configuration space (with the initial `writeback`).
+    pub config: BlkConfig,
+    /// What the parser enforces.
+    pub limits: Limits,
+}
+
+impl Geometry {
+    /// Derives the features, configuration and limits for `info`.
+    pub fn new(info: &BdevInfo, opts: &DeviceOptions) -> Result<Self> {
+        let bs = info.block_size;
+        if !bs.is_power_of_two() || u64::from(bs) < SECTOR_SIZE {
+            return Err(Error::Config(format!("block size {bs} is not supported")));
+        }
+        if opts.num_queues == 0 || opts.num_queues > 64 {
+            return Err(Error::Config(format!(
+                "{} queues (1..=64 supported)",
+                opts.num_queues
+            )));
+        }
+        // Largest request: the device's own limit, capped so a guest cannot
+        // make us allocate without bound; whole blocks.
+        let mut max_request = match info.max_transfer {
+            0 => DEFAULT_MAX_REQUEST,
+            m => m.min(DEFAULT_MAX_REQUEST),
+        };
+        max_request -= max_request % bs;
+        if max_request < 4096.max(bs) {
+            return Err(Error::Config(format!(
+                "transfer limit {} is below one page",
+                info.max_transfer
+            )));
+        }
+        // Linux splits so that a request has at most seg_max segments of at
+        // most size_max bytes: keep their product within max_request.
+        let mut size_max = (max_request / SEG_MAX) & !4095;
+        size_max = size_max.max(4096);
+        let seg_max = (max_request / size_max).min(SEG_MAX);
+        let bs_sectors = bs / SECTOR_SIZE as u32;
+        let discard = info.deallocate && !opts.read_only;
+        let write_zeroes = info.write_zeroes && !opts.read_only;
+        let dwz_max = MAX_DWZ_SECTORS - MAX_DWZ_SECTORS % bs_sectors;
+
+        let mut features = f::SIZE_MAX
+            | f::SEG_MAX
+            | f::BLK_SIZE
+            | f::TOPOLOGY
+            | f::FLUSH
+            | f::CONFIG_WCE
+            | f::MQ
+            | f::VERSION_1
+            | f::RING_INDIRECT_DESC
+            | f::RING_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if opts.read_only {
+            features |= f::RO;
+        }
+        if discard {
+            features |= f::DISCARD;
+        }
+        if write_zeroes {
+            features |= f::WRITE_ZEROES;
+        }
+        let config = BlkConfig {
+            capacity: info.size_bytes() / SECTOR_SIZE,
+            size_max,
+            seg_max,
+            blk_size: bs,
+            physical_block_exp: 0,
+            alignment_offset: 0,
+            min_io_size: 1,
+            opt_io_size: 0,
+            writeback: u8::from(info.volatile_write_cache),
+            num_queues: opts.num_queues,
+            max_discard_sectors: if discard { dwz_max } else { 0 },
+            max_discard_seg: if discard { MAX_DISCARD_SEG } else { 0 },
+            discard_sector_alignment: if discard { bs_sectors } else { 0 },
+            max_write_zeroes_sectors: if write_zeroes { dwz_max } else { 0 },
+            max_write_zeroes_seg: u32::from(write_zeroes),
+            write_zeroes_may_unmap: u8::from(write_zeroes && info.deallocate),
+        };
+        let mut serial = [0u8; ID_BYTES];
+        let name = opts.serial.as_deref().unwrap_or(&info.name);
+        let n = name.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let limits = Limits {
+            block_size: bs,
+            num_blocks: info.num_blocks,
+            max_request,
+            read_only: opts.read_only,
+            discard,
+            write_zeroes,
+            write_zeroes_may_unmap: write_zeroes && info.deallocate,
+            max_discard_sectors: config.max_discard_sectors,
+            max_discard_seg: config.max_discard_seg,
+            max_write_zeroes_sectors: config.max_write_zeroes_sectors,
+            serial,
+        };
+        Ok(Geometry {
+            features,
+            config,
+            limits,
+        })
+    }
+}
+
+/// A vhost-user-blk device over one bdev, for one frontend connection.
+pub struct BlkBackend {
+    geo: Geometry,
+    opts: DeviceOptions,
+    writeback: Arc<AtomicBool>,
+    workers: Vec<Mutex<Worker>>,
+    mem: RwLock<Option<GuestMem>>,
+    stop: AtomicBool,
+}
+
+impl BlkBackend {
+    /// Opens one device queue per virtqueue (for a remote namespace, one
+    /// NVMe/TCP queue pair each).
+    pub fn new(bdev: &Arc<dyn Bdev>, opts: &DeviceOptions) -> Result<Self> {
+        let geo = Geometry::new(bdev.info(), opts)?;
+        let writeback = Arc::new(AtomicBool::new(geo.config.writeback != 0));
+        let limits = Arc::new(geo.limits.clone());
+        let workers = (0..opts.num_queues)
+            .map(|_| {
+                let q = bdev.open_queue().map_err(Error::Bdev)?;
+                Ok(Mutex::new(Worker::new(
+                    q,
+                    limits.clone(),
+                    writeback.clone(),
+                    opts.max_queue_size,
+                )))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BlkBackend {
+            geo,
+            opts: opts.clone(),
+            writeback,
+            workers,
+            mem: RwLock::new(None),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// The derived features, configuration and limits.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// Makes queue threads spinning in `--poll` mode return (the connection
+    /// is over).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn config_bytes(&self) -> [u8; crate::spec::CONFIG_LEN] {
+        let mut c = self.geo.config;
+        c.writeback = u8::from(self.writeback.load(Ordering::Relaxed));
+        c.encode()
+    }
+
+    /// Serves one virtqueue until it is idle (or stopped).
+    fn run_queue(&self, qidx: usize, vring: &VringRwLock<GuestMem>) -> io::Result<()> {
+        let Some(worker) = self.workers.get(qidx) else {
+            return Ok(());
+        };
+        let mut w = worker
+            .lock()
+            .map_err(|_| io::Error::other("worker lock poisoned"))?;
+        let Some(atomic) = self
+            .mem
+            .read()
+            .map_err(|_| io::Error::other("memory lock poisoned"))?
+            .clone()
+        else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut idle_since: Option<Instant> = None;
+        {
+            let mut st = vring.get_mut();
+            // Ignored: with EVENT_IDX this only stops moving avail_event.
+            let _ = st.get_queue_mut().disable_notification(&*mem);
+        }
+        loop {
+            let mut st = vring.get_mut();
+            let running =
+                st.get_queue().ready() && st.is_enabled() && !self.stop.load(Ordering::Relaxed);
+            let mut work = 0;
+            if running {
+                work += w.process_avail(st.get_queue_mut(), &*mem);
+            }
+            work += w.poll(st.get_queue_mut(), &*mem);
+            if w.take_used() > 0 && st.get_queue_mut().needs_notification(&*mem).unwrap_or(true) {
+                if let Err(e) = st.signal_used_queue() {
+                    tracing::debug!(queue = qidx, error = %e, "call eventfd");
+                }
+            }
+            if !running {
+                if w.outstanding() == 0 {
+                    return Ok(());
+                }
+                drop(st);
+                std::hint::spin_loop();
+                continue;
+            }
+            if work > 0 || w.outstanding() > 0 || self.opts.poll {
+                idle_since = None;
+                drop(st);
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) < self.opts.spin {
+                drop(st);
+                std::hint::spin_loop();
+                continue;
+            }
+            // Idle: ask for kicks again, then look once more so a chain
+            // made available meanwhile is not left waiting for a kick.
+            let q = st.get_queue_mut();
+            match q.enable_notification(&*mem) {
+                Ok(true) => {
+                    let _ = q.disable_notification(&*mem);
+                    idle_since = None;
+                }
+                Ok(false) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(queue = qidx, error = %e, "virtqueue unusable");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.opts.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.max_queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.geo.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The framework sets EVENT_IDX on each queue; the worker asks the
+        // queue whether to notify.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config_bytes();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(cfg.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(cfg.len());
+        out[..end - start].copy_from_slice(&cfg[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            tracing::info!(writeback = wb, "cache mode set by the driver");
+            self.writeback.store(wb, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "only the writeback field is writable",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.opts.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The queue is already marked not ready: wait for its worker to
+        // drain and leave handle_event.
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            let w = w
+                .lock()
+                .map_err(|_| io::Error::other("worker lock poisoned"))?;
+            debug_assert_eq!(w.outstanding(), 0);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<GuestMem>],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        // One queue per thread: the thread's only vring is event 0.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        self.run_queue(thread_id, vring)
+    }
+}

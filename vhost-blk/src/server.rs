@@ -1,0 +1,142 @@
+//! The listening side: one Unix socket, one frontend (QEMU) at a time, one
+//! connection after another.
+//!
+//! Each accepted connection gets a fresh [`BlkBackend`] (fresh device queues)
+//! and a fresh `VhostUserDaemon`; when the frontend goes away (guest shut
+//! down, QEMU restarted or reconnecting) the device waits for the next one.
+//! [`Server::shutdown`] ends the current connection and the accept loop.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use unvme_bdev::Bdev;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BlkBackend, DeviceOptions, Geometry};
+use crate::{Error, Result};
+
+/// What to export and where.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The vhost-user socket (replaced if it exists).
+    pub socket: PathBuf,
+    /// The device to export.
+    pub bdev: Arc<dyn Bdev>,
+    /// Queue, cache and polling options.
+    pub device: DeviceOptions,
+}
+
+/// A running device; see the module documentation.
+pub struct Server {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<ShutdownHandle>>>,
+    thread: Option<JoinHandle<Result<()>>>,
+    geometry: Geometry,
+}
+
+impl Server {
+    /// Binds the socket and starts serving connections on a thread.
+    pub fn start(cfg: ServerConfig) -> Result<Server> {
+        let geometry = Geometry::new(cfg.bdev.info(), &cfg.device)?;
+        let mut listener = Listener::new(&cfg.socket, true)
+            .map_err(|e| Error::VhostUser(format!("listen on {}: {e}", cfg.socket.display())))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let current = Arc::new(Mutex::new(None));
+        let socket = cfg.socket.clone();
+        let (stop2, current2) = (stop.clone(), current.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-blk-listen".into())
+            .spawn(move || serve(&cfg, &mut listener, &stop2, &current2))
+            .map_err(|e| Error::Io {
+                what: "spawning the listener thread".into(),
+                source: e,
+            })?;
+        tracing::info!(socket = %socket.display(), "vhost-user-blk listening");
+        Ok(Server {
+            socket,
+            stop,
+            current,
+            thread: Some(thread),
+            geometry,
+        })
+    }
+
+    /// The features, configuration space and limits offered.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// True once the serving thread has ended (an error, or shutdown).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Ends the current connection and the accept loop, and waits for the
+    /// queue threads to finish what is in flight.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(cur) = self.current.lock() {
+            if let Some(h) = cur.as_ref() {
+                h.shutdown();
+            }
+        }
+        // Wake a blocking accept() with a connection of our own; it sees EOF
+        // at once and the loop then sees `stop`.
+        let _ = UnixStream::connect(&self.socket);
+        let r = match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(Error::VhostUser("listener thread panicked".into()))),
+            None => Ok(()),
+        };
+        let _ = std::fs::remove_file(&self.socket);
+        r
+    }
+}
+
+/// The accept loop: one connection at a time until `stop`.
+fn serve(
+    cfg: &ServerConfig,
+    listener: &mut Listener,
+    stop: &AtomicBool,
+    current: &Mutex<Option<ShutdownHandle>>,
+) -> Result<()> {
+    while !stop.load(Ordering::SeqCst) {
+        let backend = Arc::new(BlkBackend::new(&cfg.bdev, &cfg.device)?);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mut daemon = VhostUserDaemon::new("vhost-blk".into(), backend.clone(), mem)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        daemon
+            .start(listener)
+            .map_err(|e| Error::VhostUser(format!("accept: {e}")))?;
+        if stop.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        }
+        if let Ok(mut cur) = current.lock() {
+            *cur = daemon.shutdown_handle();
+        }
+        tracing::info!("frontend connected");
+        let r = daemon.wait();
+        if let Ok(mut cur) = current.lock() {
+            *cur = None;
+        }
+        match r {
+            Ok(()) => tracing::info!("frontend disconnected"),
+            Err(e) => tracing::warn!(error = %e, "frontend connection ended"),
+        }
+        // Queue threads leave their spin loops, then the epoll loops.
+        backend.request_stop();
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        // Dropping the daemon joins the queue threads.
+        drop(daemon);
+    }
+    Ok(())
+}
