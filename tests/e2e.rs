@@ -359,3 +359,91 @@ fn target_vanishing_mid_io_fails_commands_instead_of_hanging() {
         "a dead queue fails new commands"
     );
 }
+
+#[test]
+fn remote_namespace_fails_fast_while_the_target_is_down_and_reconnects_when_it_returns() {
+    let dir = std::env::temp_dir().join(format!("unvme-e2e-rc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("ns.img");
+    let t = TargetProc::start(&["--file", &format!("{}:512:create=8M", img.display())]);
+    let listen = t.addr.to_string();
+    let ctrl = Controller::connect(ConnectOptions {
+        command_timeout: Duration::from_secs(5),
+        kato_ms: 0,
+        ..opts(&t, false, false, 2)
+    })
+    .expect("connect");
+    let ns = RemoteNamespace::open(&ctrl, 1).expect("namespace");
+    let mut q = ns.open_queue().expect("queue");
+    let run =
+        |q: &mut Box<dyn unvme_bdev::BdevQueue>, op: IoOp, buf: Option<IoBuf>| -> IoCompletion {
+            q.submit(IoRequest { tag: 1, op, buf }).expect("accepted");
+            let mut out = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while out.is_empty() {
+                q.poll(&mut out);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "request neither completed nor failed"
+                );
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            out.pop().unwrap()
+        };
+    let mut b = IoBuf::new(4096);
+    fill(&mut b, 7, 7);
+    let want = b.to_vec();
+    assert!(run(
+        &mut q,
+        IoOp::Write {
+            lba: 7,
+            nlb: 8,
+            fua: true
+        },
+        Some(b)
+    )
+    .result
+    .is_ok());
+    assert!(t.stop().success());
+    // Target down: requests fail (Unavailable) instead of hanging.
+    let c = run(
+        &mut q,
+        IoOp::Read { lba: 7, nlb: 8 },
+        Some(IoBuf::new(4096)),
+    );
+    assert!(c.result.is_err(), "read with the target down must fail");
+    let c = run(
+        &mut q,
+        IoOp::Read { lba: 7, nlb: 8 },
+        Some(IoBuf::new(4096)),
+    );
+    assert_eq!(c.result, Err(unvme_bdev::IoError::Unavailable));
+    // Target back on the same address: the same queue object recovers.
+    let t2 = TargetProc::start_on(&listen, &["--file", &format!("{}:512", img.display())]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = run(
+            &mut q,
+            IoOp::Read { lba: 7, nlb: 8 },
+            Some(IoBuf::new(4096)),
+        );
+        if c.result.is_ok() {
+            assert!(
+                c.buf.as_deref() == Some(&want[..]),
+                "data read after reconnection differs"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue did not reconnect: {:?}",
+            c.result
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(q);
+    drop(ns);
+    drop(ctrl);
+    drop(t2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -757,3 +757,46 @@ fn losing_the_nvme_target_fails_requests_with_eio_not_hangs() {
     assert_eq!(r.error, errno::EIO, "read after the target vanished");
     assert!(srv.alive());
 }
+
+#[test]
+fn the_export_reconnects_when_the_nvme_target_returns() {
+    let dir = std::env::temp_dir().join(format!("unvme-nbd-rc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = format!("{}:512:create=16M", dir.join("ns.img").display());
+    let target = common::TargetProc::start(&["--file", &spec]);
+    let listen = target.addr.to_string();
+    let port = target.port().to_string();
+    let mut srv = NbdProc::start(&["--port", &port, "--timeout-ms", "3000"]);
+    let mut c = Client::connect(srv.addr, true);
+    assert_eq!(c.write(0, &[7u8; 4096]).error, 0);
+    assert_eq!(c.call(cmd::FLUSH, 0, 0, 0, &[]).error, 0);
+    assert!(target.stop().success());
+    assert_eq!(
+        c.read(0, 4096).error,
+        errno::EIO,
+        "read while the target is down"
+    );
+    let spec = format!("{}:512", dir.join("ns.img").display());
+    let _target = common::TargetProc::start_on(&listen, &["--file", &spec]);
+    // The same NBD connection recovers once the target is back (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c.read(0, 4096);
+        if r.error == 0 {
+            assert_eq!(
+                r.data,
+                vec![7u8; 4096],
+                "acknowledged data after reconnection"
+            );
+            break;
+        }
+        assert_eq!(r.error, errno::EIO);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not reconnect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(srv.alive());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,19 +1,86 @@
-//! [`RemoteNamespace`]: a namespace of a remote controller as a block device.
+//! [`RemoteNamespace`]: a namespace of a remote controller as a block device,
+//! which reconnects when its target comes back.
 
-use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoOp, IoRequest, SubmitError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use tracing::{info, warn};
+use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
 use unvme_proto::admin::IdentifyNamespace;
 
 use crate::{Controller, IoQpair, Result};
 
+/// First delay between reconnection attempts of a queue; it doubles up to
+/// [`RECONNECT_MAX_BACKOFF`].
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest delay between reconnection attempts.
+const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// A remote namespace. Each [`Bdev::open_queue`] opens a new I/O queue pair
 /// (a new TCP connection) on the controller.
+///
+/// When the target goes away, the queues fail their outstanding and new
+/// requests with [`IoError::Unavailable`] and try to reconnect — at most
+/// once per backoff period (250 ms doubling to 5 s), each attempt logged —
+/// first with a new I/O queue on the current controller, then with a new
+/// controller (the target restarted). A namespace whose size or block size
+/// changed meanwhile is not reattached.
 #[derive(Debug)]
 pub struct RemoteNamespace {
-    ctrl: Controller,
-    nsid: u32,
+    shared: Arc<NsShared>,
     id: IdentifyNamespace,
     info: BdevInfo,
+}
+
+#[derive(Debug)]
+struct NsShared {
+    nsid: u32,
+    block_size: u32,
+    num_blocks: u64,
+    ctrl: Mutex<Controller>,
+}
+
+fn lock(m: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NsShared {
+    /// Opens an I/O queue pair, reconnecting the controller if the old one
+    /// is gone. Admin path: serialised by the controller lock.
+    fn open_qpair(&self) -> Result<IoQpair> {
+        let mut ctrl = lock(&self.ctrl);
+        let first = match ctrl.create_io_qpair() {
+            Ok(mut qp) => {
+                qp.register_namespace(self.nsid, self.block_size);
+                return Ok(qp);
+            }
+            Err(e) => e,
+        };
+        let opts = ctrl.options().clone();
+        warn!(addr = %opts.addr, port = opts.port, subnqn = %opts.subnqn, error = %first,
+            "cannot open an I/O queue; reconnecting the controller");
+        let new = Controller::connect(opts)?;
+        let id = new.identify_namespace(self.nsid)?;
+        if id.lba_size() != Some(self.block_size) || id.nsze != self.num_blocks {
+            return Err(crate::Error::Invalid(format!(
+                "namespace {} changed geometry across the reconnection ({} blocks of {:?} bytes, was {} of {})",
+                self.nsid,
+                id.nsze,
+                id.lba_size(),
+                self.num_blocks,
+                self.block_size
+            )));
+        }
+        info!(
+            cntlid = new.cntlid(),
+            nsid = self.nsid,
+            "controller reconnected"
+        );
+        *ctrl = new;
+        let mut qp = ctrl.create_io_qpair()?;
+        qp.register_namespace(self.nsid, self.block_size);
+        Ok(qp)
+    }
 }
 
 impl RemoteNamespace {
@@ -38,17 +105,18 @@ impl RemoteNamespace {
             deallocate: cid.supports_dsm(),
             write_zeroes: cid.supports_write_zeroes(),
         };
-        Ok(RemoteNamespace {
-            ctrl: ctrl.clone(),
+        let shared = Arc::new(NsShared {
             nsid,
-            id,
-            info,
-        })
+            block_size,
+            num_blocks: id.nsze,
+            ctrl: Mutex::new(ctrl.clone()),
+        });
+        Ok(RemoteNamespace { shared, id, info })
     }
 
     /// The namespace ID.
     pub fn nsid(&self) -> u32 {
-        self.nsid
+        self.shared.nsid
     }
 
     /// Identify Namespace data read at open.
@@ -56,16 +124,14 @@ impl RemoteNamespace {
         &self.id
     }
 
-    /// The controller.
-    pub fn controller(&self) -> &Controller {
-        &self.ctrl
+    /// The current controller (a new one after a reconnection).
+    pub fn controller(&self) -> Controller {
+        lock(&self.shared.ctrl).clone()
     }
 
     /// Opens an I/O queue pair bound to this namespace.
     pub fn open_qpair(&self) -> Result<IoQpair> {
-        let mut qp = self.ctrl.create_io_qpair()?;
-        qp.register_namespace(self.nsid, self.info.block_size);
-        Ok(qp)
+        self.shared.open_qpair()
     }
 }
 
@@ -76,27 +142,88 @@ fn bdev_err(what: &str, e: crate::Error) -> unvme_bdev::Error {
     }
 }
 
-/// A [`BdevQueue`] on one [`IoQpair`].
+/// A [`BdevQueue`] on one [`IoQpair`], replaced by a new one after the
+/// connection is lost.
 struct RemoteQueue {
-    qp: IoQpair,
-    nsid: u32,
+    qp: Option<IoQpair>,
+    shared: Arc<NsShared>,
+    /// Requests failed while disconnected, handed out by the next poll.
+    failed: Vec<IoCompletion>,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
+impl RemoteQueue {
+    /// Drops a closed queue pair once it has handed back everything, and
+    /// tries to open a new one when the backoff allows.
+    fn ensure_connected(&mut self) {
+        if let Some(qp) = &self.qp {
+            if !qp.is_closed() || qp.outstanding() > 0 {
+                return;
+            }
+            warn!(nsid = self.shared.nsid, "NVMe/TCP I/O queue lost");
+            self.qp = None;
+            self.next_attempt = Instant::now();
+        }
+        let now = Instant::now();
+        if now < self.next_attempt {
+            return;
+        }
+        match self.shared.open_qpair() {
+            Ok(qp) => {
+                info!(
+                    nsid = self.shared.nsid,
+                    qid = qp.qid(),
+                    "NVMe/TCP I/O queue reconnected"
+                );
+                self.qp = Some(qp);
+                self.backoff = RECONNECT_BACKOFF;
+            }
+            Err(e) => {
+                warn!(nsid = self.shared.nsid, error = %e, retry_in_ms = self.backoff.as_millis() as u64,
+                    "NVMe/TCP reconnection failed");
+                self.next_attempt = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(RECONNECT_MAX_BACKOFF);
+            }
+        }
+    }
 }
 
 impl BdevQueue for RemoteQueue {
     fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
-        self.qp.submit(self.nsid, req)
+        self.ensure_connected();
+        match self.qp.as_mut() {
+            Some(qp) if !qp.is_closed() => qp.submit(self.shared.nsid, req),
+            _ => {
+                // Bounded: the caller has at most its queue depth in flight.
+                self.failed.push(IoCompletion {
+                    tag: req.tag,
+                    result: Err(IoError::Unavailable),
+                    buf: req.buf,
+                });
+                Ok(())
+            }
+        }
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        self.qp.poll(out)
+        let mut n = self.failed.len();
+        out.append(&mut self.failed);
+        if let Some(qp) = self.qp.as_mut() {
+            n += qp.poll(out);
+        }
+        n
     }
 
     fn outstanding(&self) -> usize {
-        self.qp.outstanding()
+        self.failed.len() + self.qp.as_ref().map_or(0, |q| q.outstanding())
     }
 
     fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(std::os::fd::AsRawFd::as_raw_fd(&self.qp))
+        match &self.qp {
+            Some(qp) if self.failed.is_empty() => Some(std::os::fd::AsRawFd::as_raw_fd(qp)),
+            _ => None,
+        }
     }
 }
 
@@ -110,8 +237,11 @@ impl Bdev for RemoteNamespace {
             .open_qpair()
             .map_err(|e| bdev_err("opening an NVMe/TCP I/O queue", e))?;
         Ok(Box::new(RemoteQueue {
-            qp,
-            nsid: self.nsid,
+            qp: Some(qp),
+            shared: self.shared.clone(),
+            failed: Vec::new(),
+            next_attempt: Instant::now(),
+            backoff: RECONNECT_BACKOFF,
         }))
     }
 
@@ -124,7 +254,7 @@ impl Bdev for RemoteNamespace {
             .map_err(|e| bdev_err("opening an NVMe/TCP I/O queue", e))?;
         let c = qp
             .run_sync(
-                self.nsid,
+                self.shared.nsid,
                 IoRequest {
                     tag: 0,
                     op: IoOp::Flush,

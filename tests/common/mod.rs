@@ -24,8 +24,13 @@ pub struct TargetProc {
 impl TargetProc {
     /// Starts `unvme target --listen 127.0.0.1:0 ARGS…` and waits until it listens.
     pub fn start(args: &[&str]) -> TargetProc {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    /// Starts `unvme target --listen ADDR ARGS…` and waits until it listens.
+    pub fn start_on(listen: &str, args: &[&str]) -> TargetProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_unvme"))
-            .args(["target", "--listen", "127.0.0.1:0", "--reactors", "2"])
+            .args(["target", "--listen", listen, "--reactors", "2"])
             .args(args)
             .env("UNVME_LOG", "info")
             .stdin(Stdio::null())
