@@ -97,7 +97,10 @@ failed=()
 check() {
     local file=$1 label=$2 port=$3 digests=$4 ok=1 t n types bad summary
     shift 4
-    local dopts=(-o nvme-tcp.check_hdgst:TRUE -o nvme-tcp.check_ddgst:TRUE)
+    # Out-of-order reassembly: loopback does drop segments when the host is
+    # busy (backlog overflow), and TCP's retransmissions then overlap data
+    # already seen, which in-order reassembly cannot stitch back.
+    local dopts=(-o nvme-tcp.check_hdgst:TRUE -o nvme-tcp.check_ddgst:TRUE -o tcp.reassemble_out_of_order:TRUE)
     for p in "$@"; do dopts+=(-d "tcp.port==$p,nvme-tcp"); done
     types=$(timeout 120 tshark -r "$file" "${dopts[@]}" -Y "nvme-tcp && tcp.port==$port" -T fields -e nvme-tcp.type 2>/dev/null \
         | tr ',' '\n' | grep -E '^[0-9]+$' | sort -n | uniq -c) || true
@@ -119,6 +122,9 @@ check() {
     n=$(timeout 120 tshark -2 -r "$file" "${dopts[@]}" \
         -Y "tcp.port==$port && tcp.len>0 && !nvme-tcp && !tcp.reassembled_in && !tcp.analysis.retransmission" 2>/dev/null | wc -l) || n=err
     summary+=" undecoded-payload frames=$n"
+    local rtx
+    rtx=$(timeout 120 tshark -r "$file" -Y "tcp.port==$port && tcp.analysis.retransmission" 2>/dev/null | wc -l) || rtx=err
+    summary+=" (TCP retransmissions: $rtx)"
     [[ $n == 0 ]] || ok=0
     [[ $bad == 0 ]] || {
         ok=0
