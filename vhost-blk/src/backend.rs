@@ -419,3 +419,104 @@ impl VhostUserBackend for BlkBackend {
         self.run_queue(thread_id, vring)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unvme_bdev::RamBdev;
+
+    fn info(bs: u32, max_transfer: u32) -> BdevInfo {
+        BdevInfo {
+            name: "x".into(),
+            block_size: bs,
+            num_blocks: 1 << 20,
+            max_transfer,
+            volatile_write_cache: true,
+            deallocate: true,
+            write_zeroes: true,
+        }
+    }
+
+    #[test]
+    fn segment_limits_never_allow_a_request_over_the_transfer_limit() {
+        for mt in [0, 8192, 65536, 131072, 1 << 20, 4 << 20, 1_000_000] {
+            for bs in [512, 4096] {
+                let g = Geometry::new(&info(bs, mt), &DeviceOptions::default()).expect("geometry");
+                let c = g.config;
+                assert!(c.size_max >= 4096, "size_max {} for mt {mt}", c.size_max);
+                assert!(c.seg_max >= 1 && c.seg_max <= SEG_MAX);
+                assert!(
+                    u64::from(c.size_max) * u64::from(c.seg_max) <= u64::from(g.limits.max_request),
+                    "mt {mt} bs {bs}: {} x {} > {}",
+                    c.seg_max,
+                    c.size_max,
+                    g.limits.max_request
+                );
+                assert_eq!(g.limits.max_request % bs, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn features_follow_the_device_and_options() {
+        let g = Geometry::new(&info(4096, 0), &DeviceOptions::default()).expect("geometry");
+        for bit in [
+            f::SIZE_MAX,
+            f::SEG_MAX,
+            f::BLK_SIZE,
+            f::TOPOLOGY,
+            f::FLUSH,
+            f::CONFIG_WCE,
+            f::MQ,
+            f::DISCARD,
+            f::WRITE_ZEROES,
+            f::VERSION_1,
+            f::RING_INDIRECT_DESC,
+            f::RING_EVENT_IDX,
+        ] {
+            assert_ne!(g.features & bit, 0, "bit {bit:#x} missing");
+        }
+        assert_eq!(g.features & f::RO, 0);
+        assert_eq!(g.config.blk_size, 4096);
+        assert_eq!(g.config.capacity, (1u64 << 20) * 8);
+        assert_eq!(g.config.discard_sector_alignment, 8);
+        assert_eq!(g.config.max_discard_sectors % 8, 0);
+        let mut plain = info(512, 0);
+        plain.deallocate = false;
+        plain.write_zeroes = false;
+        let g = Geometry::new(&plain, &DeviceOptions::default()).expect("geometry");
+        assert_eq!(g.features & (f::DISCARD | f::WRITE_ZEROES), 0);
+        assert!(Geometry::new(
+            &plain,
+            &DeviceOptions {
+                num_queues: 0,
+                ..DeviceOptions::default()
+            }
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn config_reads_are_exactly_the_requested_size_and_writeback_is_writable() {
+        let bdev: Arc<dyn Bdev> = Arc::new(RamBdev::new("r", 2048, 512).expect("ram"));
+        let opts = DeviceOptions {
+            num_queues: 2,
+            ..DeviceOptions::default()
+        };
+        let b = BlkBackend::new(&bdev, &opts).expect("backend");
+        let cfg = b.get_config(0, 96);
+        assert_eq!(cfg.len(), 96);
+        assert_eq!(&cfg[0..8], &2048u64.to_le_bytes());
+        assert_eq!(&cfg[34..36], &2u16.to_le_bytes());
+        assert!(cfg[60..].iter().all(|&x| x == 0));
+        assert_eq!(b.get_config(200, 8), vec![0u8; 8]);
+        b.set_config(CONFIG_WRITEBACK_OFFSET as u32, &[1])
+            .expect("wce");
+        assert_eq!(b.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1), vec![1]);
+        b.set_config(CONFIG_WRITEBACK_OFFSET as u32, &[0])
+            .expect("wce");
+        assert_eq!(b.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1), vec![0]);
+        assert!(b.set_config(0, &[0; 8]).is_err());
+        assert_eq!(b.queues_per_thread(), vec![1, 2]);
+    }
+}

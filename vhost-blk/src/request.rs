@@ -35,6 +35,11 @@ pub const MAX_CHAIN_DESCS: usize = 1024;
 /// Most segments of one DISCARD request this device accepts.
 pub const MAX_DISCARD_SEG: u32 = 32;
 
+/// A request's buffer does not lie (wholly) in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("buffer outside guest memory")]
+pub struct BadGuestMemory;
+
 /// One contiguous piece of guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seg {
@@ -376,7 +381,7 @@ fn collect<M: GuestMemory>(
     mut skip: u64,
     len: u64,
     out: &mut ChainInfo,
-) -> Result<(), ()> {
+) -> Result<(), BadGuestMemory> {
     let mut left = len;
     for d in descs {
         if left == 0 {
@@ -388,14 +393,14 @@ fn collect<M: GuestMemory>(
             continue;
         }
         let take = (dlen - skip).min(left);
-        let addr = d.addr.checked_add(skip).ok_or(())?;
+        let addr = d.addr.checked_add(skip).ok_or(BadGuestMemory)?;
         let access = if d.write {
             Permissions::Write
         } else {
             Permissions::Read
         };
         if !mem.check_range(addr, take as usize, access) {
-            return Err(());
+            return Err(BadGuestMemory);
         }
         out.segs.push(Seg {
             addr,
@@ -405,9 +410,9 @@ fn collect<M: GuestMemory>(
         skip = 0;
     }
     if left != 0 {
-        return Err(());
+        return Err(BadGuestMemory);
     }
-    out.data_len = u32::try_from(len).map_err(|_| ())?;
+    out.data_len = u32::try_from(len).map_err(|_| BadGuestMemory)?;
     Ok(())
 }
 
@@ -417,7 +422,7 @@ fn read_stream<M: GuestMemory>(
     descs: &[Desc],
     mut skip: u64,
     out: &mut [u8],
-) -> Result<(), ()> {
+) -> Result<(), BadGuestMemory> {
     let mut done = 0;
     for d in descs {
         if done == out.len() {
@@ -429,16 +434,16 @@ fn read_stream<M: GuestMemory>(
             continue;
         }
         let take = ((dlen - skip) as usize).min(out.len() - done);
-        let addr = d.addr.checked_add(skip).ok_or(())?;
+        let addr = d.addr.checked_add(skip).ok_or(BadGuestMemory)?;
         mem.read_slice(&mut out[done..done + take], addr)
-            .map_err(|_| ())?;
+            .map_err(|_| BadGuestMemory)?;
         done += take;
         skip = 0;
     }
     if done == out.len() {
         Ok(())
     } else {
-        Err(())
+        Err(BadGuestMemory)
     }
 }
 
@@ -448,7 +453,7 @@ fn write_stream<M: GuestMemory>(
     descs: &[Desc],
     mut skip: u64,
     data: &[u8],
-) -> Result<(), ()> {
+) -> Result<(), BadGuestMemory> {
     let mut done = 0;
     for d in descs {
         if done == data.len() {
@@ -460,40 +465,40 @@ fn write_stream<M: GuestMemory>(
             continue;
         }
         let take = ((dlen - skip) as usize).min(data.len() - done);
-        let addr = d.addr.checked_add(skip).ok_or(())?;
+        let addr = d.addr.checked_add(skip).ok_or(BadGuestMemory)?;
         mem.write_slice(&data[done..done + take], addr)
-            .map_err(|_| ())?;
+            .map_err(|_| BadGuestMemory)?;
         done += take;
         skip = 0;
     }
     if done == data.len() {
         Ok(())
     } else {
-        Err(())
+        Err(BadGuestMemory)
     }
 }
 
 /// Copies guest memory `segs` into `buf` (a write's data). This copy is the
 /// current data path: the backend owns its `IoBuf`, so guest data is
 /// gathered into it; zero copy into guest memory is a later optimisation.
-pub fn gather<M: GuestMemory>(mem: &M, segs: &[Seg], buf: &mut [u8]) -> Result<(), ()> {
+pub fn gather<M: GuestMemory>(mem: &M, segs: &[Seg], buf: &mut [u8]) -> Result<(), BadGuestMemory> {
     let mut off = 0usize;
     for s in segs {
         let len = s.len as usize;
-        let dst = buf.get_mut(off..off + len).ok_or(())?;
-        mem.read_slice(dst, s.addr).map_err(|_| ())?;
+        let dst = buf.get_mut(off..off + len).ok_or(BadGuestMemory)?;
+        mem.read_slice(dst, s.addr).map_err(|_| BadGuestMemory)?;
         off += len;
     }
     Ok(())
 }
 
 /// Copies `buf` into guest memory `segs` (a read's data).
-pub fn scatter<M: GuestMemory>(mem: &M, segs: &[Seg], buf: &[u8]) -> Result<(), ()> {
+pub fn scatter<M: GuestMemory>(mem: &M, segs: &[Seg], buf: &[u8]) -> Result<(), BadGuestMemory> {
     let mut off = 0usize;
     for s in segs {
         let len = s.len as usize;
-        let src = buf.get(off..off + len).ok_or(())?;
-        mem.write_slice(src, s.addr).map_err(|_| ())?;
+        let src = buf.get(off..off + len).ok_or(BadGuestMemory)?;
+        mem.write_slice(src, s.addr).map_err(|_| BadGuestMemory)?;
         off += len;
     }
     Ok(())

@@ -234,3 +234,697 @@ fn put_buf(pool: &mut Vec<IoBuf>, b: IoBuf) {
         pool.push(b);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Drive the worker the way a guest driver would, with virtio-queue's
+    //! mock split queue over real (anonymous) guest memory and a RAM disk.
+
+    use super::*;
+    use crate::backend::{DeviceOptions, Geometry};
+    use crate::spec::{req_type, DiscardWriteZeroes, OutHdr};
+    use std::sync::Arc;
+    use unvme_bdev::{Bdev, RamBdev};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const MEM_SIZE: usize = 16 << 20;
+    const QSIZE: u16 = 32;
+    /// Where test data buffers live (the mock queue uses the low addresses).
+    const DATA: u64 = 0x10_0000;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+    }
+
+    fn d(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDesc::new(addr, len, flags, 0))
+    }
+
+    fn hdr(type_: u32, sector: u64) -> [u8; 16] {
+        OutHdr {
+            type_,
+            reserved: 0,
+            sector,
+        }
+        .encode()
+    }
+
+    struct Dev {
+        worker: Worker,
+        geo: Geometry,
+    }
+
+    fn dev_with(blocks: u64, bs: u32, depth: usize, opts: DeviceOptions) -> Dev {
+        let bdev: Arc<dyn Bdev> = Arc::new(
+            RamBdev::new("ramtest", blocks, bs)
+                .expect("ram bdev")
+                .with_queue_depth(depth),
+        );
+        let geo = Geometry::new(bdev.info(), &opts).expect("geometry");
+        let worker = Worker::new(
+            bdev.open_queue().expect("queue"),
+            Arc::new(geo.limits.clone()),
+            Arc::new(AtomicBool::new(true)),
+            QSIZE,
+        );
+        Dev { worker, geo }
+    }
+
+    fn dev() -> Dev {
+        dev_with(8192, 512, 64, DeviceOptions::default())
+    }
+
+    /// Runs everything available to completion; returns the used-ring
+    /// entries (id, len) added.
+    fn run(
+        dev: &mut Dev,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap<()>>,
+        q: &mut Queue,
+        m: &GuestMemoryMmap<()>,
+    ) -> Vec<(u32, u32)> {
+        let before = q.next_used();
+        for _ in 0..1000 {
+            dev.worker.process_avail(q, m);
+            dev.worker.poll(q, m);
+            if dev.worker.outstanding() == 0 {
+                break;
+            }
+        }
+        assert_eq!(dev.worker.outstanding(), 0, "requests left in flight");
+        let mut out = Vec::new();
+        let mut i = before;
+        while i != q.next_used() {
+            let e = vq
+                .used()
+                .ring()
+                .ref_at(usize::from(i % QSIZE))
+                .expect("used entry")
+                .load();
+            // VirtqUsedElem is (id: u32, len: u32), little endian.
+            let raw: [u8; 8] = vm_memory::ByteValued::as_slice(&e)
+                .try_into()
+                .expect("8 bytes");
+            out.push((
+                u32::from_le_bytes(raw[0..4].try_into().expect("4")),
+                u32::from_le_bytes(raw[4..8].try_into().expect("4")),
+            ));
+            i = i.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Submits one chain (written at descriptor index `at`) and returns its
+    /// used length.
+    fn one(dev: &mut Dev, m: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> u32 {
+        let vq = MockSplitQueue::new(m, QSIZE);
+        let mut q: Queue = vq.create_queue().expect("queue");
+        vq.build_desc_chain(descs).expect("chain");
+        let used = run(dev, &vq, &mut q, m);
+        assert_eq!(used.len(), 1, "exactly one chain returned");
+        assert_eq!(used[0].0, 0);
+        used[0].1
+    }
+
+    fn status(m: &GuestMemoryMmap<()>, addr: u64) -> u8 {
+        m.read_obj::<u8>(GuestAddress(addr)).expect("status")
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Writes `data` at `sector` with a classic 3-descriptor chain; returns the status.
+    fn write(dev: &mut Dev, m: &GuestMemoryMmap<()>, sector: u64, data: &[u8]) -> u8 {
+        m.write_slice(&hdr(req_type::OUT, sector), GuestAddress(DATA))
+            .expect("hdr");
+        m.write_slice(data, GuestAddress(DATA + 0x1000))
+            .expect("data");
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let used = one(
+            dev,
+            m,
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, data.len() as u32, 0),
+                d(DATA + 0x800, 1, W),
+            ],
+        );
+        assert_eq!(used, 1);
+        status(m, DATA + 0x800)
+    }
+
+    /// Reads `len` bytes at `sector`; returns (status, data).
+    fn read(dev: &mut Dev, m: &GuestMemoryMmap<()>, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        m.write_slice(&hdr(req_type::IN, sector), GuestAddress(DATA))
+            .expect("hdr");
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let used = one(
+            dev,
+            m,
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x10_0000, len as u32, W),
+                d(DATA + 0x800, 1, W),
+            ],
+        );
+        let st = status(m, DATA + 0x800);
+        if st == Status::Ok as u8 {
+            assert_eq!(used, len as u32 + 1);
+        }
+        let mut buf = vec![0u8; len];
+        m.read_slice(&mut buf, GuestAddress(DATA + 0x10_0000))
+            .expect("data");
+        (st, buf)
+    }
+
+    #[test]
+    fn write_then_read_round_trips_data() {
+        let (m, mut dev) = (mem(), dev());
+        let data = pattern(8192, 3);
+        assert_eq!(write(&mut dev, &m, 16, &data), Status::Ok as u8);
+        let (st, got) = read(&mut dev, &m, 16, 8192);
+        assert_eq!(st, Status::Ok as u8);
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn header_split_over_descriptors_and_status_sharing_data_descriptor_is_parsed_as_a_byte_stream()
+    {
+        let (m, mut dev) = (mem(), dev());
+        let data = pattern(4096, 9);
+        // Write: header in 3 pieces (5 + 7 + 4 bytes); data in two pieces,
+        // the second starting inside the third header descriptor.
+        let h = hdr(req_type::OUT, 8);
+        let mut stream = h.to_vec();
+        stream.extend_from_slice(&data);
+        m.write_slice(&stream[..5], GuestAddress(DATA)).expect("w");
+        m.write_slice(&stream[5..12], GuestAddress(DATA + 0x100))
+            .expect("w");
+        m.write_slice(&stream[12..16 + 1000], GuestAddress(DATA + 0x1000))
+            .expect("w");
+        m.write_slice(&stream[16 + 1000..], GuestAddress(DATA + 0x3000))
+            .expect("w");
+        let used = one(
+            &mut dev,
+            &m,
+            &[
+                d(DATA, 5, 0),
+                d(DATA + 0x100, 7, 0),
+                d(DATA + 0x1000, 4 + 1000, 0),
+                d(DATA + 0x3000, 4096 - 1000, 0),
+                d(DATA + 0x800, 1, W),
+            ],
+        );
+        assert_eq!(used, 1);
+        assert_eq!(status(&m, DATA + 0x800), Status::Ok as u8);
+        // Read: header in one descriptor, data + status byte in one
+        // writable descriptor of 4097 bytes.
+        m.write_slice(&hdr(req_type::IN, 8), GuestAddress(DATA))
+            .expect("w");
+        let used = one(&mut dev, &m, &[d(DATA, 16, 0), d(DATA + 0x4_0000, 4097, W)]);
+        assert_eq!(used, 4097);
+        let mut got = vec![0u8; 4096];
+        m.read_slice(&mut got, GuestAddress(DATA + 0x4_0000))
+            .expect("r");
+        assert_eq!(got, data);
+        assert_eq!(status(&m, DATA + 0x4_0000 + 4096), Status::Ok as u8);
+    }
+
+    #[test]
+    fn indirect_descriptor_table_is_followed() {
+        let (m, mut dev) = (mem(), dev());
+        let data = pattern(1024, 5);
+        assert_eq!(write(&mut dev, &m, 0, &data), Status::Ok as u8);
+        // An indirect table of 3 descriptors at DATA + 0x2000.
+        let table = DATA + 0x2000;
+        let entries = [
+            SplitDesc::new(DATA, 16, VRING_DESC_F_NEXT as u16, 1),
+            SplitDesc::new(
+                DATA + 0x10_0000,
+                1024,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                2,
+            ),
+            SplitDesc::new(DATA + 0x800, 1, W, 0),
+        ];
+        for (i, e) in entries.iter().enumerate() {
+            m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64))
+                .expect("w");
+        }
+        m.write_slice(&hdr(req_type::IN, 0), GuestAddress(DATA))
+            .expect("hdr");
+        let used = one(&mut dev, &m, &[d(table, 48, VRING_DESC_F_INDIRECT as u16)]);
+        assert_eq!(used, 1025);
+        assert_eq!(status(&m, DATA + 0x800), Status::Ok as u8);
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(DATA + 0x10_0000))
+            .expect("r");
+        assert_eq!(got, data);
+    }
+
+    fn expect_status(descs: &[RawDescriptor], hdr_bytes: &[u8], want: Status) {
+        let (m, mut dev) = (mem(), dev());
+        m.write_slice(hdr_bytes, GuestAddress(DATA)).expect("hdr");
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let used = one(&mut dev, &m, descs);
+        assert_eq!(status(&m, DATA + 0x800), want as u8);
+        assert_eq!(used, 1);
+        // The device keeps serving.
+        assert_eq!(write(&mut dev, &m, 0, &[7u8; 512]), Status::Ok as u8);
+    }
+
+    #[test]
+    fn header_shorter_than_16_bytes_gets_ioerr() {
+        expect_status(
+            &[d(DATA, 12, 0), d(DATA + 0x800, 1, W)],
+            &hdr(req_type::IN, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn unknown_request_type_gets_unsupp() {
+        expect_status(
+            &[d(DATA, 16, 0), d(DATA + 0x800, 1, W)],
+            &hdr(99, 0),
+            Status::Unsupp,
+        );
+    }
+
+    #[test]
+    fn read_beyond_the_disk_end_gets_ioerr() {
+        // 8192 blocks of 512: sector 8191 + 2 sectors crosses the end.
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 1024, W),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, 8191),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn sector_overflowing_u64_gets_ioerr() {
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 512, W),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, u64::MAX),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn data_outside_guest_memory_gets_ioerr() {
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(MEM_SIZE as u64 - 256, 512, W),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, 0),
+            Status::IoErr,
+        );
+        expect_status(
+            &[d(DATA, 16, 0), d(1 << 40, 512, 0), d(DATA + 0x800, 1, W)],
+            &hdr(req_type::OUT, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn header_outside_guest_memory_gets_ioerr() {
+        expect_status(
+            &[d(1 << 40, 16, 0), d(DATA + 0x800, 1, W)],
+            &[],
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn readable_descriptor_after_a_writable_one_gets_ioerr() {
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 512, W),
+                d(DATA + 0x2000, 512, 0),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn write_with_device_writable_data_gets_ioerr() {
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 512, W),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::OUT, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn read_with_driver_readable_data_gets_ioerr() {
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 512, 0),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn transfer_that_is_not_whole_sectors_gets_ioerr() {
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 100, W),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn transfer_over_the_request_limit_gets_ioerr() {
+        let big = crate::backend::DEFAULT_MAX_REQUEST + 512;
+        expect_status(
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x10_0000, big, W),
+                d(DATA + 0x800, 1, W),
+            ],
+            &hdr(req_type::IN, 0),
+            Status::IoErr,
+        );
+    }
+
+    #[test]
+    fn chain_without_a_writable_last_byte_is_returned_with_nothing_written() {
+        let (m, mut dev) = (mem(), dev());
+        m.write_slice(&hdr(req_type::IN, 0), GuestAddress(DATA))
+            .expect("hdr");
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let used = one(&mut dev, &m, &[d(DATA, 16, 0), d(DATA + 0x800, 1, 0)]);
+        assert_eq!(used, 0);
+        assert_eq!(status(&m, DATA + 0x800), 0xff);
+        let used = one(&mut dev, &m, &[d(DATA, 0, W)]);
+        assert_eq!(used, 0);
+    }
+
+    #[test]
+    fn status_byte_outside_guest_memory_returns_the_chain_with_nothing_written() {
+        let (m, mut dev) = (mem(), dev());
+        m.write_slice(&hdr(req_type::FLUSH, 0), GuestAddress(DATA))
+            .expect("hdr");
+        let used = one(&mut dev, &m, &[d(DATA, 16, 0), d(1 << 40, 1, W)]);
+        assert_eq!(used, 0);
+        assert_eq!(write(&mut dev, &m, 0, &[1u8; 512]), Status::Ok as u8);
+    }
+
+    #[test]
+    fn looping_chain_gets_ioerr_and_the_device_keeps_serving() {
+        let (m, mut dev) = (mem(), dev());
+        m.write_slice(&hdr(req_type::IN, 0), GuestAddress(DATA))
+            .expect("hdr");
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut q: Queue = vq.create_queue().expect("queue");
+        // 0 -> 1 -> 0 -> ...: cut off by the queue size.
+        let descs = [
+            RawDescriptor::from(SplitDesc::new(DATA, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(SplitDesc::new(
+                DATA + 0x800,
+                1,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                0,
+            )),
+        ];
+        vq.add_desc_chains(&descs, 0).expect("chain");
+        let used = run(&mut dev, &vq, &mut q, &m);
+        assert_eq!(used, vec![(0, 1)]);
+        assert_eq!(status(&m, DATA + 0x800), Status::IoErr as u8);
+    }
+
+    #[test]
+    fn flush_and_get_id_complete() {
+        let (m, mut dev) = (mem(), dev());
+        expect_status(
+            &[d(DATA, 16, 0), d(DATA + 0x800, 1, W)],
+            &hdr(req_type::FLUSH, 0),
+            Status::Ok,
+        );
+        m.write_slice(&hdr(req_type::GET_ID, 0), GuestAddress(DATA))
+            .expect("hdr");
+        let used = one(
+            &mut dev,
+            &m,
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 20, W),
+                d(DATA + 0x800, 1, W),
+            ],
+        );
+        assert_eq!(used, 21);
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(DATA + 0x1000))
+            .expect("id");
+        assert_eq!(&id[..7], b"ramtest");
+        assert!(id[7..].iter().all(|&b| b == 0));
+        assert_eq!(status(&m, DATA + 0x800), Status::Ok as u8);
+    }
+
+    fn dwz(dev: &mut Dev, m: &GuestMemoryMmap<()>, type_: u32, segs: &[DiscardWriteZeroes]) -> u8 {
+        m.write_slice(&hdr(type_, 0), GuestAddress(DATA))
+            .expect("hdr");
+        for (i, s) in segs.iter().enumerate() {
+            m.write_slice(&s.encode(), GuestAddress(DATA + 0x1000 + 16 * i as u64))
+                .expect("seg");
+        }
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let used = one(
+            dev,
+            m,
+            &[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 16 * segs.len() as u32, 0),
+                d(DATA + 0x800, 1, W),
+            ],
+        );
+        assert_eq!(used, 1);
+        status(m, DATA + 0x800)
+    }
+
+    fn seg(sector: u64, num_sectors: u32, flags: u32) -> DiscardWriteZeroes {
+        DiscardWriteZeroes {
+            sector,
+            num_sectors,
+            flags,
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_read_back_as_zeroes() {
+        let (m, mut dev) = (mem(), dev());
+        assert_eq!(write(&mut dev, &m, 0, &pattern(16384, 1)), Status::Ok as u8);
+        // Discard sectors 2..4 and 10..12 (two segments).
+        let st = dwz(
+            &mut dev,
+            &m,
+            req_type::DISCARD,
+            &[seg(2, 2, 0), seg(10, 2, 0)],
+        );
+        assert_eq!(st, Status::Ok as u8);
+        // Write zeroes over sectors 20..24 with UNMAP.
+        let st = dwz(
+            &mut dev,
+            &m,
+            req_type::WRITE_ZEROES,
+            &[seg(20, 4, DiscardWriteZeroes::FLAG_UNMAP)],
+        );
+        assert_eq!(st, Status::Ok as u8);
+        let (st, got) = read(&mut dev, &m, 0, 16384);
+        assert_eq!(st, Status::Ok as u8);
+        let mut want = pattern(16384, 1);
+        for r in [2..4, 10..12, 20..24] {
+            want[r.start * 512..r.end * 512].fill(0);
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn discard_with_the_unmap_flag_or_reserved_flags_gets_unsupp() {
+        let (m, mut dev) = (mem(), dev());
+        let st = dwz(
+            &mut dev,
+            &m,
+            req_type::DISCARD,
+            &[seg(0, 1, DiscardWriteZeroes::FLAG_UNMAP)],
+        );
+        assert_eq!(st, Status::Unsupp as u8);
+        let st = dwz(&mut dev, &m, req_type::WRITE_ZEROES, &[seg(0, 1, 2)]);
+        assert_eq!(st, Status::Unsupp as u8);
+    }
+
+    #[test]
+    fn bad_discard_and_write_zeroes_ranges_get_ioerr() {
+        let (m, mut dev) = (mem(), dev());
+        // Beyond the end.
+        assert_eq!(
+            dwz(&mut dev, &m, req_type::DISCARD, &[seg(8190, 4, 0)]),
+            Status::IoErr as u8
+        );
+        assert_eq!(
+            dwz(&mut dev, &m, req_type::WRITE_ZEROES, &[seg(8192, 1, 0)]),
+            Status::IoErr as u8
+        );
+        // Write zeroes allows one segment.
+        assert_eq!(
+            dwz(
+                &mut dev,
+                &m,
+                req_type::WRITE_ZEROES,
+                &[seg(0, 1, 0), seg(4, 1, 0)]
+            ),
+            Status::IoErr as u8
+        );
+        // Too many discard segments.
+        let many: Vec<_> = (0..crate::request::MAX_DISCARD_SEG as u64 + 1)
+            .map(|i| seg(i, 1, 0))
+            .collect();
+        assert_eq!(
+            dwz(&mut dev, &m, req_type::DISCARD, &many),
+            Status::IoErr as u8
+        );
+        // Zero sectors.
+        assert_eq!(
+            dwz(&mut dev, &m, req_type::DISCARD, &[seg(0, 0, 0)]),
+            Status::IoErr as u8
+        );
+    }
+
+    #[test]
+    fn misaligned_access_on_a_4k_device_gets_ioerr() {
+        let (m, mut dev) = (mem(), dev_with(1024, 4096, 64, DeviceOptions::default()));
+        assert_eq!(write(&mut dev, &m, 1, &[0u8; 4096]), Status::IoErr as u8);
+        assert_eq!(write(&mut dev, &m, 0, &[0u8; 512]), Status::IoErr as u8);
+        assert_eq!(write(&mut dev, &m, 8, &pattern(4096, 2)), Status::Ok as u8);
+        let (st, got) = read(&mut dev, &m, 8, 4096);
+        assert_eq!(st, Status::Ok as u8);
+        assert_eq!(got, pattern(4096, 2));
+    }
+
+    #[test]
+    fn read_only_device_refuses_writes_discards_and_write_zeroes() {
+        let opts = DeviceOptions {
+            read_only: true,
+            ..DeviceOptions::default()
+        };
+        let (m, mut dev) = (mem(), dev_with(8192, 512, 64, opts));
+        assert_ne!(dev.geo.features & crate::spec::features::RO, 0);
+        assert_eq!(write(&mut dev, &m, 0, &[1u8; 512]), Status::IoErr as u8);
+        // Not offered on a read-only device.
+        assert_eq!(
+            dwz(&mut dev, &m, req_type::DISCARD, &[seg(0, 1, 0)]),
+            Status::Unsupp as u8
+        );
+        let (st, _) = read(&mut dev, &m, 0, 512);
+        assert_eq!(st, Status::Ok as u8);
+    }
+
+    #[test]
+    fn many_requests_in_flight_beyond_the_device_queue_depth_all_complete() {
+        let (m, mut dev) = (mem(), dev_with(8192, 512, 2, DeviceOptions::default()));
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut q: Queue = vq.create_queue().expect("queue");
+        // 10 writes of 1 KiB, each its own 3-descriptor chain.
+        let n = 10u64;
+        let mut descs = Vec::new();
+        for i in 0..n {
+            let base = DATA + i * 0x1_0000;
+            m.write_slice(&hdr(req_type::OUT, i * 2), GuestAddress(base))
+                .expect("hdr");
+            m.write_slice(&pattern(1024, i as u8), GuestAddress(base + 0x1000))
+                .expect("data");
+            descs.push(RawDescriptor::from(SplitDesc::new(
+                base,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                (3 * i + 1) as u16,
+            )));
+            descs.push(RawDescriptor::from(SplitDesc::new(
+                base + 0x1000,
+                1024,
+                VRING_DESC_F_NEXT as u16,
+                (3 * i + 2) as u16,
+            )));
+            descs.push(RawDescriptor::from(SplitDesc::new(base + 0x800, 1, W, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        let used = run(&mut dev, &vq, &mut q, &m);
+        assert_eq!(used.len(), n as usize);
+        let mut heads: Vec<u32> = used.iter().map(|u| u.0).collect();
+        heads.sort_unstable();
+        assert_eq!(heads, (0..n as u32).map(|i| 3 * i).collect::<Vec<_>>());
+        for i in 0..n {
+            assert_eq!(status(&m, DATA + i * 0x1_0000 + 0x800), Status::Ok as u8);
+            let (st, got) = read(&mut dev, &m, i * 2, 1024);
+            assert_eq!(st, Status::Ok as u8);
+            assert_eq!(got, pattern(1024, i as u8));
+        }
+    }
+
+    #[test]
+    fn write_through_mode_issues_fua_writes() {
+        let (m, dev) = (mem(), dev());
+        dev.worker.writeback.store(false, Ordering::Relaxed);
+        let mut info = ChainInfo::default();
+        m.write_slice(&hdr(req_type::OUT, 0), GuestAddress(DATA))
+            .expect("hdr");
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let chain = vq
+            .build_desc_chain(&[
+                d(DATA, 16, 0),
+                d(DATA + 0x1000, 512, 0),
+                d(DATA + 0x800, 1, W),
+            ])
+            .expect("chain");
+        let lim = dev.geo.limits.clone();
+        let parsed = Parser::new().parse(&m, chain, &lim, false, &mut info);
+        assert_eq!(
+            parsed,
+            Parsed::Submit(IoOp::Write {
+                lba: 0,
+                nlb: 1,
+                fua: true
+            })
+        );
+    }
+}
