@@ -92,11 +92,8 @@ impl Worker {
     pub fn process_avail<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M) -> usize {
         let mut taken = 0;
         loop {
-            if let Some(req) = self.pending.take() {
-                if let Err(SubmitError::Busy(req)) = self.bdev.submit(req) {
-                    self.pending = Some(req);
-                    break;
-                }
+            if !self.retry_pending() {
+                break;
             }
             let Some(chain) = q.pop_descriptor_chain(mem) else {
                 break;
@@ -164,12 +161,29 @@ impl Worker {
         }
     }
 
+    /// Submits the request the device queue last refused, if any; false if
+    /// it is still refused.
+    fn retry_pending(&mut self) -> bool {
+        if let Some(req) = self.pending.take() {
+            if let Err(SubmitError::Busy(req)) = self.bdev.submit(req) {
+                self.pending = Some(req);
+                return false;
+            }
+        }
+        true
+    }
+
     /// Collects finished requests from the device queue and returns their
-    /// chains to the used ring. Returns how many finished.
+    /// chains to the used ring, and retries a refused submission (so a
+    /// stopping queue, which pops nothing more, still drains). Returns how
+    /// many finished.
     pub fn poll<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M) -> usize {
         let mut done = std::mem::take(&mut self.completions);
         done.clear();
-        let n = self.bdev.poll(&mut done);
+        let mut n = self.bdev.poll(&mut done);
+        if self.pending.is_some() && self.retry_pending() {
+            n += self.bdev.poll(&mut done);
+        }
         for c in done.drain(..) {
             self.complete(q, mem, c);
         }
@@ -214,7 +228,7 @@ impl Worker {
     fn add_used<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M, head: u16, len: u32) {
         match q.add_used(mem, head, len) {
             Ok(()) => self.used += 1,
-            Err(e) => tracing::warn!(head, error = %e, "cannot add to the used ring"),
+            Err(e) => tracing::debug!(head, error = %e, "cannot add to the used ring"),
         }
     }
 }
@@ -310,9 +324,9 @@ mod tests {
     ) -> Vec<(u32, u32)> {
         let before = q.next_used();
         for _ in 0..1000 {
-            dev.worker.process_avail(q, m);
+            let taken = dev.worker.process_avail(q, m);
             dev.worker.poll(q, m);
-            if dev.worker.outstanding() == 0 {
+            if taken == 0 && dev.worker.outstanding() == 0 {
                 break;
             }
         }
@@ -899,6 +913,37 @@ mod tests {
             assert_eq!(st, Status::Ok as u8);
             assert_eq!(got, pattern(1024, i as u8));
         }
+    }
+
+    #[test]
+    fn a_refused_request_is_resubmitted_by_poll_so_a_stopping_queue_drains() {
+        let (m, mut dev) = (mem(), dev_with(8192, 512, 1, DeviceOptions::default()));
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut descs = Vec::new();
+        for i in 0..3u64 {
+            let base = DATA + i * 0x1_0000;
+            m.write_slice(&hdr(req_type::FLUSH, 0), GuestAddress(base))
+                .expect("hdr");
+            descs.push(RawDescriptor::from(SplitDesc::new(
+                base,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                (2 * i + 1) as u16,
+            )));
+            descs.push(RawDescriptor::from(SplitDesc::new(base + 0x800, 1, W, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        // Depth 1: the first is taken, the second refused and parked.
+        dev.worker.process_avail(&mut q, &m);
+        assert_eq!(dev.worker.outstanding(), 2);
+        // Stopping: only poll from now on.
+        for _ in 0..10 {
+            dev.worker.poll(&mut q, &m);
+        }
+        assert_eq!(dev.worker.outstanding(), 0);
+        assert_eq!(q.next_used(), 2);
+        assert_eq!(dev.worker.take_used(), 2);
     }
 
     #[test]
