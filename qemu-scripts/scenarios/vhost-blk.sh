@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # vhost-blk: the guest kernel's virtio_blk driver against `unvme vhost-blk`
 # on the host, attached as `-device vhost-user-blk-pci`. The host side
 # (qemu-scripts/tests/vhost-blk.sh) starts the device and passes
@@ -9,7 +10,9 @@
 # (and written with one size, read with another); flush; blkdiscard (and
 # blkdiscard -z when the tool has it) reading back as zeroes with the
 # neighbours intact; a read beyond the end failing cleanly; an ext2
-# filesystem with files across sync, unmount, cache drop and remount.
+# filesystem with files across sync, unmount, cache drop and remount; with
+# UNVME_VB_FINAL=FILE, FILE written at 32 MiB and flushed last (the host
+# checks it in the backing file).
 set -eu
 # shellcheck source=SCRIPTDIR/../guest/lib.sh
 . /share/lib.sh
@@ -34,7 +37,8 @@ for f in logical_block_size physical_block_size max_segments max_segment_size \
     write_zeroes_max_bytes write_cache; do
     log "queue/$f: $(cat "$SYS/queue/$f" 2>/dev/null || echo '?')"
 done
-nq=$(ls "$SYS/mq" | wc -l)
+set -- "$SYS"/mq/*
+nq=$#
 [ "$nq" = "$QUEUES" ] || fail "$nq blk-mq queues, expected $QUEUES"
 log "$nq virtqueue(s)"
 [ "$(cat "$SYS/queue/discard_max_bytes")" != 0 ] || fail "discard not offered"
@@ -109,4 +113,13 @@ run mount -t ext2 "$DEV" /mnt/t
 (cd / && md5sum -c /tmp/sums) || fail "files differ after unmount/remount"
 run umount /mnt/t
 log "filesystem survives sync/unmount/remount"
+
+# The whole-chain check: a host-made pattern at 32 MiB, flushed; the host
+# reads it from the backing file after we power off.
+if [ -n "${UNVME_VB_FINAL:-}" ]; then
+    run dd if="$UNVME_VB_FINAL" of="$DEV" bs=1M seek=32 oflag=direct conv=fsync
+    run sync
+    run blockdev --flushbufs "$DEV"
+    log "final pattern written and flushed"
+fi
 log "vhost-blk scenario passed"

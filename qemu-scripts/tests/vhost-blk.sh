@@ -6,6 +6,11 @@
 #   bridge     unvme vhost-blk bridged to `unvme target --ram 256M` over
 #              NVMe/TCP, one virtqueue (one queue pair)
 #   bridge-mq  the same with two virtqueues (two queue pairs), 2 guest vCPUs
+#   chain-file the whole chain onto a file: guest virtio_blk -> unvme
+#              vhost-blk -> NVMe/TCP -> `unvme target --file`; after the
+#              scenario the guest writes a host-made 64 MiB pattern at
+#              32 MiB, flushes and powers off; both servers are then killed
+#              with SIGKILL and the pattern is checked in the file
 # Select some with UNVME_VB_CASES="ram bridge" (default: all).
 #
 # Needs target/release/unvme and the guest harness
@@ -17,7 +22,7 @@ QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(cd "$QS/.." && pwd)
 UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
 GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
-CASES=${UNVME_VB_CASES:-ram bridge bridge-mq}
+CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file}
 SIZE=$((256 << 20))
 SERIAL=unvme-vb-test
 
@@ -60,9 +65,17 @@ start() {
     return 1
 }
 
+# The guest's final pattern sits at 32 MiB of the target's file.
+check_file() {
+    cmp <(dd if="$work/disk.img" bs=1M skip=32 count=64 2>/dev/null) "$work/pattern" \
+        && log "the file holds the pattern the guest flushed"
+}
+
+post_check=
 failed=()
-scenario() { # NAME QUEUES SOCKET (device already started)
+scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
     local name=$1 queues=$2 sock=$3 rc=0
+    shift 3
     timeout -k 10 $((GUEST_TIMEOUT + 660)) "$QS/run-guest.sh" --timeout "$GUEST_TIMEOUT" \
         --shared-memory --memory 1G --cpus 2 \
         --env "UNVME_VB_SIZE=$SIZE" --env "UNVME_VB_QUEUES=$queues" \
@@ -70,11 +83,19 @@ scenario() { # NAME QUEUES SOCKET (device already started)
         --log "$QS/build/logs/vhost-blk-$name.log" \
         --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock" \
         --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vb0,num-queues=$queues" \
-        "$QS/scenarios/vhost-blk.sh" || rc=$?
+        "$@" "$QS/scenarios/vhost-blk.sh" || rc=$?
     if grep -q panicked "$work"/*.log; then log "a server panicked"; rc=1; fi
     for p in "${pids[@]}"; do
         kill -0 "$p" 2>/dev/null || { log "a server exited early"; rc=1; }
     done
+    if [[ -n ${post_check:-} ]]; then
+        # No graceful shutdown: what the guest flushed must already be there.
+        for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+        if [[ $rc -eq 0 ]]; then
+            $post_check || { log "$name: post-check failed"; rc=1; }
+        fi
+        post_check=
+    fi
     stop_all
     if [[ $rc -ne 0 ]]; then
         for f in "$work"/*.log; do log "--- $f"; tail -n 20 "$f" >&2; done
@@ -99,6 +120,16 @@ for c in $CASES; do
             start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock" \
                 --num-queues "$q" --serial "$SERIAL"
             scenario "$c" "$q" "$sock"
+            ;;
+        chain-file)
+            head -c $((64 << 20)) /dev/urandom > "$work/pattern"
+            tport=$(free_port)
+            start target "listening.*:$tport" "$UNVME" target --file "$work/disk.img:create=256M" \
+                --listen "127.0.0.1:$tport" --reactors 1
+            start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock" \
+                --serial "$SERIAL"
+            post_check=check_file
+            scenario "$c" 1 "$sock" --file "$work/pattern=pattern" --env UNVME_VB_FINAL=/share/pattern
             ;;
         *) log "unknown case $c"; failed+=("$c") ;;
     esac

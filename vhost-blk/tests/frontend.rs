@@ -264,15 +264,23 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn start(tag: &str, queues: u16, blocks: u64) -> (Server, PathBuf) {
+    start_with(
+        tag,
+        blocks,
+        DeviceOptions {
+            num_queues: queues,
+            ..DeviceOptions::default()
+        },
+    )
+}
+
+fn start_with(tag: &str, blocks: u64, device: DeviceOptions) -> (Server, PathBuf) {
     let sock = socket_path(tag);
     let bdev: Arc<dyn Bdev> = Arc::new(RamBdev::new("fe-ram", blocks, 512).expect("ram"));
     let server = Server::start(ServerConfig {
         socket: sock.clone(),
         bdev,
-        device: DeviceOptions {
-            num_queues: queues,
-            ..DeviceOptions::default()
-        },
+        device,
     })
     .expect("server");
     (server, sock)
@@ -531,5 +539,42 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
         "interrupt the driver did not ask for"
     );
     drop(g);
+    server.shutdown().expect("shutdown");
+}
+
+#[test]
+fn poll_mode_serves_requests_and_stops_with_the_connection() {
+    let opts = DeviceOptions {
+        num_queues: 2,
+        poll: true,
+        ..DeviceOptions::default()
+    };
+    let (server, sock) = start_with("poll", 4096, opts);
+    let mut g = Guest::connect(&sock, 2);
+    for q in 0..2 {
+        let data = pattern(4096, q as u8);
+        let h = g.put(&hdr(req_type::OUT, 8 * q as u64));
+        let d = g.put(&data);
+        let s = g.buf(1);
+        assert_eq!(
+            g.request(q, &[(h, 16, false), (d, 4096, false), (s, 1, true)])
+                .0,
+            Status::Ok as u8
+        );
+        let h = g.put(&hdr(req_type::IN, 8 * q as u64));
+        let d = g.buf(4096);
+        let s = g.buf(1);
+        assert_eq!(
+            g.request(q, &[(h, 16, false), (d, 4096, true), (s, 1, true)]),
+            (Status::Ok as u8, 4097)
+        );
+        let mut got = vec![0u8; 4096];
+        g.mem.read_slice(&mut got, d).expect("read back");
+        assert_eq!(got, data);
+    }
+    // QEMU stops rings with GET_VRING_BASE: a spinning queue must let go.
+    assert_eq!(g.fe.get_vring_base(0).expect("stop ring 0"), 2);
+    drop(g);
+    // The spinning queue threads end with the connection.
     server.shutdown().expect("shutdown");
 }
