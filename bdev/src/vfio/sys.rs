@@ -212,11 +212,6 @@ impl VfioDevice {
                 vb::VFIO_API_VERSION
             )));
         }
-        let iommu = [vb::VFIO_TYPE1v2_IOMMU, vb::VFIO_TYPE1_IOMMU]
-            .into_iter()
-            .find(|&t| ioctl_val(&container, VFIO_CHECK_EXTENSION, t.into()) > 0)
-            .ok_or_else(|| Error::Unsupported("the VFIO container offers no type1 IOMMU".into()))?;
-
         let group_path = PathBuf::from(format!("/dev/vfio/{}", pci.group));
         let group = open_rw(
             &group_path,
@@ -236,6 +231,16 @@ impl VfioDevice {
         if ioctl_ptr(&group, VFIO_GROUP_SET_CONTAINER, &mut cfd) != 0 {
             return Err(last_os_error("VFIO_GROUP_SET_CONTAINER"));
         }
+        let iommu = [vb::VFIO_TYPE1v2_IOMMU, vb::VFIO_TYPE1_IOMMU]
+            .into_iter()
+            .find(|&t| ioctl_val(&container, VFIO_CHECK_EXTENSION, t.into()) > 0)
+            .ok_or_else(|| {
+                Error::Unsupported(
+                    "the VFIO container offers no type1 IOMMU (load it: modprobe vfio_iommu_type1)"
+                        .into(),
+                )
+            })?;
+
         if ioctl_val(&container, VFIO_SET_IOMMU, iommu.into()) != 0 {
             return Err(last_os_error("VFIO_SET_IOMMU"));
         }

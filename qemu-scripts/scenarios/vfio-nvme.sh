@@ -1,0 +1,199 @@
+# vfio-nvme: `unvme target --vfio` driving the guest's emulated NVMe
+# controller from user space, checked through the guest kernel's nvme-tcp
+# host and `unvme perf --verify` (host half: qemu-scripts/tests/vfio-nvme.sh,
+# which boots q35 + intel-iommu + `-device nvme,serial=deadbeef`).
+#
+# Needs /share/unvme and /share/vfio-bind.sh. Steps:
+#  1. error paths: an absent device, the device still bound to the kernel
+#     nvme driver, vfio-bind.sh on an absent device, no permission on the
+#     VFIO group (as uid 1000) — each must fail with its clear message;
+#  2. vfio-bind.sh binds the device; `unvme identify --vfio` (text, JSON);
+#  3. `unvme target --vfio ADDR` on 127.0.0.1:4420; `unvme perf --verify`
+#     randwrite then randread (4 KiB and 128 KiB, 32 MiB range);
+#  4. kernel nvme-tcp host: 16 MiB random pattern (O_DIRECT, 4 KiB..1 MiB
+#     blocks) round-trips; Write Zeroes (nvme-cli) reads back zeroes with the
+#     neighbours intact; Dataset Management deallocate; Flush;
+#  5. the target is restarted (SIGTERM: controller shut down and released)
+#     and the data reads back; the target is stopped again;
+#  6. vfio-bind.sh --unbind gives the device back to the kernel nvme driver,
+#     which reads the same data: the user-space driver wrote the real device.
+set -eu
+# shellcheck source=SCRIPTDIR/../guest/lib.sh
+. /share/lib.sh
+
+NQN=nqn.2024-11.io.unvme:default
+SERIAL=${VFIO_SERIAL:-deadbeef}
+U=/tmp/unvme
+bind() { sh /share/vfio-bind.sh "$@"; }
+MB=$((1024 * 1024))
+
+[ -f /share/unvme ] || fail "no /share/unvme (run-guest.sh --file target/release/unvme=unvme)"
+cp /share/unvme "$U"
+chmod 755 "$U"
+"$U" --version || fail "unvme does not run in the guest"
+
+# The emulated NVMe controller: PCI class 0x010802, serial $SERIAL.
+ADDR=${VFIO_ADDR:-}
+if [ -z "$ADDR" ]; then
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/class")" = 0x010802 ] && { ADDR=$(basename "$d"); break; }
+    done
+fi
+[ -n "$ADDR" ] || fail "no NVMe PCI device in the guest"
+log "NVMe controller at $ADDR (driver: $(basename "$(readlink /sys/bus/pci/devices/"$ADDR"/driver)" 2>/dev/null))"
+
+# expect_fail NAME PATTERN CMD...: CMD must fail and print PATTERN.
+expect_fail() {
+    _name=$1 _pat=$2
+    shift 2
+    if "$@" > /tmp/err.out 2>&1; then
+        cat /tmp/err.out
+        fail "$_name: succeeded, expected a failure"
+    fi
+    cat /tmp/err.out
+    grep -q "$_pat" /tmp/err.out || fail "$_name: message lacks '$_pat'"
+    log "ok: $_name gives a clear error"
+}
+
+# ---- 1. error paths ---------------------------------------------------
+expect_fail "absent device" "0000:00:1e.7 not found" "$U" identify --vfio 0000:00:1e.7
+expect_fail "target on an absent device" "not found" \
+    "$U" target --vfio 0000:00:1e.7 --listen 127.0.0.1:4421 --reactors 1
+expect_fail "vfio-bind.sh on an absent device" "no PCI device 0000:00:1e.7" bind 0000:00:1e.7
+wait_for /sys/bus/pci/devices/"$ADDR"/driver 10 || fail "$ADDR has no driver at boot"
+expect_fail "device bound to nvme" "bound to the nvme driver, not vfio-pci" \
+    "$U" identify --vfio "$ADDR"
+
+# ---- 2. bind, identify --------------------------------------------------
+run bind "$ADDR"
+GROUP=$(basename "$(readlink /sys/bus/pci/devices/"$ADDR"/iommu_group)")
+run bind "$ADDR"   # idempotent
+grep -q '^unvmetest:' /etc/passwd || echo 'unvmetest:x:1000:1000::/tmp:/bin/sh' >> /etc/passwd
+expect_fail "no permission on /dev/vfio/$GROUP" "/dev/vfio/$GROUP: Permission denied" \
+    su -s /bin/sh unvmetest -c "$U identify --vfio $ADDR"
+
+run "$U" identify --vfio "$ADDR" > /tmp/id.txt
+cat /tmp/id.txt
+grep -q "^sn *: $SERIAL" /tmp/id.txt || fail "identify: serial $SERIAL missing"
+grep -q "^mn *: QEMU NVMe Ctrl" /tmp/id.txt || fail "identify: model missing"
+grep -q "NVME Identify Namespace 1" /tmp/id.txt || fail "identify: namespace 1 missing"
+run "$U" identify --vfio "$ADDR" --json > /tmp/id.json
+grep -q "\"sn\":\"$SERIAL\"" /tmp/id.json || fail "identify --json: serial missing"
+log "identify --vfio: controller and namespace 1 shown (text and JSON)"
+
+# ---- 3. target + unvme perf --verify ------------------------------------
+TPID=
+target_start() {
+    "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 --reactors 1 --log info > /tmp/target.log 2>&1 &
+    TPID=$!
+    i=0
+    while ! grep -q listening /tmp/target.log; do
+        i=$((i + 1))
+        if [ "$i" -ge 300 ] || ! kill -0 "$TPID" 2>/dev/null; then
+            cat /tmp/target.log
+            fail "unvme target --vfio did not start"
+        fi
+        sleep 0.1
+    done
+    log "unvme target --vfio $ADDR listening (pid $TPID)"
+}
+target_stop() {
+    kill -TERM "$TPID"
+    i=0
+    while kill -0 "$TPID" 2>/dev/null; do
+        i=$((i + 1))
+        [ "$i" -ge 300 ] && { cat /tmp/target.log; fail "unvme target did not exit on SIGTERM"; }
+        sleep 0.1
+    done
+    wait "$TPID" || { cat /tmp/target.log; fail "unvme target exited with an error"; }
+    cat /tmp/target.log
+    grep -q "shut down and released" /tmp/target.log || fail "the target did not release the controller"
+    grep -q panicked /tmp/target.log && fail "the target panicked"
+    log "unvme target stopped; controller released"
+}
+trap '[ -n "$TPID" ] && kill -KILL "$TPID" 2>/dev/null; true' EXIT
+
+target_start
+for io in 4096 131072; do
+    for pat in randwrite randread; do
+        run "$U" perf --verify --pattern "$pat" --io-size "$io" --qd 32 --time 3 \
+            --range 32M --json > /tmp/perf.out
+        tail -1 /tmp/perf.out
+        tail -1 /tmp/perf.out | grep -q '"errors": *0[,}]' \
+            || fail "unvme perf --verify $pat $io reported errors"
+        tail -1 /tmp/perf.out | grep -q '"ios": *[1-9]' || fail "unvme perf $pat $io did no I/O"
+    done
+done
+log "unvme perf --verify: randwrite/randread 4 KiB and 128 KiB without errors"
+
+# ---- 4. kernel nvme-tcp host ---------------------------------------------
+connect() {
+    run nvme connect -t tcp -a 127.0.0.1 -s 4420 -n "$NQN"
+    i=0
+    DEV=
+    while [ -z "$DEV" ] && [ "$i" -lt 100 ]; do
+        DEV=$(nvme_dev_for_nqn "$NQN" || true)
+        [ -n "$DEV" ] && [ -b "$DEV" ] || DEV=
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -n "$DEV" ] || fail "no block device for $NQN"
+    log "connected: $DEV ($(blockdev --getsize64 "$DEV") bytes, $(blockdev --getss "$DEV")-byte blocks)"
+}
+disconnect() { run nvme disconnect -n "$NQN"; }
+
+connect
+BS=$(blockdev --getss "$DEV")
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=16 2>/dev/null
+for bs in 4096 65536 1048576; do
+    run dd if=/tmp/pattern of="$DEV" bs="$bs" count=$((16 * MB / bs)) oflag=direct
+    run dd if="$DEV" of=/tmp/readback bs="$bs" count=$((16 * MB / bs)) iflag=direct
+    cmp /tmp/pattern /tmp/readback || fail "read-back with bs=$bs differs from the pattern"
+done
+log "16 MiB pattern round-trips with bs 4 KiB .. 1 MiB"
+
+# Write Zeroes over 1 MiB at 4 MiB; expected image updated to match.
+run nvme write-zeroes "$DEV" -s $((4 * MB / BS)) -c $((MB / BS - 1))
+dd if=/dev/zero of=/tmp/pattern bs=1M seek=4 count=1 conv=notrunc 2>/dev/null
+run dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct
+cmp /tmp/pattern /tmp/readback || fail "after Write Zeroes the device differs from the expected image"
+log "Write Zeroes: the range reads back as zeroes, neighbours intact"
+
+# Dataset Management (deallocate) past the pattern, then Flush.
+run nvme dsm "$DEV" --ad -s $((32 * MB / BS)) -b $((MB / BS))
+run nvme flush "$DEV"
+run dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct
+cmp /tmp/pattern /tmp/readback || fail "data changed after DSM/Flush"
+log "Dataset Management deallocate and Flush succeed"
+disconnect
+
+# ---- 5. restart -------------------------------------------------------------
+target_stop
+target_start
+connect
+run dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct
+cmp /tmp/pattern /tmp/readback || fail "data did not survive the target restart"
+log "data survives the target restart"
+disconnect
+target_stop
+TPID=
+
+# ---- 6. back to the kernel driver ------------------------------------------
+run bind --unbind "$ADDR"
+wait_for /sys/bus/pci/devices/"$ADDR"/nvme 20 || fail "the nvme driver did not take $ADDR back"
+KDEV=
+i=0
+while [ -z "$KDEV" ] && [ "$i" -lt 100 ]; do
+    for b in /sys/bus/pci/devices/"$ADDR"/nvme/nvme*/nvme*n1 /sys/class/nvme-subsystem/*/nvme*n1; do
+        [ -e "$b" ] || continue
+        [ "$(tr -d ' ' < "$(dirname "$b")/serial")" = "$SERIAL" ] || continue
+        [ -b "/dev/$(basename "$b")" ] && KDEV=/dev/$(basename "$b")
+    done
+    sleep 0.1
+    i=$((i + 1))
+done
+[ -n "$KDEV" ] || fail "no kernel block device for $ADDR after --unbind"
+run dd if="$KDEV" of=/tmp/readback bs=1M count=16 iflag=direct
+cmp /tmp/pattern /tmp/readback || fail "the kernel nvme driver reads different data"
+log "released to the kernel nvme driver ($KDEV), which reads the same data"
+log "vfio-nvme: all checks passed"

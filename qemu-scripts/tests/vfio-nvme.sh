@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# vfio-nvme.sh: `unvme target --vfio` in a QEMU guest (q35, intel-iommu,
+# emulated `-device nvme`), checked by the guest kernel's nvme-tcp host and
+# `unvme perf --verify`, plus the error paths (scenario
+# qemu-scripts/scenarios/vfio-nvme.sh has the list).
+#
+# The base initramfs lacks libgcc_s.so.1, which target/release/unvme links;
+# the --with-fio initramfs has it (as for bench/kernel).
+# Needs target/release/unvme and the guest harness
+# (qemu-scripts/install-deps.sh). Bounded; the temp dir is removed on exit.
+set -euo pipefail
+
+QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$QS/.." && pwd)
+UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
+GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
+
+log() { echo "vfio-nvme: $*" >&2; }
+[[ -x $UNVME ]] || { log "FAIL: $UNVME missing (cargo build --release)"; exit 2; }
+command -v qemu-system-x86_64 >/dev/null || { log "FAIL: qemu-system-x86_64 missing"; exit 2; }
+timeout -k 10 900 "$QS/build-guest.sh" || { log "FAIL: guest build"; exit 1; }
+
+work=$(mktemp -d /tmp/unvme-vfio-nvme.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+truncate -s 256M "$work/nvme.img"
+
+rc=0
+timeout -k 10 $((GUEST_TIMEOUT + 120)) "$QS/run-guest.sh" --timeout "$GUEST_TIMEOUT" \
+    --machine q35,kernel-irqchip=split --append intel_iommu=on --with-fio \
+    --file "$UNVME=unvme" --file "$QS/vfio-bind.sh=vfio-bind.sh" \
+    --log "$QS/build/logs/vfio-nvme.log" \
+    "$QS/scenarios/vfio-nvme.sh" -- \
+    -device intel-iommu,intremap=on,caching-mode=on \
+    -drive "file=$work/nvme.img,if=none,id=nvm,format=raw" \
+    -device nvme,serial=deadbeef,drive=nvm || rc=$?
+if [[ $rc == 0 ]]; then
+    log "PASS"
+else
+    log "FAIL (status $rc; console: $QS/build/logs/vfio-nvme.log)"
+fi
+exit "$rc"
