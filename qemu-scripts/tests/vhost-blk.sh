@@ -11,6 +11,11 @@
 #              scenario the guest writes a host-made 64 MiB pattern at
 #              32 MiB, flushes and powers off; both servers are then killed
 #              with SIGKILL and the pattern is checked in the file
+#   target-restart  the same chain; the host SIGKILLs `unvme target` and
+#              restarts it on the same port and file while the guest runs
+#              (scenario vhost-blk-restart.sh, host half
+#              vhost-restart-host.sh): I/O fails without hanging while it is
+#              gone, resumes after, flushed data intact
 # Select some with UNVME_VB_CASES="ram bridge" (default: all).
 #
 # Needs target/release/unvme and the guest harness
@@ -22,7 +27,7 @@ QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(cd "$QS/.." && pwd)
 UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
 GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
-CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file}
+CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file target-restart}
 SIZE=$((256 << 20))
 SERIAL=unvme-vb-test
 
@@ -46,7 +51,11 @@ stop_all() {
     done
     pids=()
 }
-cleanup() { stop_all; rm -rf "$work"; }
+cleanup() {
+    stop_all
+    if [[ -s $work/target.pid ]]; then kill -KILL "$(cat "$work/target.pid")" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -83,7 +92,7 @@ scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
         --log "$QS/build/logs/vhost-blk-$name.log" \
         --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock" \
         --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vb0,num-queues=$queues" \
-        "$@" "$QS/scenarios/vhost-blk.sh" || rc=$?
+        "$@" "$QS/scenarios/${scen:-vhost-blk.sh}" || rc=$?
     if grep -q panicked "$work"/*.log; then log "a server panicked"; rc=1; fi
     for p in "${pids[@]}"; do
         kill -0 "$p" 2>/dev/null || { log "a server exited early"; rc=1; }
@@ -97,6 +106,9 @@ scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
         post_check=
     fi
     stop_all
+    scen=
+    if [[ -s $work/target.pid ]]; then target_stop "$(cat "$work/target.pid")" TERM || true; fi
+    rm -f "$work/target.pid"
     if [[ $rc -ne 0 ]]; then
         for f in "$work"/*.log; do log "--- $f"; tail -n 20 "$f" >&2; done
     fi
@@ -130,6 +142,19 @@ for c in $CASES; do
                 --serial "$SERIAL"
             post_check=check_file
             scenario "$c" 1 "$sock" --file "$work/pattern=pattern" --env UNVME_VB_FINAL=/share/pattern
+            ;;
+        target-restart)
+            tport=$(free_port)
+            start target "listening.*:$tport" "$UNVME" target --file "$work/restart.img:create=64M" \
+                --listen "127.0.0.1:$tport" --reactors 1
+            echo "${pids[-1]}" > "$work/target.pid"
+            start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock"
+            # The target is the host command's to kill and restart.
+            unset 'pids[0]'
+            pids=("${pids[@]}")
+            scen=vhost-blk-restart.sh
+            scenario "$c" 1 "$sock" --host-timeout 400 \
+                --host-cmd "'$QS/tests/vhost-restart-host.sh' '$UNVME' $tport '$work/restart.img' '$work/target.pid' '$work/target.log'"
             ;;
         *) log "unknown case $c"; failed+=("$c") ;;
     esac
