@@ -9,7 +9,8 @@
 # pattern written and read back with O_DIRECT in block sizes 4 KiB .. 1 MiB
 # (and written with one size, read with another); flush; blkdiscard (and
 # blkdiscard -z when the tool has it) reading back as zeroes with the
-# neighbours intact; a read beyond the end failing cleanly; an ext2
+# neighbours intact; a read beyond the end failing cleanly; fio randwrite
+# with verify (2 jobs) when the guest has fio; an ext2
 # filesystem with files across sync, unmount, cache drop and remount; with
 # UNVME_VB_FINAL=FILE, FILE written at 32 MiB and flushed last (the host
 # checks it in the backing file).
@@ -98,6 +99,18 @@ if dd if="$DEV" of=/dev/null bs=4096 skip=$((SIZE / 4096)) count=1 iflag=direct 
     log "read at the end returned EOF"
 fi
 dd if="$DEV" of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null || fail "device stopped serving"
+
+# fio with verify when the guest has it (run-guest.sh --with-fio): random
+# writes of mixed sizes from 2 jobs at QD16 (both virtqueues with
+# num-queues=2), each job verifying its own region.
+if command -v fio >/dev/null 2>&1; then
+    run fio --name=verify --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite \
+        --bsrange=4k-256k --iodepth=16 --numjobs=2 --size=32M --offset_increment=64M \
+        --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 --group_reporting \
+        --output=/tmp/fio.out
+    grep -q "err= 0" /tmp/fio.out || { cat /tmp/fio.out; fail "fio verify reported errors"; }
+    log "fio randwrite + verify (2 jobs, QD16, 4k-256k) passed"
+fi
 
 run mke2fs -q -b 4096 "$DEV"
 mkdir -p /mnt/t

@@ -5,7 +5,8 @@
 #   ram        unvme vhost-blk --ram 256M, one virtqueue
 #   bridge     unvme vhost-blk bridged to `unvme target --ram 256M` over
 #              NVMe/TCP, one virtqueue (one queue pair)
-#   bridge-mq  the same with two virtqueues (two queue pairs), 2 guest vCPUs
+#   bridge-mq  the same with two virtqueues (two queue pairs), 2 guest vCPUs,
+#              and fio randwrite + verify from 2 jobs (--with-fio guest)
 #   chain-file the whole chain onto a file: guest virtio_blk -> unvme
 #              vhost-blk -> NVMe/TCP -> `unvme target --file`; after the
 #              scenario the guest writes a host-made 64 MiB pattern at
@@ -36,7 +37,7 @@ log() { echo "vhost-blk: $*" >&2; }
 command -v qemu-system-x86_64 >/dev/null || { log "FAIL: qemu-system-x86_64 missing"; exit 2; }
 timeout -k 10 900 "$QS/build-guest.sh" || { log "FAIL: guest build"; exit 1; }
 
-# shellcheck source=lib-host.sh
+# shellcheck source=SCRIPTDIR/lib-host.sh
 . "$QS/tests/lib-host.sh"
 
 work=$(mktemp -d /tmp/unvme-vhost-blk.XXXXXX)
@@ -131,7 +132,11 @@ for c in $CASES; do
                 --listen "127.0.0.1:$tport" --reactors 1
             start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock" \
                 --num-queues "$q" --serial "$SERIAL"
-            scenario "$c" "$q" "$sock"
+            if [[ $c == bridge-mq ]]; then
+                scenario "$c" "$q" "$sock" --with-fio
+            else
+                scenario "$c" "$q" "$sock"
+            fi
             ;;
         chain-file)
             head -c $((64 << 20)) /dev/urandom > "$work/pattern"
