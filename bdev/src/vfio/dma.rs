@@ -110,7 +110,7 @@ impl DmaRegion {
     /// dwords, which the device writes behind the compiler's back.
     pub fn read_volatile_u32(&self, off: usize) -> u32 {
         assert!(
-            off % 4 == 0 && off.checked_add(4).is_some_and(|e| e <= self.len),
+            off.is_multiple_of(4) && off.checked_add(4).is_some_and(|e| e <= self.len),
             "DMA region word out of bounds"
         );
         // SAFETY: 4-aligned and inside the mapping (checked); a volatile
@@ -181,7 +181,7 @@ pub(crate) fn build_prps(
     if n == 0 || pages.len() < n {
         return Err(PrpError::NotEnoughPages);
     }
-    if pages[..n].iter().any(|p| p % PAGE as u64 != 0) || list_iova % 8 != 0 {
+    if pages[..n].iter().any(|p| !p.is_multiple_of(PAGE as u64)) || !list_iova.is_multiple_of(8) {
         return Err(PrpError::Misaligned);
     }
     match n {

@@ -374,7 +374,7 @@ impl Mmio {
     }
 
     fn in_range(&self, off: usize, size: usize) -> bool {
-        off % size == 0 && off.checked_add(size).is_some_and(|e| e <= self.len)
+        off.is_multiple_of(size) && off.checked_add(size).is_some_and(|e| e <= self.len)
     }
 
     /// Reads the 32-bit register at `off`.
