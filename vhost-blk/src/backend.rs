@@ -288,22 +288,34 @@ impl BlkBackend {
                     return Ok(());
                 }
                 drop(st);
-                std::hint::spin_loop();
+                std::thread::yield_now();
                 continue;
             }
-            if work > 0 || w.outstanding() > 0 || self.opts.poll {
+            if work > 0 {
                 idle_since = None;
                 drop(st);
-                std::hint::spin_loop();
                 continue;
             }
+            drop(st);
             let now = Instant::now();
-            let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) < self.opts.spin {
-                drop(st);
+            let idle_for = now.duration_since(*idle_since.get_or_insert(now));
+            if w.outstanding() > 0 || self.opts.poll {
+                // Requests in flight (a device queue has no completion fd):
+                // keep polling, but after the spin budget without progress
+                // let other threads on this CPU run between polls (a remote
+                // target may be sharing it).
+                if !self.opts.poll && idle_for >= self.opts.spin {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            if idle_for < self.opts.spin {
                 std::hint::spin_loop();
                 continue;
             }
+            let mut st = vring.get_mut();
             // Idle: ask for kicks again, then look once more so a chain
             // made available meanwhile is not left waiting for a kick.
             let q = st.get_queue_mut();
