@@ -972,4 +972,67 @@ mod tests {
             })
         );
     }
+
+    mod prop {
+        //! Arbitrary chains never panic the device, always come back on
+        //! the used ring, and leave the device serving.
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        struct ArbDesc {
+            addr: u64,
+            len: u32,
+            write: bool,
+        }
+
+        fn arb_desc() -> impl Strategy<Value = ArbDesc> {
+            (
+                prop_oneof![
+                    // Inside guest memory, near its end, or far outside.
+                    (0x10_0000u64..0xf0_0000),
+                    Just(MEM_SIZE as u64 - 8),
+                    (1u64 << 40..1u64 << 41),
+                    Just(u64::MAX - 4),
+                ],
+                prop_oneof![Just(0u32), 1u32..32, Just(512), Just(4096), 1u32..70_000],
+                any::<bool>(),
+            )
+                .prop_map(|(addr, len, write)| ArbDesc { addr, len, write })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn arbitrary_chains_are_answered_and_never_stop_the_device(
+                descs in proptest::collection::vec(arb_desc(), 1..8),
+                type_ in prop_oneof![Just(0u32), Just(1), Just(4), Just(8), Just(11), Just(13), any::<u32>()],
+                sector in prop_oneof![0u64..16384, any::<u64>()],
+                seg in any::<[u8; 16]>(),
+            ) {
+                let m = mem();
+                let mut dev = dev();
+                // Whatever lies at the addresses: a header, then segments.
+                for d in &descs {
+                    if d.addr < MEM_SIZE as u64 - 32 {
+                        let _ = m.write_slice(&hdr(type_, sector), GuestAddress(d.addr));
+                        let _ = m.write_slice(&seg, GuestAddress(d.addr + 16));
+                    }
+                }
+                let raw: Vec<RawDescriptor> = descs
+                    .iter()
+                    .map(|d| self::d(d.addr, d.len, if d.write { W } else { 0 }))
+                    .collect();
+                let vq = MockSplitQueue::new(&m, QSIZE);
+                let mut q: Queue = vq.create_queue().expect("queue");
+                vq.build_desc_chain(&raw).expect("chain");
+                let used = run(&mut dev, &vq, &mut q, &m);
+                prop_assert_eq!(used.len(), 1);
+                let writable: u64 = descs.iter().filter(|d| d.write).map(|d| u64::from(d.len)).sum();
+                prop_assert!(u64::from(used[0].1) <= writable);
+                // The device still serves a well-formed request.
+                prop_assert_eq!(write(&mut dev, &m, 0, &[9u8; 512]), Status::Ok as u8);
+            }
+        }
+    }
 }
