@@ -125,7 +125,7 @@ impl Parsed {
     }
 }
 
-/// Per-queue scratch space for [`parse`].
+/// Per-queue scratch space for [`Parser::parse`].
 #[derive(Debug, Default)]
 pub struct Parser {
     descs: Vec<Desc>,
