@@ -22,8 +22,10 @@
 //! Doorbells: SQEs are written at submit and the SQ tail doorbell is rung
 //! once per batch (at the next poll, or when [`DOORBELL_BATCH`] SQEs are
 //! pending); poll reaps every new CQE (phase tag) and writes the CQ head
-//! doorbell once. Health (CSTS) and command deadlines are checked only
-//! while commands are outstanding and the CQ has been quiet for a while.
+//! doorbell once. Health (CSTS) and command deadlines are checked only by
+//! polls that find nothing while commands are outstanding, at most every
+//! 50 ms: a dead controller or a lost command is noticed within the command
+//! timeout (CAP.TO, at least 10 s) plus 50 ms, whoever polls and how often.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -41,8 +43,10 @@ use crate::{BdevInfo, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, 
 pub(crate) const DOORBELL_BATCH: usize = 32;
 /// Data arena of a queue: at least this much, and at least two largest transfers.
 const MIN_ARENA: usize = 8 << 20;
-/// Polls without a completion, with commands outstanding, between health checks.
-const HEALTH_EVERY: u32 = 4096;
+/// Quiet time (commands outstanding, no completion) between health checks
+/// (CSTS read, command deadlines). Time-based, so a caller that polls
+/// rarely still notices a dead controller within about this long.
+const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 /// Most LBA ranges of one Dataset Management command (NR is 8 bits, 0's based).
 const DSM_MAX_RANGES: usize = 256;
 /// Most blocks of one Write Zeroes command (NLB is 16 bits, 0's based).
@@ -95,7 +99,7 @@ pub(crate) struct VfioQueue {
     /// Completions decided at submit (invalid requests, a failed device).
     done: Vec<IoCompletion>,
     scratch: Vec<u64>,
-    idle_polls: u32,
+    last_health: Instant,
     /// Set when the controller failed: everything completes Unavailable.
     broken: bool,
     info: BdevInfo,
@@ -151,7 +155,7 @@ impl VfioQueue {
             pool: PagePool::new(arena_pages),
             done: Vec::with_capacity(n_slots),
             scratch: vec![0; max_pages.max(1)],
-            idle_polls: 0,
+            last_health: now,
             broken: false,
             info,
             ns,
@@ -450,11 +454,12 @@ impl BdevQueue for VfioQueue {
                 .dev
                 .bar0
                 .write32(self.cq_doorbell, u32::from(self.cq.head()));
-            self.idle_polls = 0;
         } else if self.in_flight > 0 {
-            self.idle_polls += 1;
-            if self.idle_polls >= HEALTH_EVERY {
-                self.idle_polls = 0;
+            // An idle poll: a clock read (vDSO, no system call), and at most
+            // every HEALTH_INTERVAL a CSTS read and a deadline scan.
+            let now = Instant::now();
+            if now.duration_since(self.last_health) >= HEALTH_INTERVAL {
+                self.last_health = now;
                 n += self.health_check(out);
             }
         }
