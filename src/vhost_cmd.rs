@@ -51,17 +51,22 @@ pub struct VhostArgs {
     /// eventfd (without --poll).
     #[arg(long, default_value_t = 100)]
     spin_us: u64,
-    /// GET_ID serial (default: the device name, truncated to 20 bytes).
+    /// GET_ID serial (default: a remote controller's serial number, else the
+    /// device name; truncated to 20 bytes).
     #[arg(long)]
     serial: Option<String>,
 }
 
-fn source(a: &VhostArgs) -> Result<Arc<dyn Bdev>, Box<dyn std::error::Error>> {
+/// The device and the GET_ID serial it suggests (a remote namespace: its
+/// controller's serial number).
+type Source = (Arc<dyn Bdev>, Option<String>);
+
+fn source(a: &VhostArgs) -> Result<Source, Box<dyn std::error::Error>> {
     if let Some(s) = &a.ram {
-        return Ok(unvme_bdev::from_spec(&format!("ram:{s}"))?);
+        return Ok((unvme_bdev::from_spec(&format!("ram:{s}"))?, None));
     }
     if let Some(f) = &a.file {
-        return Ok(unvme_bdev::from_spec(&format!("file:{f}"))?);
+        return Ok((unvme_bdev::from_spec(&format!("file:{f}"))?, None));
     }
     let opts = a.conn.options();
     let ctrl = Controller::connect(opts.clone())?;
@@ -73,12 +78,14 @@ fn source(a: &VhostArgs) -> Result<Arc<dyn Bdev>, Box<dyn std::error::Error>> {
         port = opts.port,
         "remote namespace"
     );
-    Ok(Arc::new(ns))
+    let sn = ctrl.identify().sn.trim().to_string();
+    Ok((Arc::new(ns), (!sn.is_empty()).then_some(sn)))
 }
 
 /// Runs the device until SIGINT/SIGTERM.
 pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let bdev = source(&a)?;
+    let (bdev, serial) = source(&a)?;
+    let serial_log = serial.clone();
     let info = bdev.info().clone();
     let cfg = ServerConfig {
         socket: a.socket.clone(),
@@ -89,7 +96,7 @@ pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
             read_only: a.read_only,
             poll: a.poll,
             spin: Duration::from_micros(a.spin_us),
-            serial: a.serial.clone(),
+            serial: a.serial.clone().or(serial),
         },
     };
     let server = Server::start(cfg)?;
@@ -98,6 +105,7 @@ pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         bytes = info.size_bytes(),
         block_size = info.block_size,
         queues = a.num_queues,
+        serial = a.serial.as_deref().or(serial_log.as_deref()).unwrap_or(&info.name),
         features = format_args!("{:#x}", server.geometry().features),
         "vhost-user-blk device"
     );

@@ -116,7 +116,10 @@ fn serve(
             .start(listener)
             .map_err(|e| Error::VhostUser(format!("accept: {e}")))?;
         if stop.load(Ordering::SeqCst) {
+            // Our own wake-up connection from `Server::shutdown`.
             daemon.request_shutdown();
+            let _ = daemon.wait();
+            break;
         }
         if let Ok(mut cur) = current.lock() {
             *cur = daemon.shutdown_handle();
