@@ -115,9 +115,9 @@ nvmet_clear
 
 # ---- uv: unvme target --vfio ------------------------------------------------
 run sh /share/vfio-bind.sh "$ADDR"
-# --spin-us/--max-transfer: see scenarios/vfio-nvme.sh.
+# --spin-us: see scenarios/vfio-nvme.sh.
 "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 --reactors 1 --cpus "$TCPU" \
-    --spin-us 2000000 --max-transfer 524288 --log info 2>/tmp/ut.log &
+    --spin-us 2000000 --log info 2>/tmp/ut.log &
 ut_pid=$!
 i=0
 while ! grep -q listening /tmp/ut.log; do

@@ -9,7 +9,8 @@
 #     VFIO group (as uid 1000) — each must fail with its clear message;
 #  2. vfio-bind.sh binds the device; `unvme identify --vfio` (text, JSON);
 #  3. `unvme target --vfio ADDR` on 127.0.0.1:4420; `unvme perf --verify`
-#     randwrite then randread (4 KiB and 128 KiB, 32 MiB range);
+#     randwrite then randread (4 KiB, 128 KiB, and 1 MiB — above the
+#     controller's 512 KiB MDTS, so split — over a 32 MiB range);
 #  4. kernel nvme-tcp host: 16 MiB random pattern (O_DIRECT, 4 KiB..1 MiB
 #     blocks) round-trips; Write Zeroes (nvme-cli) reads back zeroes with the
 #     neighbours intact; Dataset Management deallocate; Flush;
@@ -87,9 +88,9 @@ log "identify --vfio: controller and namespace 1 shown (text and JSON)"
 # wake it, and the emulated controller often takes over 1 ms, so QD1 I/O
 # would cost ~100 ms each. Spin for 2 s after any work instead (the
 # reactor fix belongs in nvmf-target: never block with bdev I/O outstanding).
-# The target's MDTS is its own --max-transfer (1 MiB by default), not the
-# bdev's max_transfer (this controller: MDTS 7 = 512 KiB), so it is given.
-TARGET_ARGS=${VFIO_TARGET_ARGS:---spin-us 2000000 --max-transfer 524288}
+# The target's MDTS is its own --max-transfer (1 MiB by default); this
+# controller's MDTS is 512 KiB, so 1 MiB transfers are split by the backend.
+TARGET_ARGS=${VFIO_TARGET_ARGS:---spin-us 2000000}
 TPID=
 target_start() {
     # shellcheck disable=SC2086 # TARGET_ARGS is a list of options
@@ -124,7 +125,7 @@ target_stop() {
 trap '[ -n "$TPID" ] && kill -KILL "$TPID" 2>/dev/null; true' EXIT
 
 target_start
-for io in 4096 131072; do
+for io in 4096 131072 1048576; do
     for pat in randwrite randread; do
         run "$U" perf --verify --pattern "$pat" --io-size "$io" --qd 32 --time 3 \
             --range 32M --json > /tmp/perf.out
@@ -134,7 +135,7 @@ for io in 4096 131072; do
         tail -1 /tmp/perf.out | grep -q '"ios": *[1-9]' || fail "unvme perf $pat $io did no I/O"
     done
 done
-log "unvme perf --verify: randwrite/randread 4 KiB and 128 KiB without errors"
+log "unvme perf --verify: randwrite/randread 4 KiB, 128 KiB and 1 MiB (split in two NVMe commands) without errors"
 
 # ---- 4. kernel nvme-tcp host ---------------------------------------------
 connect() {

@@ -221,7 +221,6 @@ impl PagePool {
     }
 
     /// Free pages.
-    #[cfg(test)]
     pub fn available(&self) -> usize {
         self.free.len()
     }

@@ -224,6 +224,10 @@ fn controller(addr: &str) -> Result<Arc<Controller>, Error> {
     Ok(c)
 }
 
+/// Largest request a queue accepts; requests above the controller's MDTS
+/// become several NVMe commands. Each queue's DMA arena holds two of them.
+const MAX_REQUEST: u32 = 4 << 20;
+
 /// One namespace of an NVMe controller driven through VFIO.
 pub struct VfioBdev {
     info: BdevInfo,
@@ -282,7 +286,8 @@ impl VfioBdev {
             name: name.to_string(),
             block_size,
             num_blocks: id.nsze,
-            max_transfer: ctrl.max_transfer,
+            // Larger requests than MDTS are split into several commands.
+            max_transfer: MAX_REQUEST.max(ctrl.max_transfer),
             volatile_write_cache: ctrl.id.volatile_write_cache(),
             // DLFEAT bits 2:0 = 001b: deallocated blocks read as zeroes.
             deallocate: ns.dsm && id.dlfeat & 0x7 == 1,

@@ -62,15 +62,30 @@ enum SlotState {
     Abandoned,
 }
 
+/// One NVMe command. A request larger than the controller's MDTS becomes a
+/// group of commands; the first one's slot (the parent) holds the
+/// request's tag, buffer, outcome and count of commands still running.
 #[derive(Debug)]
 struct Slot {
     state: SlotState,
-    tag: u64,
-    /// Bytes copied back to `buf` on success (reads).
-    read_len: usize,
-    buf: Option<IoBuf>,
+    /// The slot of the request this command belongs to (itself for the parent).
+    parent: u16,
+    /// This command reads data into the parent's buffer at `buf_off`.
+    is_read: bool,
+    /// Offset of this command's data in the request's buffer.
+    buf_off: usize,
+    /// Bytes this command moves.
+    len: usize,
     pages: Vec<u32>,
     deadline: Instant,
+    // Parent only:
+    tag: u64,
+    buf: Option<IoBuf>,
+    /// Commands of the request not completed yet.
+    remaining: u16,
+    /// The parent's own command has completed (its slot waits for the rest).
+    own_done: bool,
+    result: Result<(), IoError>,
 }
 
 /// Capabilities of the namespace that decide which ops are sent.
@@ -118,7 +133,7 @@ impl VfioQueue {
         let entries = ctrl.io_entries;
         let n_slots = usize::from(entries) - 1;
         let max_pages = ctrl.max_transfer as usize / PAGE;
-        let arena_pages = (MIN_ARENA / PAGE).max(2 * max_pages);
+        let arena_pages = (MIN_ARENA / PAGE).max(2 * info.max_transfer as usize / PAGE);
         let sq_bytes = (usize::from(entries) * SQE_SIZE).next_multiple_of(PAGE);
         let cq_bytes = (usize::from(entries) * CQE_SIZE).next_multiple_of(PAGE);
         let cq_off = sq_bytes;
@@ -143,11 +158,17 @@ impl VfioQueue {
             slots: (0..n_slots)
                 .map(|_| Slot {
                     state: SlotState::Free,
-                    tag: 0,
-                    read_len: 0,
-                    buf: None,
+                    parent: 0,
+                    is_read: false,
+                    buf_off: 0,
+                    len: 0,
                     pages: Vec::with_capacity(max_pages),
                     deadline: now,
+                    tag: 0,
+                    buf: None,
+                    remaining: 0,
+                    own_done: false,
+                    result: Ok(()),
                 })
                 .collect(),
             free_slots: (0..n_slots as u16).rev().collect(),
@@ -188,38 +209,40 @@ impl VfioQueue {
         }
     }
 
-    /// Builds the SQE for `req` in slot `cid`, staging its data in DMA memory.
-    fn build(&mut self, cid: u16, req: &IoRequest) -> Sqe {
+    /// Builds the SQE for `op` in slot `cid`, staging write data from
+    /// `buf[buf_off..]` in the slot's DMA pages.
+    fn build(&mut self, cid: u16, op: &IoOp, buf: Option<&IoBuf>, buf_off: usize) -> Sqe {
         let mut sqe = Sqe {
             cid,
             nsid: self.ns.nsid,
             ..Default::default()
         };
         let bs = self.info.block_size;
-        match &req.op {
+        match op {
             IoOp::Read { lba, nlb } | IoOp::Write { lba, nlb, .. } | IoOp::Compare { lba, nlb } => {
-                sqe.opc = match req.op {
+                sqe.opc = match op {
                     IoOp::Read { .. } => io_opc::READ,
                     IoOp::Write { .. } => io_opc::WRITE,
                     _ => io_opc::COMPARE,
                 };
                 sqe.set_lba_range(*lba, *nlb);
-                if let IoOp::Write { fua: true, .. } = req.op {
+                if let IoOp::Write { fua: true, .. } = op {
                     sqe.cdw12 |= 1 << 30;
                 }
-                let len = req.op.data_len(bs);
+                let len = op.data_len(bs);
                 let slot = &self.slots[usize::from(cid)];
                 for (i, &p) in slot.pages.iter().enumerate() {
                     self.scratch[i] = self.region.iova(self.data_off + p as usize * PAGE);
                 }
-                if !matches!(req.op, IoOp::Read { .. }) {
-                    if let Some(buf) = &req.buf {
+                if !matches!(op, IoOp::Read { .. }) {
+                    if let Some(buf) = buf {
                         for (i, &p) in self.slots[usize::from(cid)].pages.iter().enumerate() {
                             let start = i * PAGE;
                             let n = PAGE.min(len - start);
+                            let src = buf_off + start;
                             self.region
                                 .slice_mut(self.data_off + p as usize * PAGE, n)
-                                .copy_from_slice(&buf[start..start + n]);
+                                .copy_from_slice(&buf[src..src + n]);
                         }
                     }
                 }
@@ -285,31 +308,56 @@ impl VfioQueue {
         }
     }
 
-    fn release(&mut self, idx: usize) {
-        let slot = &mut self.slots[idx];
-        slot.state = SlotState::Free;
-        let mut pages = std::mem::take(&mut slot.pages);
+    /// Returns a command's pages to the arena.
+    fn release_pages(&mut self, idx: usize) {
+        let mut pages = std::mem::take(&mut self.slots[idx].pages);
         self.pool.give(&mut pages);
         self.slots[idx].pages = pages;
+    }
+
+    /// Returns a command's pages and its slot.
+    fn release(&mut self, idx: usize) {
+        self.release_pages(idx);
+        self.slots[idx].state = SlotState::Free;
         self.free_slots.push(idx as u16);
     }
 
-    /// Hands every in-flight command back with `err`; their slots stay
-    /// reserved (the device may still touch their pages).
+    /// Hands request `p` (a parent slot) back with `err`; its commands still
+    /// with the device keep their slots and pages (the device may still
+    /// touch them) until they complete.
+    fn abandon(&mut self, p: usize, err: IoError, out: &mut Vec<IoCompletion>) {
+        out.push(IoCompletion {
+            tag: self.slots[p].tag,
+            result: Err(err),
+            buf: self.slots[p].buf.take(),
+        });
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            if s.state != SlotState::Busy || usize::from(s.parent) != p {
+                continue;
+            }
+            if i == p && s.own_done {
+                self.release(i);
+            } else {
+                s.state = SlotState::Abandoned;
+            }
+        }
+        self.in_flight -= 1;
+    }
+
+    fn is_parent(&self, i: usize) -> bool {
+        self.slots[i].state == SlotState::Busy && usize::from(self.slots[i].parent) == i
+    }
+
+    /// Hands every request in flight back with `err`.
     fn abandon_all(&mut self, err: IoError, out: &mut Vec<IoCompletion>) -> usize {
         let mut n = 0;
-        for slot in &mut self.slots {
-            if slot.state == SlotState::Busy {
-                slot.state = SlotState::Abandoned;
-                out.push(IoCompletion {
-                    tag: slot.tag,
-                    result: Err(err.clone()),
-                    buf: slot.buf.take(),
-                });
+        for p in 0..self.slots.len() {
+            if self.is_parent(p) {
+                self.abandon(p, err.clone(), out);
                 n += 1;
             }
         }
-        self.in_flight -= n;
         n
     }
 
@@ -321,22 +369,65 @@ impl VfioQueue {
         }
         let now = Instant::now();
         let mut n = 0;
-        for slot in &mut self.slots {
-            if slot.state == SlotState::Busy && now > slot.deadline {
-                slot.state = SlotState::Abandoned;
-                out.push(IoCompletion {
-                    tag: slot.tag,
-                    result: Err(IoError::Timeout),
-                    buf: slot.buf.take(),
-                });
+        for p in 0..self.slots.len() {
+            if self.is_parent(p) && now > self.slots[p].deadline {
+                self.abandon(p, IoError::Timeout, out);
                 n += 1;
             }
         }
         if n > 0 {
-            tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, commands = n, timeout_ms = self.ctrl.cmd_timeout.as_millis() as u64, "NVMe commands timed out");
-            self.in_flight -= n;
+            tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, requests = n, timeout_ms = self.ctrl.cmd_timeout.as_millis() as u64, "NVMe commands timed out");
         }
         n
+    }
+
+    /// Handles the completion of the command in slot `idx`; returns the
+    /// number of requests it finished (0 or 1).
+    fn complete(&mut self, idx: usize, status: Status, out: &mut Vec<IoCompletion>) -> usize {
+        let p = usize::from(self.slots[idx].parent);
+        let mut result = status_result(status);
+        if result.is_ok() && self.slots[idx].is_read {
+            let (off, len) = (self.slots[idx].buf_off, self.slots[idx].len);
+            let mut buf = self.slots[p].buf.take();
+            match buf.as_mut() {
+                Some(b) => {
+                    for (i, &pg) in self.slots[idx].pages.iter().enumerate() {
+                        let start = i * PAGE;
+                        let n = PAGE.min(len - start);
+                        b[off + start..off + start + n].copy_from_slice(
+                            self.region.slice(self.data_off + pg as usize * PAGE, n),
+                        );
+                    }
+                }
+                None => result = Err(IoError::BadBuffer),
+            }
+            self.slots[p].buf = buf;
+        }
+        if idx == p {
+            self.release_pages(idx);
+            self.slots[idx].own_done = true;
+        } else {
+            self.release(idx);
+        }
+        let parent = &mut self.slots[p];
+        if let Err(e) = result {
+            if parent.result.is_ok() {
+                parent.result = Err(e);
+            }
+        }
+        parent.remaining -= 1;
+        if parent.remaining > 0 {
+            return 0;
+        }
+        out.push(IoCompletion {
+            tag: parent.tag,
+            result: std::mem::replace(&mut parent.result, Ok(())),
+            buf: parent.buf.take(),
+        });
+        self.in_flight -= 1;
+        self.slots[p].state = SlotState::Free;
+        self.free_slots.push(p as u16);
+        1
     }
 }
 
@@ -367,35 +458,68 @@ impl BdevQueue for VfioQueue {
             self.finish_now(req, Err(e));
             return Ok(());
         }
-        let Some(&cid) = self.free_slots.last() else {
-            return Err(SubmitError::Busy(req));
-        };
-        let idx = usize::from(cid);
-        let npages = req.op.data_len(self.info.block_size).div_ceil(PAGE);
-        let mut pages = std::mem::take(&mut self.slots[idx].pages);
-        let got = self.pool.take(npages, &mut pages);
-        self.slots[idx].pages = pages;
-        if !got {
+        let bs = self.info.block_size;
+        let len = req.op.data_len(bs);
+        // Commands needed: transfers above MDTS are split at `chunk` bytes.
+        let chunk = (self.ctrl.max_transfer / bs).max(1) as usize * bs as usize;
+        let cmds = len.div_ceil(chunk).max(1);
+        if cmds > self.slots.len() {
+            // Only with a tiny MDTS: the request would never fit the queue.
+            self.finish_now(req, Err(IoError::TooLarge));
+            return Ok(());
+        }
+        if self.free_slots.len() < cmds || self.pool.available() < len.div_ceil(PAGE) {
             return Err(SubmitError::Busy(req));
         }
-        self.free_slots.pop();
-        let sqe = self.build(cid, &req);
-        let at = usize::from(self.sq.push()) * SQE_SIZE;
-        sqe.encode(self.region.slice_mut(at, SQE_SIZE));
-        let slot = &mut self.slots[idx];
-        slot.state = SlotState::Busy;
-        slot.tag = req.tag;
-        slot.read_len = match req.op {
-            IoOp::Read { .. } => req.op.data_len(self.info.block_size),
-            _ => 0,
-        };
-        slot.buf = req.buf;
-        slot.deadline = Instant::now() + self.ctrl.cmd_timeout;
+        let deadline = Instant::now() + self.ctrl.cmd_timeout;
+        let parent = *self.free_slots.last().expect("checked: enough free slots");
+        for k in 0..cmds {
+            let cid = self.free_slots.pop().expect("checked: enough free slots");
+            let idx = usize::from(cid);
+            let off = k * chunk;
+            let clen = chunk.min(len - off.min(len));
+            let op = match req.op {
+                IoOp::Read { lba, .. } => IoOp::Read {
+                    lba: lba + (off / bs as usize) as u64,
+                    nlb: (clen / bs as usize) as u32,
+                },
+                IoOp::Write { lba, fua, .. } => IoOp::Write {
+                    lba: lba + (off / bs as usize) as u64,
+                    nlb: (clen / bs as usize) as u32,
+                    fua,
+                },
+                IoOp::Compare { lba, .. } => IoOp::Compare {
+                    lba: lba + (off / bs as usize) as u64,
+                    nlb: (clen / bs as usize) as u32,
+                },
+                _ => req.op.clone(),
+            };
+            let mut pages = std::mem::take(&mut self.slots[idx].pages);
+            let got = self.pool.take(clen.div_ceil(PAGE), &mut pages);
+            debug_assert!(got, "checked: enough free pages");
+            self.slots[idx].pages = pages;
+            let sqe = self.build(cid, &op, req.buf.as_ref(), off);
+            let at = usize::from(self.sq.push()) * SQE_SIZE;
+            sqe.encode(self.region.slice_mut(at, SQE_SIZE));
+            let slot = &mut self.slots[idx];
+            slot.state = SlotState::Busy;
+            slot.parent = parent;
+            slot.is_read = matches!(op, IoOp::Read { .. });
+            slot.buf_off = off;
+            slot.len = clen;
+            slot.deadline = deadline;
+            slot.own_done = false;
+            self.pending += 1;
+            if self.pending >= DOORBELL_BATCH {
+                self.ring_sq();
+            }
+        }
+        let p = &mut self.slots[usize::from(parent)];
+        p.tag = req.tag;
+        p.buf = req.buf;
+        p.remaining = cmds as u16;
+        p.result = Ok(());
         self.in_flight += 1;
-        self.pending += 1;
-        if self.pending >= DOORBELL_BATCH {
-            self.ring_sq();
-        }
         Ok(())
     }
 
@@ -412,36 +536,13 @@ impl BdevQueue for VfioQueue {
             self.cq.advance();
             reaped += 1;
             let idx = usize::from(cqe.cid);
-            let state = self.slots.get(idx).map(|s| s.state);
-            match state {
-                Some(SlotState::Busy) => {
-                    let mut result = status_result(cqe.status());
-                    let slot = &mut self.slots[idx];
-                    let mut buf = slot.buf.take();
-                    if result.is_ok() && slot.read_len > 0 {
-                        match buf.as_mut() {
-                            Some(b) => {
-                                for (i, &p) in slot.pages.iter().enumerate() {
-                                    let start = i * PAGE;
-                                    let len = PAGE.min(slot.read_len - start);
-                                    b[start..start + len].copy_from_slice(
-                                        self.region.slice(self.data_off + p as usize * PAGE, len),
-                                    );
-                                }
-                            }
-                            None => result = Err(IoError::BadBuffer),
-                        }
-                    }
-                    out.push(IoCompletion {
-                        tag: slot.tag,
-                        result,
-                        buf,
-                    });
-                    self.in_flight -= 1;
-                    n += 1;
-                    self.release(idx);
-                }
-                Some(SlotState::Abandoned) => self.release(idx),
+            match self
+                .slots
+                .get(idx)
+                .map(|s| (s.state, s.own_done && usize::from(s.parent) == idx))
+            {
+                Some((SlotState::Busy, false)) => n += self.complete(idx, cqe.status(), out),
+                Some((SlotState::Abandoned, _)) => self.release(idx),
                 _ => tracing::warn!(
                     qid = self.qid,
                     cid = cqe.cid,
