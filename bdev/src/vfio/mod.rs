@@ -14,8 +14,9 @@
 //!
 //! What it is not: no interrupts, no metadata/protection information,
 //! no SGLs (PRPs only), no controller reset after a failure (the backend
-//! stays failed until the process reopens it), and data is copied between
-//! the caller's buffers and DMA memory (see [`queue`]).
+//! stays failed until the process reopens it), no admin command
+//! pass-through, and data is copied between the caller's buffers and DMA
+//! memory (see [`queue`]).
 
 mod ctrl;
 mod dma;

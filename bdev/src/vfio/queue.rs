@@ -9,7 +9,9 @@
 //!
 //! A command occupies a slot (its CID is the slot index); a data command
 //! also takes pages of the arena, not necessarily adjacent — the PRP list
-//! gathers them. Write data is copied from the request's [`IoBuf`] into
+//! gathers them. A request larger than the controller's MDTS is split into
+//! several commands; the first command's slot (the parent) holds the
+//! request and completes it when the last of its commands completes. Write data is copied from the request's [`IoBuf`] into
 //! those pages at submit and read data copied back at completion.
 //!
 //! That copy is the price of the current bdev contract, where the caller
@@ -431,6 +433,19 @@ impl VfioQueue {
     }
 }
 
+/// Bytes of one command of a split request: the controller's largest
+/// transfer rounded down to whole blocks (at least one block).
+pub(crate) fn chunk_bytes(max_transfer: u32, block_size: u32) -> usize {
+    (max_transfer / block_size).max(1) as usize * block_size as usize
+}
+
+/// Offset and length of command `k` of a request of `len` bytes split at
+/// `chunk` bytes (a request without data is one command of 0 bytes).
+pub(crate) fn chunk_at(k: usize, chunk: usize, len: usize) -> (usize, usize) {
+    let off = (k * chunk).min(len);
+    (off, chunk.min(len - off))
+}
+
 /// Maps an NVMe completion status to the bdev outcome.
 pub(crate) fn status_result(status: Status) -> Result<(), IoError> {
     match (status.sct, status.sc) {
@@ -461,7 +476,7 @@ impl BdevQueue for VfioQueue {
         let bs = self.info.block_size;
         let len = req.op.data_len(bs);
         // Commands needed: transfers above MDTS are split at `chunk` bytes.
-        let chunk = (self.ctrl.max_transfer / bs).max(1) as usize * bs as usize;
+        let chunk = chunk_bytes(self.ctrl.max_transfer, bs);
         let cmds = len.div_ceil(chunk).max(1);
         if cmds > self.slots.len() {
             // Only with a tiny MDTS: the request would never fit the queue.
@@ -476,8 +491,7 @@ impl BdevQueue for VfioQueue {
         for k in 0..cmds {
             let cid = self.free_slots.pop().expect("checked: enough free slots");
             let idx = usize::from(cid);
-            let off = k * chunk;
-            let clen = chunk.min(len - off.min(len));
+            let (off, clen) = chunk_at(k, chunk, len);
             let op = match req.op {
                 IoOp::Read { lba, .. } => IoOp::Read {
                     lba: lba + (off / bs as usize) as u64,
@@ -588,6 +602,25 @@ impl Drop for VfioQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_above_mdts_split_into_whole_block_commands() {
+        let chunk = chunk_bytes(512 << 10, 512);
+        assert_eq!(chunk, 512 << 10);
+        let len: usize = 1 << 20;
+        assert_eq!(len.div_ceil(chunk), 2);
+        assert_eq!(chunk_at(0, chunk, len), (0, 512 << 10));
+        assert_eq!(chunk_at(1, chunk, len), (512 << 10, 512 << 10));
+        // An uneven tail.
+        let len = (512 << 10) + 4096;
+        assert_eq!(chunk_at(1, chunk, len), (512 << 10, 4096));
+        // MDTS not a multiple of the block size, or below one block.
+        assert_eq!(chunk_bytes(6000, 4096), 4096);
+        assert_eq!(chunk_bytes(2048, 4096), 4096);
+        // No data: one command, no bytes.
+        assert_eq!(0usize.div_ceil(chunk).max(1), 1);
+        assert_eq!(chunk_at(0, chunk, 0), (0, 0));
+    }
 
     #[test]
     fn nvme_statuses_map_to_bdev_errors() {
