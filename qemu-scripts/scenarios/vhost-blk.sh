@@ -11,7 +11,8 @@
 # blkdiscard -z when the tool has it) reading back as zeroes with the
 # neighbours intact; a read beyond the end failing cleanly; fio randwrite
 # with verify (2 jobs) when the guest has fio; an ext2
-# filesystem with files across sync, unmount, cache drop and remount; with
+# filesystem with files across sync, unmount, cache drop and remount, and
+# across a device reset (driver unbind/bind: vhost-user stop + start); with
 # UNVME_VB_FINAL=FILE, FILE written at 32 MiB and flushed last (the host
 # checks it in the backing file).
 set -eu
@@ -126,6 +127,21 @@ run mount -t ext2 "$DEV" /mnt/t
 (cd / && md5sum -c /tmp/sums) || fail "files differ after unmount/remount"
 run umount /mnt/t
 log "filesystem survives sync/unmount/remount"
+
+# Device reset: unbinding and rebinding virtio_blk resets the device, which
+# QEMU turns into a vhost-user stop (GET_VRING_BASE) and a fresh start; the
+# disk must come back with its data.
+vdev=$(basename "$(readlink -f "$SYS/device")")
+echo "$vdev" > /sys/bus/virtio/drivers/virtio_blk/unbind
+i=0
+while [ -b "$DEV" ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+[ ! -b "$DEV" ] || fail "$DEV still present after unbind"
+echo "$vdev" > /sys/bus/virtio/drivers/virtio_blk/bind
+wait_for "$DEV" 20 || fail "$DEV did not come back after rebind"
+run mount -t ext2 "$DEV" /mnt/t
+(cd / && md5sum -c /tmp/sums) || fail "files differ after a device reset"
+run umount /mnt/t
+log "device reset (unbind/bind): stop, restart, data intact"
 
 # The whole-chain check: a host-made pattern at 32 MiB, flushed; the host
 # reads it from the backing file after we power off.
