@@ -17,6 +17,11 @@
 #              (scenario vhost-blk-restart.sh, host half
 #              vhost-restart-host.sh): I/O fails without hanging while it is
 #              gone, resumes after, flushed data intact
+#   reconnect  `unvme vhost-blk --file` behind a chardev with reconnect-ms:
+#              the host SIGKILLs the backend during a guest write and
+#              restarts it (scenario vhost-blk-reconnect.sh, host half
+#              vhost-reconnect-host.sh); QEMU reconnects, the writes
+#              (dd, fio QD16 + verify) complete, data intact
 # Select some with UNVME_VB_CASES="ram bridge" (default: all).
 #
 # Needs target/release/unvme and the guest harness
@@ -28,7 +33,7 @@ QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(cd "$QS/.." && pwd)
 UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
 GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
-CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file target-restart}
+CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file target-restart reconnect}
 SIZE=$((256 << 20))
 SERIAL=unvme-vb-test
 
@@ -91,7 +96,7 @@ scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
         --env "UNVME_VB_SIZE=$SIZE" --env "UNVME_VB_QUEUES=$queues" \
         --env "UNVME_VB_SERIAL=$SERIAL" \
         --log "$QS/build/logs/vhost-blk-$name.log" \
-        --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock" \
+        --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock${chardev_opts:-}" \
         --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vb0,num-queues=$queues" \
         "$@" "$QS/scenarios/${scen:-vhost-blk.sh}" || rc=$?
     if grep -q panicked "$work"/*.log; then log "a server panicked"; rc=1; fi
@@ -107,7 +112,7 @@ scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
         post_check=
     fi
     stop_all
-    scen=
+    scen='' chardev_opts=''
     if [[ -s $work/target.pid ]]; then target_stop "$(cat "$work/target.pid")" TERM || true; fi
     rm -f "$work/target.pid"
     if [[ $rc -ne 0 ]]; then
@@ -160,6 +165,16 @@ for c in $CASES; do
             scen=vhost-blk-restart.sh
             scenario "$c" 1 "$sock" --host-timeout 400 \
                 --host-cmd "'$QS/tests/vhost-restart-host.sh' '$UNVME' $tport '$work/restart.img' '$work/target.pid' '$work/target.log'"
+            ;;
+        reconnect)
+            start vb "listening" "$UNVME" vhost-blk --file "$work/reconnect.img:create=64M" --socket "$sock"
+            # The backend is the host command's to kill and restart.
+            echo "${pids[-1]}" > "$work/target.pid"
+            unset 'pids[0]'
+            pids=("${pids[@]}")
+            scen=vhost-blk-reconnect.sh chardev_opts=,reconnect-ms=200
+            scenario "$c" 1 "$sock" --with-fio --host-timeout 300 \
+                --host-cmd "'$QS/tests/vhost-reconnect-host.sh' '$UNVME' '$sock' '$work/reconnect.img' '$work/target.pid' '$work/vb.log'"
             ;;
         *) log "unknown case $c"; failed+=("$c") ;;
     esac
