@@ -13,9 +13,17 @@
 //! `VhostUserBackend`; [`server`] listens on the socket and serves one
 //! frontend connection after another.
 //!
-//! Not here: the inflight-fd region for reconnect without losing in-flight
-//! requests, and zero-copy data movement (data is copied between guest
-//! memory and a per-request buffer; see [`worker`]).
+//! A restarted device serves a reconnecting QEMU (`-chardev
+//! socket,reconnect-ms=…`): each connection gets fresh queues, and QEMU
+//! restarts the rings from their used index, so requests that were in
+//! flight when the old process died are fetched again.
+//!
+//! Not here: `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` (vhost-user-backend 0.24
+//! refuses GET/SET_INFLIGHT_FD and keeps its request handler private, so it
+//! needs a handler of our own); without it a request that had completed out
+//! of order before a crash may be executed a second time. And zero-copy data
+//! movement: data is copied between guest memory and a per-request buffer
+//! (see [`worker`]).
 //!
 //! [`Bdev`]: unvme_bdev::Bdev
 
