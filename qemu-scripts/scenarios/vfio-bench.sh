@@ -69,6 +69,7 @@ rm -f /tmp/probe
     echo "time=$T"
     echo "device=$ADDR $KDEV"
     echo "hz=100"
+    echo "clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 } > "$RES/meta"
 cat "$RES/meta"
 

@@ -31,7 +31,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use unvme_proto::nvme::{io_opc, sct, Sqe, Status, CQE_SIZE, SQE_SIZE};
 
@@ -48,7 +48,7 @@ const MIN_ARENA: usize = 8 << 20;
 /// Quiet time (commands outstanding, no completion) between health checks
 /// (CSTS read, command deadlines). Time-based, so a caller that polls
 /// rarely still notices a dead controller within about this long.
-const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+const HEALTH_INTERVAL: Duration = Duration::from_millis(50);
 /// Most LBA ranges of one Dataset Management command (NR is 8 bits, 0's based).
 const DSM_MAX_RANGES: usize = 256;
 /// Most blocks of one Write Zeroes command (NLB is 16 bits, 0's based).
@@ -79,7 +79,8 @@ struct Slot {
     /// Bytes this command moves.
     len: usize,
     pages: Vec<u32>,
-    deadline: Instant,
+    /// On the [`coarse_now`] clock.
+    deadline: Duration,
     // Parent only:
     tag: u64,
     buf: Option<IoBuf>,
@@ -116,7 +117,8 @@ pub(crate) struct VfioQueue {
     /// Completions decided at submit (invalid requests, a failed device).
     done: Vec<IoCompletion>,
     scratch: Vec<u64>,
-    last_health: Instant,
+    /// On the [`coarse_now`] clock.
+    last_health: Duration,
     /// Set when the controller failed: everything completes Unavailable.
     broken: bool,
     info: BdevInfo,
@@ -147,7 +149,7 @@ impl VfioQueue {
             ctrl.free_qid(qid);
             return Err(e);
         }
-        let now = Instant::now();
+        let now = coarse_now();
         tracing::debug!(addr = %ctrl.addr, qid, entries, arena_pages, "I/O queue pair created");
         Ok(VfioQueue {
             qid,
@@ -369,7 +371,7 @@ impl VfioQueue {
             self.broken = true;
             return self.abandon_all(IoError::Unavailable, out);
         }
-        let now = Instant::now();
+        let now = coarse_now();
         let mut n = 0;
         for p in 0..self.slots.len() {
             if self.is_parent(p) && now > self.slots[p].deadline {
@@ -433,6 +435,26 @@ impl VfioQueue {
     }
 }
 
+/// Time since boot on `CLOCK_MONOTONIC_COARSE`: the kernel's last tick,
+/// read from the vDSO without touching the clock hardware (a few ns; its
+/// resolution, 1–10 ms, is plenty for 50 ms health checks and command
+/// deadlines of seconds). `Instant::now()` reads the clocksource, which in a
+/// VM without a stable TSC (HPET, ACPI PM timer) is an emulated device
+/// access per call — too dear for every submit and idle poll.
+fn coarse_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec on our stack and
+    // CLOCK_MONOTONIC_COARSE is a valid clock id; the call writes only `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
 /// Bytes of one command of a split request: the controller's largest
 /// transfer rounded down to whole blocks (at least one block).
 pub(crate) fn chunk_bytes(max_transfer: u32, block_size: u32) -> usize {
@@ -486,7 +508,7 @@ impl BdevQueue for VfioQueue {
         if self.free_slots.len() < cmds || self.pool.available() < len.div_ceil(PAGE) {
             return Err(SubmitError::Busy(req));
         }
-        let deadline = Instant::now() + self.ctrl.cmd_timeout;
+        let deadline = coarse_now() + self.ctrl.cmd_timeout;
         let parent = *self.free_slots.last().expect("checked: enough free slots");
         for k in 0..cmds {
             let cid = self.free_slots.pop().expect("checked: enough free slots");
@@ -570,10 +592,10 @@ impl BdevQueue for VfioQueue {
                 .bar0
                 .write32(self.cq_doorbell, u32::from(self.cq.head()));
         } else if self.in_flight > 0 {
-            // An idle poll: a clock read (vDSO, no system call), and at most
-            // every HEALTH_INTERVAL a CSTS read and a deadline scan.
-            let now = Instant::now();
-            if now.duration_since(self.last_health) >= HEALTH_INTERVAL {
+            // An idle poll: a coarse clock read, and at most every
+            // HEALTH_INTERVAL a CSTS read and a deadline scan.
+            let now = coarse_now();
+            if now.saturating_sub(self.last_health) >= HEALTH_INTERVAL {
                 self.last_health = now;
                 n += self.health_check(out);
             }
