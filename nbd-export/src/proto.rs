@@ -711,7 +711,7 @@ pub fn check_request(r: &NbdRequest, x: &ExportView) -> Result<(), Refusal> {
         ));
     }
     let min = u64::from(x.sizes.min.max(1));
-    if r.offset % min != 0 || u64::from(r.length) % min != 0 {
+    if !r.offset.is_multiple_of(min) || !u64::from(r.length).is_multiple_of(min) {
         return Err(refuse(
             errno::EINVAL,
             "request not aligned to the minimum block size",
