@@ -203,7 +203,11 @@ impl Reactor {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
-            let spinning = last_work.elapsed() < self.params.spin;
+            // Never sleep while a backend holds I/O: a polled device (VFIO)
+            // has no descriptor to wake epoll with.
+            let pending =
+                !self.busy.is_empty() || self.queues.iter().flatten().any(|q| q.outstanding() > 0);
+            let spinning = pending || last_work.elapsed() < self.params.spin;
             let timeout = if spinning {
                 Duration::ZERO
             } else {

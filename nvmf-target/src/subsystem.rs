@@ -325,7 +325,7 @@ impl Subsystems {
             fr: env!("CARGO_PKG_VERSION").chars().take(8).collect(),
             rab: 6,
             cmic: 0x2, // may have several controllers
-            mdts: cfg.mdts(),
+            mdts: mdts_for(s, cfg),
             cntlid: ctrl.cntlid,
             ver: unvme_proto::fabrics::NVME_VERSION_2_0,
             oaes: if s.is_discovery { 0 } else { 1 << 8 },
@@ -396,4 +396,18 @@ fn stable_id(nqn: &str, nsid: u32) -> [u8; 16] {
     out[8..12].copy_from_slice(&c.to_be_bytes());
     out[12..16].copy_from_slice(&d.to_be_bytes());
     out
+}
+
+/// MDTS for a subsystem: the target's own limit, lowered to the smallest
+/// `max_transfer` any of its namespaces' backends declares.
+fn mdts_for(s: &Subsystem, cfg: &TargetConfig) -> u8 {
+    let mut bytes = cfg.max_transfer_bytes();
+    for n in &s.namespaces {
+        let m = n.bdev.info().max_transfer;
+        if m != 0 {
+            bytes = bytes.min(m);
+        }
+    }
+    let pages = (bytes / 4096).max(1);
+    (31 - pages.leading_zeros()) as u8
 }
