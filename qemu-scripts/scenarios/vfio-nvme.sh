@@ -83,14 +83,11 @@ grep -q "\"sn\":\"$SERIAL\"" /tmp/id.json || fail "identify --json: serial missi
 log "identify --vfio: controller and namespace 1 shown (text and JSON)"
 
 # ---- 3. target + unvme perf --verify ------------------------------------
-# The reactor blocks in epoll (up to 100 ms) after spin_us without work even
-# while a bdev queue has I/O outstanding; a VFIO queue has no descriptor to
-# wake it, and the emulated controller often takes over 1 ms, so QD1 I/O
-# would cost ~100 ms each. Spin for 2 s after any work instead (the
-# reactor fix belongs in nvmf-target: never block with bdev I/O outstanding).
-# The target's MDTS is its own --max-transfer (1 MiB by default); this
-# controller's MDTS is 512 KiB, so 1 MiB transfers are split by the backend.
-TARGET_ARGS=${VFIO_TARGET_ARGS:---spin-us 2000000}
+# Default reactor settings: a reactor never sleeps in epoll while a bdev
+# queue holds I/O (a VFIO queue has no descriptor to wake it), so no spin
+# override is needed. The backend accepts 1 MiB requests and splits them
+# into commands within this controller's 512 KiB MDTS.
+TARGET_ARGS=${VFIO_TARGET_ARGS:-}
 TPID=
 target_start() {
     # shellcheck disable=SC2086 # TARGET_ARGS is a list of options
