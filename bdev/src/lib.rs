@@ -21,6 +21,7 @@ pub mod file;
 pub mod null;
 pub mod ram;
 mod spec;
+pub mod status;
 mod sync_queue;
 #[cfg(test)]
 mod testutil;

@@ -238,16 +238,7 @@ pub fn h2c_chunks(r2to: u32, r2tl: u32, maxh2cdata: u32) -> impl Iterator<Item =
 
 /// Maps an NVMe completion status to the block layer's error.
 pub fn status_to_io_error(s: Status) -> Result<(), IoError> {
-    if s.is_success() {
-        return Ok(());
-    }
-    Err(match (s.sct, s.sc) {
-        (0, 0x80) | (0, 0x81) => IoError::OutOfRange,
-        (2, 0x85) => IoError::CompareFailure,
-        (0, 0x01) => IoError::Unsupported,
-        (0, 0x0B) | (0, 0x82) | (3, _) => IoError::Unavailable,
-        _ => IoError::Media(s.to_string()),
-    })
+    unvme_bdev::status::from_nvme(s)
 }
 
 #[cfg(test)]

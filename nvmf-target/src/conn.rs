@@ -1376,16 +1376,8 @@ fn prepare_io(
 
 /// Maps a bdev outcome to the NVMe status.
 fn io_status(e: &IoError) -> Status {
-    match e {
-        IoError::OutOfRange => Status::LBA_OUT_OF_RANGE,
-        IoError::BadBuffer => Status::DATA_SGL_LENGTH_INVALID,
-        IoError::TooLarge => Status::INVALID_FIELD,
-        IoError::CompareFailure => Status::COMPARE_FAILURE,
-        IoError::Unsupported => Status::INVALID_OPCODE,
-        IoError::Media(m) => {
-            tracing::error!("backend I/O error: {m}");
-            Status::INTERNAL
-        }
-        IoError::Timeout | IoError::Unavailable => Status::NS_NOT_READY,
+    if let IoError::Media(m) = e {
+        tracing::error!("backend I/O error: {m}");
     }
+    unvme_bdev::status::to_nvme(e)
 }

@@ -33,7 +33,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use unvme_proto::nvme::{io_opc, sct, Sqe, Status, CQE_SIZE, SQE_SIZE};
+use unvme_proto::nvme::{io_opc, Sqe, Status, CQE_SIZE, SQE_SIZE};
 
 use super::ctrl::{read_cqe, set_prps, Controller};
 use super::dma::{build_prps, DmaRegion, PagePool, PAGE, PRPS_PER_PAGE};
@@ -470,15 +470,7 @@ pub(crate) fn chunk_at(k: usize, chunk: usize, len: usize) -> (usize, usize) {
 
 /// Maps an NVMe completion status to the bdev outcome.
 pub(crate) fn status_result(status: Status) -> Result<(), IoError> {
-    match (status.sct, status.sc) {
-        (sct::GENERIC, 0x00) => Ok(()),
-        (sct::GENERIC, 0x01) => Err(IoError::Unsupported),
-        (sct::GENERIC, 0x80) => Err(IoError::OutOfRange),
-        (sct::MEDIA, 0x85) => Err(IoError::CompareFailure),
-        (sct, sc) => Err(IoError::Media(format!(
-            "NVMe status SCT {sct:#x} SC {sc:#04x}"
-        ))),
-    }
+    crate::status::from_nvme(status)
 }
 
 impl BdevQueue for VfioQueue {
