@@ -6,10 +6,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use unvme_nbd::proto::{
@@ -26,40 +26,10 @@ struct NbdProc {
 impl NbdProc {
     /// Starts `unvme nbd --listen 127.0.0.1:0 ARGS…` and waits until it listens.
     fn start(args: &[&str]) -> NbdProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_unvme"))
-            .args(["nbd", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("UNVME_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn unvme nbd");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if !sent && line.contains("listening") {
-                    if let Some(a) = line.split("la=").nth(1) {
-                        let a = a.split_whitespace().next().unwrap_or("").to_string();
-                        let _ = tx.send(a);
-                        sent = true;
-                    }
-                }
-                if std::env::var_os("UNVME_TEST_VERBOSE").is_some() {
-                    eprintln!("[nbd] {line}");
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("unvme nbd did not start listening");
-        NbdProc {
-            child,
-            addr: addr.parse().expect("listen address"),
-        }
+        let mut full = vec!["nbd", "--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        let (child, addr) = common::spawn_listening(&full);
+        NbdProc { child, addr }
     }
 
     fn alive(&mut self) -> bool {

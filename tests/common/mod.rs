@@ -29,40 +29,10 @@ impl TargetProc {
 
     /// Starts `unvme target --listen ADDR ARGS…` and waits until it listens.
     pub fn start_on(listen: &str, args: &[&str]) -> TargetProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_unvme"))
-            .args(["target", "--listen", listen, "--reactors", "2"])
-            .args(args)
-            .env("UNVME_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn unvme target");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if !sent && line.contains("listening") {
-                    if let Some(a) = line.split("la=").nth(1) {
-                        let a = a.split_whitespace().next().unwrap_or("").to_string();
-                        let _ = tx.send(a);
-                        sent = true;
-                    }
-                }
-                if std::env::var_os("UNVME_TEST_VERBOSE").is_some() {
-                    eprintln!("[target] {line}");
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("target did not start listening");
-        TargetProc {
-            child,
-            addr: addr.parse().expect("listen address"),
-        }
+        let mut full = vec!["target", "--listen", listen, "--reactors", "2"];
+        full.extend_from_slice(args);
+        let (child, addr) = spawn_listening(&full);
+        TargetProc { child, addr }
     }
 
     pub fn port(&self) -> u16 {
@@ -84,6 +54,42 @@ impl Drop for TargetProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `unvme ARGS…` (a server that logs `listening la=ADDR` on stderr)
+/// and waits until it listens; returns the child and the bound address.
+pub fn spawn_listening(args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unvme"))
+        .args(args)
+        .env("UNVME_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn unvme");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let what = args.first().copied().unwrap_or("unvme").to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains("listening") {
+                if let Some(a) = line.split("la=").nth(1) {
+                    let a = a.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(a);
+                    sent = true;
+                }
+            }
+            if std::env::var_os("UNVME_TEST_VERBOSE").is_some() {
+                eprintln!("[{what}] {line}");
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("server did not start listening");
+    (child, addr.parse().expect("listen address"))
 }
 
 /// What the raw host received.
