@@ -124,8 +124,7 @@ fn parse_cpus(s: &str) -> Result<Vec<usize>, BoxErr> {
 
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: cpu_set_t is plain data for which all-zero bytes is a valid
-    // (empty) set.
+    // SAFETY: cpu_set_t is plain data for which all-zero bytes is a valid (empty) set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(std::io::Error::other(format!("CPU {cpu} out of range")));

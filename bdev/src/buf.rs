@@ -18,8 +18,7 @@ pub struct IoBuf {
     len: usize,
 }
 
-// SAFETY: IoBuf owns its allocation exclusively (like Vec<u8>); nothing else
-// holds its pointer, so moving it to another thread is sound.
+// SAFETY: IoBuf owns its allocation exclusively (like Vec<u8>); nothing else holds its pointer, so moving it to another thread is sound.
 unsafe impl Send for IoBuf {}
 // SAFETY: shared references only allow reads through `Deref`, as for Vec<u8>.
 unsafe impl Sync for IoBuf {}
@@ -29,8 +28,7 @@ impl IoBuf {
     pub fn new(len: usize) -> Self {
         let cap = len.max(1).div_ceil(IOBUF_ALIGN) * IOBUF_ALIGN;
         let layout = Self::layout(cap);
-        // SAFETY: the layout has a non-zero size (cap >= 4096) and a valid
-        // power-of-two alignment.
+        // SAFETY: the layout has a non-zero size (cap >= 4096) and a valid power-of-two alignment.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         IoBuf { ptr, cap, len }
@@ -74,8 +72,7 @@ impl IoBuf {
 impl std::ops::Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for `cap` initialised bytes (allocated zeroed),
-        // len <= cap, and the borrow of self keeps the allocation alive.
+        // SAFETY: ptr is valid for `cap` initialised bytes (allocated zeroed), len <= cap, and the borrow of self keeps the allocation alive.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -89,8 +86,7 @@ impl std::ops::DerefMut for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `new` with exactly this layout and is
-        // freed only here, once.
+        // SAFETY: ptr was allocated in `new` with exactly this layout and is freed only here, once.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
 }

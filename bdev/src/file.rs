@@ -235,9 +235,7 @@ fn probe_direct(file: &File, block_size: u32) -> io::Result<()> {
 fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     // SAFETY: statx is a plain C struct for which all-zero bytes are valid.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is open for the duration of the call, the empty path is
-    // a valid NUL-terminated string used with AT_EMPTY_PATH, and `stx` is a
-    // writable statx the kernel fills.
+    // SAFETY: the fd is open for the duration of the call, the empty path is a valid NUL-terminated string used with AT_EMPTY_PATH, and `stx` is a writable statx the kernel fills.
     let rc = unsafe {
         libc::statx(
             file.as_raw_fd(),
@@ -329,8 +327,7 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Resul
     let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
     let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
     let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
-    // SAFETY: fallocate only reads its integer arguments; the fd is open for
-    // as long as `file` is borrowed.
+    // SAFETY: fallocate only reads its integer arguments; the fd is open for as long as `file` is borrowed.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
     if rc == 0 {
         Ok(())

@@ -49,13 +49,9 @@ struct RamMem {
     page_size: usize,
 }
 
-// SAFETY: RamMem owns its mapping; the pointer is never handed out and all
-// access is by raw-pointer copies of checked ranges that are valid from any
-// thread (the mapping is process-wide and lives until Drop).
+// SAFETY: RamMem owns its mapping; the pointer is never handed out and all access is by raw-pointer copies of checked ranges that are valid from any thread (the mapping is process-wide and lives until Drop).
 unsafe impl Send for RamMem {}
-// SAFETY: shared access only performs raw-pointer copies into and out of the
-// mapping, never creates references to it; concurrent overlapping copies
-// yield unordered but valid bytes, as argued in the module documentation.
+// SAFETY: shared access only performs raw-pointer copies into and out of the mapping, never creates references to it; concurrent overlapping copies yield unordered but valid bytes, as argued in the module documentation.
 unsafe impl Sync for RamMem {}
 
 impl RamMem {
@@ -67,9 +63,7 @@ impl RamMem {
             .ok()
             .filter(|p| p.is_power_of_two())
             .unwrap_or(4096);
-        // SAFETY: an anonymous mapping with no address hint and no file; the
-        // kernel chooses a fresh range that overlaps nothing Rust owns. The
-        // result is checked for MAP_FAILED before use.
+        // SAFETY: an anonymous mapping with no address hint and no file; the kernel chooses a fresh range that overlaps nothing Rust owns. The result is checked for MAP_FAILED before use.
         let p = unsafe {
             libc::mmap(
                 ptr::null_mut(),
@@ -111,10 +105,7 @@ impl RamMem {
     /// Copies device bytes at `offset` into `dst`.
     fn read(&self, offset: usize, dst: &mut [u8]) {
         self.check(offset, dst.len());
-        // SAFETY: the source range lies inside the live mapping (checked
-        // above) and `dst` is a distinct, exclusively borrowed Rust buffer,
-        // so the ranges do not overlap. Concurrent writers to the same device
-        // range only make the copied bytes unordered (module docs).
+        // SAFETY: the source range lies inside the live mapping (checked above) and `dst` is a distinct, exclusively borrowed Rust buffer, so the ranges do not overlap. Concurrent writers to the same device range only make the copied bytes unordered (module docs).
         unsafe {
             ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
         }
@@ -123,10 +114,7 @@ impl RamMem {
     /// Copies `src` into the device at `offset`.
     fn write(&self, offset: usize, src: &[u8]) {
         self.check(offset, src.len());
-        // SAFETY: the destination range lies inside the live, writable
-        // mapping (checked above); `src` is a Rust buffer outside it. No
-        // reference to the destination exists; concurrent access to it is
-        // argued in the module docs.
+        // SAFETY: the destination range lies inside the live, writable mapping (checked above); `src` is a Rust buffer outside it. No reference to the destination exists; concurrent access to it is argued in the module docs.
         unsafe { ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(offset), src.len()) }
     }
 
@@ -159,8 +147,7 @@ impl RamMem {
     /// Writes zeroes over `len` bytes at `offset` (already checked).
     fn fill_zero(&self, offset: usize, len: usize) {
         self.check(offset, len);
-        // SAFETY: the range lies inside the live, writable mapping (checked
-        // above); no reference to it exists (module docs).
+        // SAFETY: the range lies inside the live, writable mapping (checked above); no reference to it exists (module docs).
         unsafe { ptr::write_bytes(self.base.as_ptr().add(offset), 0, len) }
     }
 
@@ -169,10 +156,7 @@ impl RamMem {
     fn discard(&self, offset: usize, len: usize) -> bool {
         self.check(offset, len);
         debug_assert!(offset.is_multiple_of(self.page_size) && len.is_multiple_of(self.page_size));
-        // SAFETY: the range is page-aligned (the mapping base is, and so is
-        // `offset`) and inside our private anonymous mapping, which no Rust
-        // reference covers; MADV_DONTNEED on such a mapping only replaces
-        // the pages with zero-fill-on-demand pages.
+        // SAFETY: the range is page-aligned (the mapping base is, and so is `offset`) and inside our private anonymous mapping, which no Rust reference covers; MADV_DONTNEED on such a mapping only replaces the pages with zero-fill-on-demand pages.
         let rc = unsafe {
             libc::madvise(
                 self.base.as_ptr().add(offset).cast(),
@@ -186,8 +170,7 @@ impl RamMem {
 
 impl Drop for RamMem {
     fn drop(&mut self) {
-        // SAFETY: base/len describe exactly the mapping made in `new`; it is
-        // unmapped once, here, when the last owner (bdev or queue) is gone.
+        // SAFETY: base/len describe exactly the mapping made in `new`; it is unmapped once, here, when the last owner (bdev or queue) is gone.
         let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
         if rc != 0 {
             tracing::warn!(error = %io::Error::last_os_error(), "munmap of ram bdev failed");

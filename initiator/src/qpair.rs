@@ -30,7 +30,7 @@ use unvme_proto::pdu::{
     Pdu, PduDecoder, Role, TermReq, DGST_DATA, DGST_HDR, MAX_HEADER,
 };
 
-use crate::wire::{h2c_chunks, status_to_io_error};
+use crate::wire::h2c_chunks;
 use crate::{ConnectOptions, Error, Result};
 
 /// Direction of a command's data.
@@ -910,7 +910,7 @@ impl Core {
                         let result = if s.ddgst_err && status.is_success() {
                             Err(IoError::Media("data digest mismatch".into()))
                         } else {
-                            status_to_io_error(status)
+                            unvme_bdev::status::from_nvme(status)
                         };
                         if !status.is_success() {
                             debug!(qid = self.qid, cid, %status, "command failed");
@@ -1065,8 +1065,7 @@ pub(crate) fn wait_socket(s: &TcpStream, want_write: bool, ms: i32) {
         events: libc::POLLIN | if want_write { libc::POLLOUT } else { 0 },
         revents: 0,
     };
-    // SAFETY: `pfd` is a valid, initialised pollfd that lives across the
-    // call, and nfds = 1 matches the single entry passed.
+    // SAFETY: `pfd` is a valid, initialised pollfd that lives across the call, and nfds = 1 matches the single entry passed.
     unsafe {
         libc::poll(&mut pfd, 1, ms);
     }

@@ -4,7 +4,7 @@
 
 use unvme_bdev::{IoError, IoOp, LbaRange};
 use unvme_proto::admin::{opc, sel, GetFeatures, GetLogPage, Identify, SetFeatures};
-use unvme_proto::nvme::{io_opc, Sqe, Status};
+use unvme_proto::nvme::{io_opc, Sqe};
 
 use crate::qpair::DataDir;
 
@@ -236,11 +236,6 @@ pub fn h2c_chunks(r2to: u32, r2tl: u32, maxh2cdata: u32) -> impl Iterator<Item =
     })
 }
 
-/// Maps an NVMe completion status to the block layer's error.
-pub fn status_to_io_error(s: Status) -> Result<(), IoError> {
-    unvme_bdev::status::from_nvme(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,26 +378,5 @@ mod tests {
         assert_eq!(s.cdw10, 0x70 | ((numd & 0xffff) << 16));
         assert_eq!(s.cdw11, numd >> 16);
         assert_eq!((s.cdw12, s.cdw13), (0x400, 1));
-    }
-
-    #[test]
-    fn nvme_statuses_map_to_block_errors() {
-        assert_eq!(status_to_io_error(Status::SUCCESS), Ok(()));
-        assert_eq!(
-            status_to_io_error(Status::LBA_OUT_OF_RANGE),
-            Err(IoError::OutOfRange)
-        );
-        assert_eq!(
-            status_to_io_error(Status::COMPARE_FAILURE),
-            Err(IoError::CompareFailure)
-        );
-        assert_eq!(
-            status_to_io_error(Status::INVALID_OPCODE),
-            Err(IoError::Unsupported)
-        );
-        assert!(matches!(
-            status_to_io_error(Status::INTERNAL),
-            Err(IoError::Media(_))
-        ));
     }
 }

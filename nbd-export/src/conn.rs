@@ -323,10 +323,7 @@ impl<'a, S: Stream> Conn<'a, S> {
                 None => ms = 0,
             }
         }
-        // SAFETY: `pfds` is a valid array of two pollfds on our stack for
-        // the duration of the call; the first fd is owned by `self.s` and the
-        // second (or -1, which poll ignores) by the device queue `self.q`,
-        // both open while `self` lives.
+        // SAFETY: `pfds` is a valid array of two pollfds on our stack for the duration of the call; the first fd is owned by `self.s` and the second (or -1, which poll ignores) by the device queue `self.q`, both open while `self` lives.
         unsafe {
             libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms);
         }

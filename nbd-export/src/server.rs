@@ -270,8 +270,7 @@ fn accept_loop(listeners: Vec<Listener>, shared: Arc<Shared>) {
         })
         .collect();
     while !shared.stop.load(Ordering::Relaxed) {
-        // SAFETY: `pfds` is a live, exclusively borrowed array of
-        // `pfds.len()` pollfd entries whose fds are owned by `listeners`.
+        // SAFETY: `pfds` is a live, exclusively borrowed array of `pfds.len()` pollfd entries whose fds are owned by `listeners`.
         unsafe {
             libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100);
         }

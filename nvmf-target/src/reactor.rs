@@ -386,8 +386,7 @@ pub(crate) fn accept_loop(
         loop {
             match listener.accept() {
                 Ok((s, _)) => {
-                    // SAFETY: into_raw_fd transfers ownership of a valid, open
-                    // socket descriptor to the std stream, which closes it.
+                    // SAFETY: into_raw_fd transfers ownership of a valid, open socket descriptor to the std stream, which closes it.
                     let std_stream = unsafe {
                         <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(
                             std::os::fd::IntoRawFd::into_raw_fd(s),
@@ -413,11 +412,9 @@ pub(crate) fn accept_loop(
 pub(crate) fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is bounds-checked
-    // by the macro against CPU_SETSIZE.
+    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is bounds-checked by the macro against CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: pid 0 means the calling thread; `set` is a valid cpu_set_t of
-    // the size passed.
+    // SAFETY: pid 0 means the calling thread; `set` is a valid cpu_set_t of the size passed.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         tracing::warn!(

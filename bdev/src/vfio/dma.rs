@@ -27,11 +27,9 @@ pub(crate) struct DmaRegion {
     container: Arc<Container>,
 }
 
-// SAFETY: the region is plain memory owned by this value; the raw pointer is
-// only used through `&self`/`&mut self` methods, like a Box<[u8]>.
+// SAFETY: the region is plain memory owned by this value; the raw pointer is only used through `&self`/`&mut self` methods, like a Box<[u8]>.
 unsafe impl Send for DmaRegion {}
-// SAFETY: `&DmaRegion` gives out only raw pointers/addresses; reads and
-// writes through them are done by the single owner of each part (a queue).
+// SAFETY: `&DmaRegion` gives out only raw pointers/addresses; reads and writes through them are done by the single owner of each part (a queue).
 unsafe impl Sync for DmaRegion {}
 
 impl DmaRegion {
@@ -85,9 +83,7 @@ impl DmaRegion {
             off.checked_add(len).is_some_and(|e| e <= self.len),
             "DMA region range out of bounds"
         );
-        // SAFETY: the range lies inside the mapping (checked above), the
-        // memory is initialised (zeroed by mmap), and `&mut self` excludes
-        // other Rust accesses for the slice's lifetime.
+        // SAFETY: the range lies inside the mapping (checked above), the memory is initialised (zeroed by mmap), and `&mut self` excludes other Rust accesses for the slice's lifetime.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len) }
     }
 }
@@ -100,9 +96,7 @@ impl DmaRegion {
             off.checked_add(len).is_some_and(|e| e <= self.len),
             "DMA region range out of bounds"
         );
-        // SAFETY: in bounds (checked), initialised, and the caller reads
-        // only memory no device command in flight targets, so nothing
-        // writes it while the slice lives.
+        // SAFETY: in bounds (checked), initialised, and the caller reads only memory no device command in flight targets, so nothing writes it while the slice lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) }
     }
 
@@ -113,8 +107,7 @@ impl DmaRegion {
             off.is_multiple_of(4) && off.checked_add(4).is_some_and(|e| e <= self.len),
             "DMA region word out of bounds"
         );
-        // SAFETY: 4-aligned and inside the mapping (checked); a volatile
-        // read is sound even while the device writes the word.
+        // SAFETY: 4-aligned and inside the mapping (checked); a volatile read is sound even while the device writes the word.
         unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off).cast::<u32>()) }
     }
 }

@@ -389,7 +389,7 @@ impl VfioQueue {
     /// number of requests it finished (0 or 1).
     fn complete(&mut self, idx: usize, status: Status, out: &mut Vec<IoCompletion>) -> usize {
         let p = usize::from(self.slots[idx].parent);
-        let mut result = status_result(status);
+        let mut result = crate::status::from_nvme(status);
         if result.is_ok() && self.slots[idx].is_read {
             let (off, len) = (self.slots[idx].buf_off, self.slots[idx].len);
             let mut buf = self.slots[p].buf.take();
@@ -446,8 +446,7 @@ fn coarse_now() -> Duration {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec on our stack and
-    // CLOCK_MONOTONIC_COARSE is a valid clock id; the call writes only `ts`.
+    // SAFETY: `ts` is a valid, writable timespec on our stack and CLOCK_MONOTONIC_COARSE is a valid clock id; the call writes only `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     Duration::new(
         ts.tv_sec.max(0) as u64,
@@ -466,11 +465,6 @@ pub(crate) fn chunk_bytes(max_transfer: u32, block_size: u32) -> usize {
 pub(crate) fn chunk_at(k: usize, chunk: usize, len: usize) -> (usize, usize) {
     let off = (k * chunk).min(len);
     (off, chunk.min(len - off))
-}
-
-/// Maps an NVMe completion status to the bdev outcome.
-pub(crate) fn status_result(status: Status) -> Result<(), IoError> {
-    crate::status::from_nvme(status)
 }
 
 impl BdevQueue for VfioQueue {
@@ -634,26 +628,5 @@ mod tests {
         // No data: one command, no bytes.
         assert_eq!(0usize.div_ceil(chunk).max(1), 1);
         assert_eq!(chunk_at(0, chunk, 0), (0, 0));
-    }
-
-    #[test]
-    fn nvme_statuses_map_to_bdev_errors() {
-        assert_eq!(status_result(Status::SUCCESS), Ok(()));
-        assert_eq!(
-            status_result(Status::LBA_OUT_OF_RANGE),
-            Err(IoError::OutOfRange)
-        );
-        assert_eq!(
-            status_result(Status::INVALID_OPCODE),
-            Err(IoError::Unsupported)
-        );
-        assert_eq!(
-            status_result(Status::COMPARE_FAILURE),
-            Err(IoError::CompareFailure)
-        );
-        assert!(matches!(
-            status_result(Status::WRITE_FAULT),
-            Err(IoError::Media(m)) if m.contains("SCT 0x2") && m.contains("SC 0x80")
-        ));
     }
 }

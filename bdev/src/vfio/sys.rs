@@ -58,17 +58,13 @@ fn last_os_error(what: &'static str) -> Error {
 /// `vfio-bindings` structure (or integer) that request expects, so the
 /// kernel reads/writes exactly `size_of::<T>()` bytes (`argsz` says so).
 fn ioctl_ptr<T>(fd: &impl AsRawFd, req: libc::c_ulong, arg: &mut T) -> libc::c_int {
-    // SAFETY: `fd` is an open descriptor we own; `arg` is a valid, exclusive,
-    // properly sized and aligned object for the duration of the call, and the
-    // request codes used with this helper take a pointer to exactly that type.
+    // SAFETY: `fd` is an open descriptor we own; `arg` is a valid, exclusive, properly sized and aligned object for the duration of the call, and the request codes used with this helper take a pointer to exactly that type.
     unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) }
 }
 
 /// Issues an ioctl whose argument is an integer value.
 fn ioctl_val(fd: &impl AsRawFd, req: libc::c_ulong, arg: libc::c_ulong) -> libc::c_int {
-    // SAFETY: the requests used with this helper (GET_API_VERSION,
-    // CHECK_EXTENSION, SET_IOMMU) take an integer, not a pointer, so the
-    // kernel dereferences nothing of ours.
+    // SAFETY: the requests used with this helper (GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU) take an integer, not a pointer, so the kernel dereferences nothing of ours.
     unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) }
 }
 
@@ -247,8 +243,7 @@ impl VfioDevice {
         let name = CString::new(pci.addr.as_str())
             .map_err(|_| Error::Spec(format!("PCI address {:?} contains NUL", pci.addr)))?;
         let device = {
-            // SAFETY: GROUP_GET_DEVICE_FD takes a NUL-terminated string that
-            // the kernel only reads; `name` outlives the call.
+            // SAFETY: GROUP_GET_DEVICE_FD takes a NUL-terminated string that the kernel only reads; `name` outlives the call.
             let fd = unsafe {
                 libc::ioctl(
                     group.as_raw_fd(),
@@ -259,8 +254,7 @@ impl VfioDevice {
             if fd < 0 {
                 return Err(last_os_error("VFIO_GROUP_GET_DEVICE_FD"));
             }
-            // SAFETY: the kernel returned a fresh descriptor that nothing
-            // else owns.
+            // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
             File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
         };
         let mut info = vb::vfio_device_info {
@@ -343,19 +337,14 @@ pub(crate) struct Mmio {
     len: usize,
 }
 
-// SAFETY: the mapping is process-wide device memory; it is only accessed
-// through volatile reads/writes of single registers, which are atomic with
-// respect to the device, and the NVMe registers we write from several
-// threads (each queue's own doorbell; controller registers under the admin
-// mutex) are disjoint.
+// SAFETY: the mapping is process-wide device memory; it is only accessed through volatile reads/writes of single registers, which are atomic with respect to the device, and the NVMe registers we write from several threads (each queue's own doorbell; controller registers under the admin mutex) are disjoint.
 unsafe impl Send for Mmio {}
 // SAFETY: as for Send: `&Mmio` only allows volatile single-register accesses.
 unsafe impl Sync for Mmio {}
 
 impl Mmio {
     fn map(device: &File, offset: u64, len: usize) -> Result<Self, Error> {
-        // SAFETY: a fresh shared mapping of the device fd's BAR0 region at the
-        // offset VFIO told us; it does not alias any Rust object.
+        // SAFETY: a fresh shared mapping of the device fd's BAR0 region at the offset VFIO told us; it does not alias any Rust object.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -382,8 +371,7 @@ impl Mmio {
         if !self.in_range(off, 4) {
             return u32::MAX;
         }
-        // SAFETY: `off` is 4-aligned and inside the live mapping (checked
-        // above); a volatile read of device memory has no Rust-level aliasing.
+        // SAFETY: `off` is 4-aligned and inside the live mapping (checked above); a volatile read of device memory has no Rust-level aliasing.
         unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off).cast::<u32>()) }
     }
 

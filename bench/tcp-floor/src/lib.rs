@@ -133,8 +133,7 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `cpu < CPU_SETSIZE` was checked above, so the bit is inside `set`.
     unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: pid 0 is the calling thread; `set` is a live cpu_set_t and the
-    // size passed is its size, so the kernel reads only within it.
+    // SAFETY: pid 0 is the calling thread; `set` is a live cpu_set_t and the size passed is its size, so the kernel reads only within it.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         return Err(Error::Pin {
