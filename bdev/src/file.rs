@@ -287,6 +287,11 @@ impl FileOps {
         }
     }
 
+    /// Whether `data` cannot go to an `O_DIRECT` file as it is.
+    fn needs_bounce(&self, data: &[u8]) -> bool {
+        self.inner.direct && !(data.as_ptr() as usize).is_multiple_of(crate::buf::IOBUF_ALIGN)
+    }
+
     fn sync_if(&self, sync: bool) -> IoResult {
         if sync {
             self.inner.file.sync_data().map_err(media)
@@ -368,13 +373,36 @@ impl SyncBackend for FileOps {
         &self.inner.info
     }
 
+    /// `pread`; through the aligned scratch buffer when `O_DIRECT` is on and
+    /// `dst` (borrowed memory, e.g. a guest's) is not 4 KiB-aligned.
     fn read(&mut self, offset: u64, dst: &mut [u8]) -> IoResult {
-        self.inner.file.read_exact_at(dst, offset).map_err(media)
+        if !self.needs_bounce(dst) {
+            return self.inner.file.read_exact_at(dst, offset).map_err(media);
+        }
+        let mut pos = offset;
+        for dst in dst.chunks_mut(CHUNK) {
+            let tmp = &mut self.scratch[..dst.len()];
+            self.inner.file.read_exact_at(tmp, pos).map_err(media)?;
+            dst.copy_from_slice(tmp);
+            pos += dst.len() as u64;
+        }
+        Ok(())
     }
 
-    /// `pwrite`, then `fdatasync` for `fua`.
+    /// `pwrite` (bounced like [`FileOps::read`] when needed), then
+    /// `fdatasync` for `fua`.
     fn write(&mut self, offset: u64, src: &[u8], fua: bool) -> IoResult {
-        self.inner.file.write_all_at(src, offset).map_err(media)?;
+        if !self.needs_bounce(src) {
+            self.inner.file.write_all_at(src, offset).map_err(media)?;
+        } else {
+            let mut pos = offset;
+            for src in src.chunks(CHUNK) {
+                let tmp = &mut self.scratch[..src.len()];
+                tmp.copy_from_slice(src);
+                self.inner.file.write_all_at(tmp, pos).map_err(media)?;
+                pos += src.len() as u64;
+            }
+        }
         self.sync_if(fua)
     }
 
@@ -469,6 +497,46 @@ pub(crate) mod tests {
         drop(dev);
         // The queue keeps the file open after the bdev is gone.
         assert_eq!(write(&mut *q, 0, 1, &[9; 4096], true), Ok(()));
+    }
+
+    struct Keep;
+    impl crate::BufOwner for Keep {}
+
+    /// A borrowed buffer starting 512 bytes into `backing` (not 4 KiB-aligned).
+    fn unaligned(backing: &mut [u8], len: usize) -> IoBuf {
+        let p = std::ptr::NonNull::new(backing[512..].as_mut_ptr()).unwrap();
+        assert!(backing.len() >= 512 + len);
+        // SAFETY: the caller keeps `backing` alive and untouched until the buffer is dropped, and the range lies inside it (asserted).
+        unsafe { IoBuf::from_owner(p, len, std::sync::Arc::new(Keep)) }
+    }
+
+    #[test]
+    fn unaligned_borrowed_buffers_work_with_direct_io() {
+        let path = TempPath::new("unaligned");
+        let dev = FileBdev::open(&path.0, 512, Some(1 << 20)).unwrap();
+        let mut q = dev.open_queue().unwrap();
+        // Larger than the bounce chunk, so the chunked path runs more than once.
+        let len = CHUNK * 2 + 1024;
+        let data = pattern(len, 3);
+        let mut wbacking = IoBuf::new(len + 4096);
+        let mut wbuf = unaligned(&mut wbacking, len);
+        wbuf.copy_from_slice(&data);
+        let nlb = (len / 512) as u32;
+        let op = IoOp::Write {
+            lba: 5,
+            nlb,
+            fua: false,
+        };
+        assert_eq!(run(&mut *q, op, Some(wbuf)).result, Ok(()));
+        let mut rbacking = IoBuf::new(len + 4096);
+        let done = run(
+            &mut *q,
+            IoOp::Read { lba: 5, nlb },
+            Some(unaligned(&mut rbacking, len)),
+        );
+        assert_eq!(done.result, Ok(()));
+        assert_eq!(&done.buf.unwrap()[..], &data[..]);
+        assert_eq!(read(&mut *q, 5, nlb, 512), data);
     }
 
     #[test]

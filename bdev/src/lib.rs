@@ -28,7 +28,7 @@ mod testutil;
 #[cfg(feature = "vfio")]
 pub mod vfio;
 
-pub use buf::IoBuf;
+pub use buf::{BufOwner, IoBuf};
 pub use file::FileBdev;
 pub use null::NullBdev;
 pub use ram::RamBdev;
@@ -270,6 +270,18 @@ pub trait BdevQueue: Send {
     /// default, means the queue needs no outside event: whatever was
     /// submitted is ready at the next `poll`.
     fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// A data buffer of `len` bytes in this queue's preferred memory, for a
+    /// caller that is about to fill it (a write's incoming data) or submit a
+    /// read into it. A VFIO NVMe queue answers with pages of its
+    /// IOMMU-mapped pool, so the SSD moves the data straight from or to the
+    /// bytes the caller's socket touches, with no copy. `None`, the default
+    /// and also the answer when such memory has run out, means any buffer
+    /// will do: use [`IoBuf::new`] or the caller's own pool. Every queue
+    /// accepts every buffer either way; this only saves copies.
+    fn alloc_buf(&mut self, _len: usize) -> Option<IoBuf> {
         None
     }
 }

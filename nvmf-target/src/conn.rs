@@ -586,7 +586,9 @@ impl Conn {
             }
             let s = &mut self.slots[usize::from(slot)];
             s.len = data_len;
-            s.buf = Some(ctx.pool.get(data_len as usize));
+            let buf = self.data_buf(&sqe, data_len as usize, ctx);
+            let s = &mut self.slots[usize::from(slot)];
+            s.buf = Some(buf);
             s.state = SlotState::InCapsule;
             self.rx_target = RxTarget::Slot { slot, off: 0 };
             return;
@@ -603,9 +605,10 @@ impl Conn {
                 if sgl.length > ctx.params.max_transfer {
                     return self.complete(slot, Status::INVALID_FIELD, 0);
                 }
+                let buf = self.data_buf(&sqe, sgl.length as usize, ctx);
                 let s = &mut self.slots[usize::from(slot)];
                 s.len = sgl.length;
-                s.buf = Some(ctx.pool.get(sgl.length as usize));
+                s.buf = Some(buf);
                 if dir == Dir::C2h {
                     return self.dispatch(slot, ctx);
                 }
@@ -619,6 +622,24 @@ impl Conn {
                 self.push_pdu(&Pdu::R2t(r2t));
             }
         }
+    }
+
+    /// The data buffer of a command: from its namespace's queue when that
+    /// queue has memory of its own for data (a VFIO SSD's IOMMU-mapped pool:
+    /// the socket then reads write data, and the SSD writes read data,
+    /// straight into memory the device reaches, with no copy), else from the
+    /// reactor's pool.
+    fn data_buf(&self, sqe: &Sqe, len: usize, ctx: &mut Ctx<'_>) -> IoBuf {
+        if self.qid != 0 {
+            let ns = self.subsys.as_deref().and_then(|s| s.namespace(sqe.nsid));
+            if let Some(Some(q)) = ns.and_then(|ns| ctx.queues.get_mut(ns.gidx)) {
+                if let Some(mut b) = q.alloc_buf(len) {
+                    b.set_len(len);
+                    return b;
+                }
+            }
+        }
+        ctx.pool.get(len)
     }
 
     /// Runs a command whose data (if any) has arrived.

@@ -88,8 +88,12 @@ impl BufPool {
         b
     }
 
-    /// Returns a buffer for reuse (dropped if the pool is full).
+    /// Returns a buffer for reuse (dropped if the pool is full; a buffer
+    /// borrowed from a device's memory goes back to its owner).
     pub fn put(&mut self, b: IoBuf) {
+        if b.owner().is_some() {
+            return;
+        }
         let cap = b.capacity();
         let c = Self::class(cap);
         if self.kept + cap > self.limit || c >= self.classes.len() || (4096usize << c) != cap {
