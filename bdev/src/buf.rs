@@ -195,7 +195,10 @@ mod tests {
 
     impl BufOwner for Counting {
         fn release(&self, ptr: NonNull<u8>, cap: usize) {
-            self.released.lock().unwrap().push((ptr.as_ptr() as usize, cap));
+            self.released
+                .lock()
+                .unwrap()
+                .push((ptr.as_ptr() as usize, cap));
         }
     }
 
