@@ -2,7 +2,8 @@
 //! binary over loopback — random writes and read-back across sizes and
 //! paths, digests, several I/O queues on several threads, many commands in
 //! flight, and flush / write-zeroes / deallocate semantics on the ram and
-//! file backends.
+//! file backends, and a remote namespace that reconnects without ever
+//! blocking its I/O thread.
 
 mod common;
 
@@ -446,4 +447,55 @@ fn remote_namespace_fails_fast_while_the_target_is_down_and_reconnects_when_it_r
     drop(ctrl);
     drop(t2);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn remote_namespace_never_blocks_io_while_reconnecting_to_a_silent_target() {
+    let t = TargetProc::start(&["--ram", "8M"]);
+    let listen = t.addr;
+    let ctrl = Controller::connect(ConnectOptions {
+        command_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(3),
+        kato_ms: 0,
+        ..opts(&t, false, false, 1)
+    })
+    .expect("connect");
+    let ns = RemoteNamespace::open(&ctrl, 1).expect("namespace");
+    let mut q = ns.open_queue().expect("queue");
+    assert!(t.stop().success());
+    // The address now accepts TCP connections but never answers ICReq: a
+    // reconnection attempt there takes the whole connect timeout (3 s).
+    let silent = std::net::TcpListener::bind(listen).expect("rebind the target's address");
+    silent.set_nonblocking(true).unwrap();
+    let mut held = Vec::new();
+    let start = std::time::Instant::now();
+    let mut failed = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        if let Ok((s, _)) = silent.accept() {
+            held.push(s);
+        }
+        let t0 = std::time::Instant::now();
+        q.submit(IoRequest {
+            tag: 9,
+            op: IoOp::Read { lba: 0, nlb: 8 },
+            buf: Some(IoBuf::new(4096)),
+        })
+        .expect("accepted");
+        let mut out = Vec::new();
+        while out.is_empty() {
+            q.poll(&mut out);
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "a request waited on the reconnection to a silent target"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(out[0].result.is_err());
+        failed += 1;
+    }
+    assert!(
+        !held.is_empty(),
+        "no reconnection attempt reached the silent target"
+    );
+    assert!(failed > 50, "only {failed} requests completed in 2 s");
 }

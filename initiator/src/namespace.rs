@@ -1,7 +1,7 @@
 //! [`RemoteNamespace`]: a namespace of a remote controller as a block device,
 //! which reconnects when its target comes back.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -144,18 +144,27 @@ fn bdev_err(what: &str, e: crate::Error) -> unvme_bdev::Error {
 
 /// A [`BdevQueue`] on one [`IoQpair`], replaced by a new one after the
 /// connection is lost.
+///
+/// Reconnecting (TCP connect, ICReq, Fabrics Connect, perhaps a whole new
+/// controller) can take up to the connect timeout against a target that
+/// does not answer, so it runs on a short-lived thread of its own; the queue
+/// keeps failing requests fast meanwhile and picks the new queue pair up at
+/// a later submit or poll.
 struct RemoteQueue {
     qp: Option<IoQpair>,
     shared: Arc<NsShared>,
     /// Requests failed while disconnected, handed out by the next poll.
     failed: Vec<IoCompletion>,
+    /// The reconnection attempt under way, if any.
+    attempt: Option<mpsc::Receiver<Result<IoQpair>>>,
     next_attempt: Instant,
     backoff: Duration,
 }
 
 impl RemoteQueue {
-    /// Drops a closed queue pair once it has handed back everything, and
-    /// tries to open a new one when the backoff allows.
+    /// Drops a closed queue pair once it has handed back everything, collects
+    /// the outcome of a reconnection attempt, and starts one when the backoff
+    /// allows. Never blocks.
     fn ensure_connected(&mut self) {
         if let Some(qp) = &self.qp {
             if !qp.is_closed() || qp.outstanding() > 0 {
@@ -165,25 +174,51 @@ impl RemoteQueue {
             self.qp = None;
             self.next_attempt = Instant::now();
         }
-        let now = Instant::now();
-        if now < self.next_attempt {
+        if let Some(rx) = &self.attempt {
+            let outcome = match rx.try_recv() {
+                Ok(r) => r,
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => Err(crate::Error::Invalid(
+                    "the reconnection thread ended without an answer".into(),
+                )),
+            };
+            self.attempt = None;
+            match outcome {
+                Ok(qp) => {
+                    info!(
+                        nsid = self.shared.nsid,
+                        qid = qp.qid(),
+                        "NVMe/TCP I/O queue reconnected"
+                    );
+                    self.qp = Some(qp);
+                    self.backoff = RECONNECT_BACKOFF;
+                    return;
+                }
+                Err(e) => {
+                    warn!(nsid = self.shared.nsid, error = %e, retry_in_ms = self.backoff.as_millis() as u64,
+                        "NVMe/TCP reconnection failed");
+                    self.next_attempt = Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(RECONNECT_MAX_BACKOFF);
+                    return;
+                }
+            }
+        }
+        if Instant::now() < self.next_attempt {
             return;
         }
-        match self.shared.open_qpair() {
-            Ok(qp) => {
-                info!(
-                    nsid = self.shared.nsid,
-                    qid = qp.qid(),
-                    "NVMe/TCP I/O queue reconnected"
-                );
-                self.qp = Some(qp);
-                self.backoff = RECONNECT_BACKOFF;
-            }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("unvme-reconnect".into())
+            .spawn(move || {
+                // The queue may be gone by now; then the new pair is dropped.
+                let _ = tx.send(shared.open_qpair());
+            });
+        match spawned {
+            Ok(_) => self.attempt = Some(rx),
             Err(e) => {
-                warn!(nsid = self.shared.nsid, error = %e, retry_in_ms = self.backoff.as_millis() as u64,
-                    "NVMe/TCP reconnection failed");
-                self.next_attempt = now + self.backoff;
-                self.backoff = (self.backoff * 2).min(RECONNECT_MAX_BACKOFF);
+                warn!(nsid = self.shared.nsid, error = %e, "cannot start a reconnection thread");
+                self.next_attempt = Instant::now() + self.backoff;
             }
         }
     }
@@ -240,6 +275,7 @@ impl Bdev for RemoteNamespace {
             qp: Some(qp),
             shared: self.shared.clone(),
             failed: Vec::new(),
+            attempt: None,
             next_attempt: Instant::now(),
             backoff: RECONNECT_BACKOFF,
         }))
