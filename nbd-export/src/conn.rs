@@ -167,6 +167,8 @@ pub struct Conn<'a, S: Stream> {
     q: Box<dyn BdevQueue>,
     view: ExportView,
     block_size: u32,
+    /// The device supports write-zeroes (used for TRIM with FUA).
+    write_zeroes: bool,
     chunk: usize,
     limits: Limits,
     stop: &'a AtomicBool,
@@ -214,6 +216,7 @@ impl<'a, S: Stream> Conn<'a, S> {
             q,
             view,
             block_size: info.block_size,
+            write_zeroes: info.write_zeroes,
             chunk,
             limits,
             stop,
@@ -547,14 +550,19 @@ impl<'a, S: Stream> Conn<'a, S> {
                 }
             }
             cmd::FLUSH => self.push_op(slot, 0, IoOp::Flush, None),
-            cmd::TRIM if r.length > 0 => {
+            // TRIM with FUA must be durable when answered. A deallocation
+            // has no FUA of its own and a Flush sent beside it would not be
+            // ordered after it, so it becomes a write-zeroes that may
+            // deallocate, with FUA: the blocks are trimmed (and read back as
+            // zeroes, which TRIM allows) and durable at completion.
+            cmd::TRIM if r.length > 0 && (r.flags & cmdflag::FUA == 0 || !self.write_zeroes) => {
                 let nlb = (u64::from(r.length) / bs) as u32;
                 let op = IoOp::Deallocate {
                     ranges: vec![LbaRange { lba, nlb }],
                 };
                 self.push_op(slot, 0, op, None);
             }
-            cmd::WRITE_ZEROES if r.length > 0 => {
+            cmd::TRIM | cmd::WRITE_ZEROES if r.length > 0 => {
                 let total = u64::from(r.length) / bs;
                 let mut done = 0u64;
                 let mut i = 0;
@@ -563,7 +571,7 @@ impl<'a, S: Stream> Conn<'a, S> {
                     let op = IoOp::WriteZeroes {
                         lba: lba + done,
                         nlb: nlb as u32,
-                        deallocate: r.flags & cmdflag::NO_HOLE == 0,
+                        deallocate: r.typ == cmd::TRIM || r.flags & cmdflag::NO_HOLE == 0,
                         fua: r.flags & cmdflag::FUA != 0,
                     };
                     self.push_op(slot, i, op, None);
@@ -933,5 +941,124 @@ impl<'a, S: Stream> Conn<'a, S> {
             self.pooled_bytes += cap;
             self.pool[k].push(b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{tflag, BlockSizes, REQUEST_MAGIC};
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+    use unvme_bdev::{IoCompletion, SubmitError};
+
+    /// A device queue that records every operation and completes it at once.
+    struct Recorder {
+        ops: Arc<Mutex<Vec<IoOp>>>,
+        done: Vec<IoCompletion>,
+    }
+
+    impl BdevQueue for Recorder {
+        fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+            self.ops.lock().unwrap().push(req.op.clone());
+            self.done.push(IoCompletion {
+                tag: req.tag,
+                result: Ok(()),
+                buf: req.buf,
+            });
+            Ok(())
+        }
+        fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+            let n = self.done.len();
+            out.append(&mut self.done);
+            n
+        }
+        fn outstanding(&self) -> usize {
+            self.done.len()
+        }
+    }
+
+    /// Sends TRIM requests with the given flags on a connection over a device
+    /// that does (or does not) support write-zeroes; returns what it did.
+    fn trims(write_zeroes: bool, flags: &[u16]) -> Vec<IoOp> {
+        let info = BdevInfo {
+            name: "rec".into(),
+            block_size: 512,
+            num_blocks: 1 << 16,
+            max_transfer: 0,
+            volatile_write_cache: true,
+            deallocate: true,
+            write_zeroes,
+        };
+        let ops = Arc::new(Mutex::new(Vec::new()));
+        let q = Box::new(Recorder {
+            ops: ops.clone(),
+            done: Vec::new(),
+        });
+        let view = ExportView {
+            size: info.size_bytes(),
+            tflags: tflag::HAS_FLAGS | tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_FLUSH,
+            sizes: BlockSizes {
+                min: 512,
+                preferred: 4096,
+                max: 1 << 20,
+            },
+            structured: false,
+            base_allocation: false,
+            fast_zero: false,
+        };
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| {
+                Conn::new(server, q, &info, view, Limits::default(), &stop)
+                    .unwrap()
+                    .run()
+            });
+            for (i, &f) in flags.iter().enumerate() {
+                let mut r = Vec::new();
+                r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                r.extend_from_slice(&f.to_be_bytes());
+                r.extend_from_slice(&cmd::TRIM.to_be_bytes());
+                r.extend_from_slice(&(i as u64).to_be_bytes());
+                r.extend_from_slice(&4096u64.to_be_bytes());
+                r.extend_from_slice(&(64u32 << 10).to_be_bytes());
+                client.write_all(&r).unwrap();
+                let mut reply = [0u8; 16];
+                client.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply[4..8], &[0; 4], "TRIM flags {f:#x} failed");
+            }
+            drop(client);
+            srv.join().unwrap();
+        });
+        let v = ops.lock().unwrap().clone();
+        v
+    }
+
+    #[test]
+    fn trim_with_fua_is_a_durable_deallocating_write_zeroes() {
+        let lba = 4096 / 512;
+        let nlb = (64 << 10) / 512;
+        assert_eq!(
+            trims(true, &[0, cmdflag::FUA]),
+            vec![
+                IoOp::Deallocate {
+                    ranges: vec![LbaRange { lba, nlb }]
+                },
+                IoOp::WriteZeroes {
+                    lba,
+                    nlb,
+                    deallocate: true,
+                    fua: true
+                },
+            ]
+        );
+        // Without write-zeroes on the device it stays a deallocation.
+        assert_eq!(
+            trims(false, &[cmdflag::FUA]),
+            vec![IoOp::Deallocate {
+                ranges: vec![LbaRange { lba, nlb }]
+            }]
+        );
     }
 }
