@@ -6,7 +6,11 @@
 //! ([`sys`]), maps BAR0, resets and enables the controller with an admin
 //! queue ([`ctrl`]), and gives every thread that opens a queue its own I/O
 //! SQ/CQ pair with its own DMA memory ([`queue`], [`dma`]): no lock on the
-//! I/O path, doorbells once per batch, completions by phase tag. Errors
+//! I/O path, doorbells once per batch, completions by phase tag. Data
+//! buffers come from a per-device pool of IOMMU-mapped memory
+//! (`BdevQueue::alloc_buf`), so write data goes socket → DMA buffer → SSD
+//! and read data back with no copy; other buffers are copied through the
+//! queue's own DMA pages ([`queue`]). Errors
 //! (CSTS.CFS, a device that vanished, a command past its deadline) end in
 //! an [`IoError`](crate::IoError), never a hang. When the last queue and
 //! bdev of a device are dropped, the controller is shut down and disabled
@@ -15,8 +19,7 @@
 //! What it is not: no interrupts, no metadata/protection information,
 //! no SGLs (PRPs only), no controller reset after a failure (the backend
 //! stays failed until the process reopens it), no admin command
-//! pass-through, and data is copied between the caller's buffers and DMA
-//! memory (see [`queue`]).
+//! pass-through.
 
 mod ctrl;
 mod dma;

@@ -7,19 +7,36 @@
 //! | SQ (entries × 64 B) | CQ (entries × 16 B) | PRP list page per slot | data arena (4 KiB pages) |
 //! ```
 //!
-//! A command occupies a slot (its CID is the slot index); a data command
-//! also takes pages of the arena, not necessarily adjacent — the PRP list
-//! gathers them. A request larger than the controller's MDTS is split into
-//! several commands; the first command's slot (the parent) holds the
-//! request and completes it when the last of its commands completes. Write data is copied from the request's [`IoBuf`] into
-//! those pages at submit and read data copied back at completion.
+//! A command occupies a slot (its CID is the slot index). A request larger
+//! than the controller's MDTS is split into several commands; the first
+//! command's slot (the parent) holds the request and completes it when the
+//! last of its commands completes.
 //!
-//! That copy is the price of the current bdev contract, where the caller
-//! owns ordinary heap buffers the IOMMU does not know. It goes away when
-//! the caller allocates its buffers from the backend (a `Bdev::alloc_buf`
-//! returning an [`IoBuf`] carved from this queue's mapped arena, with its
-//! IOVA), so the target receives socket data straight into DMA memory;
-//! the queue would then build PRPs from the buffer's own IOVAs.
+//! Data takes one of two paths, decided per request at submit:
+//!
+//! - **Zero-copy**, when the request's [`IoBuf`] is memory of the device's
+//!   DMA buffer pool ([`DmaPool`], shared by all queues of the controller;
+//!   told apart by owner identity and address range). Such buffers are what
+//!   [`BdevQueue::alloc_buf`] hands out, and the NVMe/TCP target asks for
+//!   one for every I/O command before it reads write data off the socket or
+//!   sends read data: socket → pool buffer → SSD and back, no copy. Each
+//!   command's PRPs are built straight from the buffer's IOVAs (its part of
+//!   the buffer for a split request; PRP1 may start inside a page), in the
+//!   slot's PRP list page when longer than two entries; at completion
+//!   nothing is copied back.
+//! - **Copy**, for any other buffer (the caller's heap, another device's
+//!   memory, or every buffer once the pool has run dry or was disabled with
+//!   `UNVME_VFIO_DMA_POOL=0`): the command takes pages of the arena, not
+//!   necessarily adjacent (the PRP list gathers them); write data is copied
+//!   in at submit and read data copied back at completion.
+//!
+//! Correctness never depends on the pool: every buffer is accepted, pool
+//! memory only saves the copies. The queue counts requests of each path and
+//! logs them when it closes (info: `vfio queue N: X requests zero-copy, Y
+//! copied`). A zero-copy request that is abandoned (timeout, failed
+//! controller) keeps its buffer with its commands until the device
+//! completes them, and its caller gets a fresh heap buffer instead, so the
+//! pool never reuses memory the device may still write.
 //!
 //! Doorbells: SQEs are written at submit and the SQ tail doorbell is rung
 //! once per batch (at the next poll, or when [`DOORBELL_BATCH`] SQEs are
@@ -30,13 +47,16 @@
 //! timeout (CAP.TO, at least 10 s) plus 50 ms, whoever polls and how often.
 
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use unvme_proto::nvme::{io_opc, Sqe, Status, CQE_SIZE, SQE_SIZE};
 
 use super::ctrl::{read_cqe, set_prps, Controller};
-use super::dma::{build_prps, DmaRegion, PagePool, PAGE, PRPS_PER_PAGE};
+use super::dma::{
+    build_prps, contiguous_pages, pool_size_from_env, DmaPool, DmaRegion, PagePool, PoolDevice,
+    PAGE, PRPS_PER_PAGE,
+};
 use super::regs::{CqRing, SqRing};
 use super::Error;
 use crate::{BdevInfo, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
@@ -79,6 +99,13 @@ struct Slot {
     /// Bytes this command moves.
     len: usize,
     pages: Vec<u32>,
+    /// The request's buffer is DMA pool memory: the PRPs point into it, no
+    /// arena pages, no copies.
+    zero_copy: bool,
+    /// An abandoned zero-copy request's buffer, kept (shared by its commands
+    /// still with the device) until the last of them completes, so the pool
+    /// cannot hand the memory out while the device may still write it.
+    hold: Option<Arc<IoBuf>>,
     /// On the [`coarse_now`] clock.
     deadline: Duration,
     // Parent only:
@@ -121,6 +148,15 @@ pub(crate) struct VfioQueue {
     last_health: Duration,
     /// Set when the controller failed: everything completes Unavailable.
     broken: bool,
+    /// The device's buffer pool, for [`BdevQueue::alloc_buf`] and to tell
+    /// its buffers from others at submit.
+    dma_pool: Arc<DmaPool>,
+    /// Data requests (read, write, compare) submitted straight from pool
+    /// memory and through arena pages with copies.
+    zero_copy: u64,
+    copied: u64,
+    /// `alloc_buf` calls the pool could not serve.
+    pool_misses: u64,
     info: BdevInfo,
     ns: NsCaps,
     cq_off: usize,
@@ -150,6 +186,7 @@ impl VfioQueue {
             return Err(e);
         }
         let now = coarse_now();
+        let dma_pool = device_pool(&ctrl, (info.max_transfer as usize).max(PAGE));
         tracing::debug!(addr = %ctrl.addr, qid, entries, arena_pages, "I/O queue pair created");
         Ok(VfioQueue {
             qid,
@@ -167,6 +204,8 @@ impl VfioQueue {
                     buf_off: 0,
                     len: 0,
                     pages: Vec::with_capacity(max_pages),
+                    zero_copy: false,
+                    hold: None,
                     deadline: now,
                     tag: 0,
                     buf: None,
@@ -179,9 +218,15 @@ impl VfioQueue {
             in_flight: 0,
             pool: PagePool::new(arena_pages),
             done: Vec::with_capacity(n_slots),
-            scratch: vec![0; max_pages.max(1)],
+            // One more entry than pages: a transfer from a pool buffer may
+            // start inside a page.
+            scratch: vec![0; max_pages.max(1) + 1],
             last_health: now,
             broken: false,
+            dma_pool,
+            zero_copy: 0,
+            copied: 0,
+            pool_misses: 0,
             info,
             ns,
             cq_off,
@@ -213,9 +258,18 @@ impl VfioQueue {
         }
     }
 
-    /// Builds the SQE for `op` in slot `cid`, staging write data from
-    /// `buf[buf_off..]` in the slot's DMA pages.
-    fn build(&mut self, cid: u16, op: &IoOp, buf: Option<&IoBuf>, buf_off: usize) -> Sqe {
+    /// Builds the SQE for `op` in slot `cid`. With `dma` (the IOVA of a pool
+    /// buffer's first byte) the PRPs point at `buf[buf_off..]` itself;
+    /// otherwise write data from `buf[buf_off..]` is staged in the slot's
+    /// arena pages.
+    fn build(
+        &mut self,
+        cid: u16,
+        op: &IoOp,
+        buf: Option<&IoBuf>,
+        buf_off: usize,
+        dma: Option<u64>,
+    ) -> Sqe {
         let mut sqe = Sqe {
             cid,
             nsid: self.ns.nsid,
@@ -234,28 +288,17 @@ impl VfioQueue {
                     sqe.cdw12 |= 1 << 30;
                 }
                 let len = op.data_len(bs);
-                let slot = &self.slots[usize::from(cid)];
-                for (i, &p) in slot.pages.iter().enumerate() {
-                    self.scratch[i] = self.region.iova(self.data_off + p as usize * PAGE);
-                }
-                if !matches!(op, IoOp::Read { .. }) {
-                    if let Some(buf) = buf {
-                        for (i, &p) in self.slots[usize::from(cid)].pages.iter().enumerate() {
-                            let start = i * PAGE;
-                            let n = PAGE.min(len - start);
-                            let src = buf_off + start;
-                            self.region
-                                .slice_mut(self.data_off + p as usize * PAGE, n)
-                                .copy_from_slice(&buf[src..src + n]);
-                        }
-                    }
-                }
+                let npages = match dma {
+                    Some(base) => contiguous_pages(base + buf_off as u64, len, &mut self.scratch)
+                        .min(self.scratch.len()),
+                    None => self.stage(cid, op, buf, buf_off, len),
+                };
                 let list_off = self.prp_off + usize::from(cid) * PAGE;
-                let npages = self.slots[usize::from(cid)].pages.len();
                 let mut list = [0u64; PRPS_PER_PAGE];
-                // The pages were sized from `len` and max_transfer is at most
-                // one list page, so this cannot fail; fall back to an
-                // invalid (zero) pointer the device rejects if it ever did.
+                // The entries were sized from `len` and max_transfer is at
+                // most one list page (the scratch has room for an in-page
+                // start), so this cannot fail; fall back to an invalid
+                // (zero) pointer the device rejects if it ever did.
                 let (prp1, prp2) = build_prps(
                     &self.scratch[..npages],
                     len,
@@ -300,6 +343,36 @@ impl VfioQueue {
         sqe
     }
 
+    /// Puts the IOVAs of slot `cid`'s arena pages in the scratch list and,
+    /// unless `op` is a read, copies `buf[buf_off..buf_off + len]` into
+    /// them; returns the number of pages.
+    fn stage(
+        &mut self,
+        cid: u16,
+        op: &IoOp,
+        buf: Option<&IoBuf>,
+        buf_off: usize,
+        len: usize,
+    ) -> usize {
+        let slot = &self.slots[usize::from(cid)];
+        for (i, &p) in slot.pages.iter().enumerate() {
+            self.scratch[i] = self.region.iova(self.data_off + p as usize * PAGE);
+        }
+        if !matches!(op, IoOp::Read { .. }) {
+            if let Some(buf) = buf {
+                for (i, &p) in slot.pages.iter().enumerate() {
+                    let start = i * PAGE;
+                    let n = PAGE.min(len - start);
+                    let src = buf_off + start;
+                    self.region
+                        .slice_mut(self.data_off + p as usize * PAGE, n)
+                        .copy_from_slice(&buf[src..src + n]);
+                }
+            }
+        }
+        slot.pages.len()
+    }
+
     fn ring_sq(&mut self) {
         if self.pending > 0 {
             // SQEs in memory before the doorbell makes the device fetch them.
@@ -319,21 +392,34 @@ impl VfioQueue {
         self.slots[idx].pages = pages;
     }
 
-    /// Returns a command's pages and its slot.
+    /// Returns a command's pages and its slot (and lets go of the buffer
+    /// an abandoned zero-copy command kept).
     fn release(&mut self, idx: usize) {
         self.release_pages(idx);
+        self.slots[idx].hold = None;
         self.slots[idx].state = SlotState::Free;
         self.free_slots.push(idx as u16);
     }
 
     /// Hands request `p` (a parent slot) back with `err`; its commands still
     /// with the device keep their slots and pages (the device may still
-    /// touch them) until they complete.
+    /// touch them) until they complete. A zero-copy request's buffer is the
+    /// device's target too: it stays with those commands, and the caller
+    /// gets a fresh heap buffer of the same length in its place (a rare,
+    /// failed request; its data means nothing).
     fn abandon(&mut self, p: usize, err: IoError, out: &mut Vec<IoCompletion>) {
+        let mut buf = self.slots[p].buf.take();
+        let mut hold = None;
+        if self.slots[p].zero_copy {
+            if let Some(b) = buf.take() {
+                buf = Some(IoBuf::new(b.len()));
+                hold = Some(Arc::new(b));
+            }
+        }
         out.push(IoCompletion {
             tag: self.slots[p].tag,
             result: Err(err),
-            buf: self.slots[p].buf.take(),
+            buf,
         });
         for i in 0..self.slots.len() {
             let s = &mut self.slots[i];
@@ -344,6 +430,7 @@ impl VfioQueue {
                 self.release(i);
             } else {
                 s.state = SlotState::Abandoned;
+                s.hold = hold.clone();
             }
         }
         self.in_flight -= 1;
@@ -390,7 +477,7 @@ impl VfioQueue {
     fn complete(&mut self, idx: usize, status: Status, out: &mut Vec<IoCompletion>) -> usize {
         let p = usize::from(self.slots[idx].parent);
         let mut result = crate::status::from_nvme(status);
-        if result.is_ok() && self.slots[idx].is_read {
+        if result.is_ok() && self.slots[idx].is_read && !self.slots[idx].zero_copy {
             let (off, len) = (self.slots[idx].buf_off, self.slots[idx].len);
             let mut buf = self.slots[p].buf.take();
             match buf.as_mut() {
@@ -454,6 +541,36 @@ fn coarse_now() -> Duration {
     )
 }
 
+impl PoolDevice for Controller {
+    fn map_region(&self, len: usize) -> Result<DmaRegion, Error> {
+        DmaRegion::new(&self.dev.container, len)
+    }
+
+    fn failed(&self) -> bool {
+        Controller::failed(self)
+    }
+}
+
+/// The DMA buffer pool of each open controller, so that all its queues
+/// share one (entries die with their pool).
+static POOLS: Mutex<Vec<(Weak<Controller>, Weak<DmaPool>)>> = Mutex::new(Vec::new());
+
+/// The buffer pool of `ctrl`, made (without memory yet) if it has none.
+fn device_pool(ctrl: &Arc<Controller>, max_buf: usize) -> Arc<DmaPool> {
+    let mut all = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(c, p)| c.strong_count() > 0 && p.strong_count() > 0);
+    if let Some(p) = all
+        .iter()
+        .find(|(c, _)| std::ptr::eq(c.as_ptr(), Arc::as_ptr(ctrl)))
+        .and_then(|(_, p)| p.upgrade())
+    {
+        return p;
+    }
+    let pool = DmaPool::new(ctrl.clone(), pool_size_from_env(), max_buf);
+    all.push((Arc::downgrade(ctrl), Arc::downgrade(&pool)));
+    pool
+}
+
 /// Bytes of one command of a split request: the controller's largest
 /// transfer rounded down to whole blocks (at least one block).
 pub(crate) fn chunk_bytes(max_transfer: u32, block_size: u32) -> usize {
@@ -491,7 +608,15 @@ impl BdevQueue for VfioQueue {
             self.finish_now(req, Err(IoError::TooLarge));
             return Ok(());
         }
-        if self.free_slots.len() < cmds || self.pool.available() < len.div_ceil(PAGE) {
+        // Pool memory goes to the device as it is; other buffers through
+        // arena pages.
+        let dma = match &req.buf {
+            Some(b) if len > 0 => self.dma_pool.iova_of(b),
+            _ => None,
+        };
+        if self.free_slots.len() < cmds
+            || (dma.is_none() && self.pool.available() < len.div_ceil(PAGE))
+        {
             return Err(SubmitError::Busy(req));
         }
         let deadline = coarse_now() + self.ctrl.cmd_timeout;
@@ -516,17 +641,20 @@ impl BdevQueue for VfioQueue {
                 },
                 _ => req.op.clone(),
             };
-            let mut pages = std::mem::take(&mut self.slots[idx].pages);
-            let got = self.pool.take(clen.div_ceil(PAGE), &mut pages);
-            debug_assert!(got, "checked: enough free pages");
-            self.slots[idx].pages = pages;
-            let sqe = self.build(cid, &op, req.buf.as_ref(), off);
+            if dma.is_none() {
+                let mut pages = std::mem::take(&mut self.slots[idx].pages);
+                let got = self.pool.take(clen.div_ceil(PAGE), &mut pages);
+                debug_assert!(got, "checked: enough free pages");
+                self.slots[idx].pages = pages;
+            }
+            let sqe = self.build(cid, &op, req.buf.as_ref(), off, dma);
             let at = usize::from(self.sq.push()) * SQE_SIZE;
             sqe.encode(self.region.slice_mut(at, SQE_SIZE));
             let slot = &mut self.slots[idx];
             slot.state = SlotState::Busy;
             slot.parent = parent;
             slot.is_read = matches!(op, IoOp::Read { .. });
+            slot.zero_copy = dma.is_some();
             slot.buf_off = off;
             slot.len = clen;
             slot.deadline = deadline;
@@ -542,6 +670,13 @@ impl BdevQueue for VfioQueue {
         p.remaining = cmds as u16;
         p.result = Ok(());
         self.in_flight += 1;
+        if len > 0 {
+            if dma.is_some() {
+                self.zero_copy += 1;
+            } else {
+                self.copied += 1;
+            }
+        }
         Ok(())
     }
 
@@ -592,6 +727,20 @@ impl BdevQueue for VfioQueue {
     fn outstanding(&self) -> usize {
         self.in_flight + self.done.len()
     }
+
+    /// A buffer of the device's DMA pool (see [`DmaPool`]); `None` above the
+    /// queue's transfer limit, on a failed controller, or when the pool is
+    /// used up (the caller's own buffer then takes the copy path).
+    fn alloc_buf(&mut self, len: usize) -> Option<IoBuf> {
+        if self.broken || len > self.info.max_transfer as usize {
+            return None;
+        }
+        let buf = self.dma_pool.alloc(len);
+        if buf.is_none() {
+            self.pool_misses += 1;
+        }
+        buf
+    }
 }
 
 impl Drop for VfioQueue {
@@ -600,9 +749,21 @@ impl Drop for VfioQueue {
             // Deleting the SQ aborts what it still holds; the CQ goes after it.
             if let Err(e) = self.ctrl.delete_io_queues(self.qid) {
                 tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, "deleting I/O queues: {e}");
+                // Commands may live on in the device: the pool buffers they
+                // target (still in our slots) must never be reused.
+                if self.slots.iter().any(|s| s.state != SlotState::Free) {
+                    self.dma_pool.poison();
+                }
             }
         }
         self.ctrl.free_qid(self.qid);
+        let (qid, zero_copy, copied) = (self.qid, self.zero_copy, self.copied);
+        if zero_copy + copied > 0 {
+            tracing::info!(addr = %self.ctrl.addr, qid, zero_copy, copied, pool_misses = self.pool_misses,
+                "vfio queue {qid}: {zero_copy} requests zero-copy, {copied} copied");
+        } else {
+            tracing::debug!(addr = %self.ctrl.addr, qid, "vfio queue {qid}: no data requests");
+        }
         tracing::debug!(addr = %self.ctrl.addr, qid = self.qid, entries = self.entries, "I/O queue pair closed");
     }
 }
