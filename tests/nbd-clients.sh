@@ -9,7 +9,8 @@
 # info/convert in and out + compare, nbdcopy of a 256 MiB random image in and
 # out with multi-conn + cmp, fio's nbd engine with verify=crc32c at QD1 and
 # QD32, and an nbdsh script exercising every command, flag and error reply.
-# A read-only export is checked for EPERM.
+# A read-only export is checked for EPERM, and sparse exports (ram and a
+# sparse file) show their holes to nbdinfo --map and qemu-img map/convert.
 #
 # Usage: tests/nbd-clients.sh            (builds target/release/unvme)
 #        UNVME_BIN=path/to/unvme tests/nbd-clients.sh
@@ -263,7 +264,39 @@ print('read-only ok')
 "
 }
 
-export -f check_nbdinfo check_qemu_io check_qemu_img check_nbdcopy check_fio check_nbdsh check_read_only
+# BLOCK_STATUS (base:allocation) from the device's allocation: an export
+# with 1 MiB of data at 8 MiB shows exactly that run as data and the rest as
+# hole+zero to nbdinfo --map and qemu-img map, and qemu-img convert copies it
+# into a sparse file. The data is written by the caller (qemu-io).
+check_map() { # URI SIZE
+    local uri=$1 size=$2
+    nbdinfo --map "$uri" | tee "$WORK/map.txt"
+    python3 - "$WORK/map.txt" "$size" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+got = [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
+size = int(sys.argv[2])
+want = [(0, 8 << 20, 3), (8 << 20, 1 << 20, 0), (9 << 20, size - (9 << 20), 3)]
+assert got == want, f"map {got} != {want}"
+print("nbdinfo --map ok")
+PY
+    qemu-img map --output=json -f raw "$uri" | python3 -c "
+import json, sys
+m = json.load(sys.stdin)
+data = [(e['start'], e['length']) for e in m if e['data']]
+assert data == [(8 << 20, 1 << 20)], m
+assert all(e['zero'] for e in m if not e['data']), m
+print('qemu-img map ok')"
+    qemu-img convert -f raw -O raw "$uri" "$WORK/sparse-out.img"
+    qemu-io -f raw -c 'read -P 0x3c 8M 1M' -c 'read -P 0 0 8M' "$WORK/sparse-out.img" | tee "$WORK/sparse-io.txt"
+    ! grep -qiE 'fail|error' "$WORK/sparse-io.txt"
+    local kib
+    kib=$(du -k "$WORK/sparse-out.img" | cut -f1)
+    rm -f "$WORK/sparse-out.img"
+    [[ $kib -lt 4096 ]] || { echo "converted image not sparse: $kib KiB allocated"; return 1; }
+}
+
+export -f check_nbdinfo check_qemu_io check_qemu_img check_nbdcopy check_fio check_nbdsh check_read_only check_map
 
 suite() { # LABEL URI
     local label=$1 uri=$2
@@ -301,6 +334,18 @@ suite "bridge/nvme-tcp" "nbd://$BADDR"
 start nbd-ro "$UNVME_BIN" nbd --ram 16M --read-only --listen 127.0.0.1:0
 RADDR=$(cat "$WORK/nbd-ro.addr")
 have nbdsh && step "read-only: writes, trims and zeroes get EPERM" 60 check_read_only "nbd://$RADDR"
+
+# ---- 4. sparse exports: BLOCK_STATUS holes (ram and a sparse file) ---------
+
+start nbd-sparse "$UNVME_BIN" nbd --ram 64M --listen 127.0.0.1:0
+SADDR=$(cat "$WORK/nbd-sparse.addr")
+qemu-io -f raw -c 'write -P 0x3c 8M 1M' "nbd://$SADDR" >/dev/null
+step "sparse ram: nbdinfo --map, qemu-img map, sparse convert" 120 check_map "nbd://$SADDR" $((64 << 20))
+truncate -s 64M "$WORK/sparse-src.img"
+start nbd-sparse-file "$UNVME_BIN" nbd --file "$WORK/sparse-src.img" --listen 127.0.0.1:0
+FADDR=$(cat "$WORK/nbd-sparse-file.addr")
+qemu-io -f raw -c 'write -P 0x3c 8M 1M' "nbd://$FADDR" >/dev/null
+step "sparse file: nbdinfo --map, qemu-img map, sparse convert" 120 check_map "nbd://$FADDR" $((64 << 20))
 
 log "$PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

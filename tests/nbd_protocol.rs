@@ -421,7 +421,7 @@ fn simple_replies_serve_every_command() {
 }
 
 #[test]
-fn structured_read_is_one_offset_data_chunk_and_block_status_one_data_extent() {
+fn structured_read_is_one_offset_data_chunk_and_block_status_reports_data_and_holes() {
     let srv = NbdProc::start(&["--ram", "16M"]);
     let mut c = Client::connect(srv.addr, true);
     let d = pattern(5, 3 << 20); // larger than one device chunk: split and rejoined
@@ -429,9 +429,20 @@ fn structured_read_is_one_offset_data_chunk_and_block_status_one_data_extent() {
     let r = c.call(cmd::READ, cmdflag::DF, 4096, d.len() as u32, &[]);
     assert_eq!(r.chunks, vec![reply::OFFSET_DATA]);
     assert!(r.data == d);
-    let r = c.call(cmd::BLOCK_STATUS, 0, 0, 1 << 20, &[]);
+    // RAM pages never written are holes that read as zeroes (HOLE|ZERO = 3).
+    let r = c.call(cmd::BLOCK_STATUS, 0, 0, 8 << 20, &[]);
     assert_eq!(r.error, 0);
-    assert_eq!(r.extents, vec![(1 << 20, 0)]);
+    let data_end = 4096 + d.len() as u32;
+    assert_eq!(
+        r.extents,
+        vec![(4096, 3), (d.len() as u32, 0), ((8 << 20) - data_end, 3)]
+    );
+    let r = c.call(cmd::BLOCK_STATUS, cmdflag::REQ_ONE, 0, 8 << 20, &[]);
+    assert_eq!(r.extents, vec![(4096, 3)]);
+    // A trimmed range is a hole again.
+    assert_eq!(c.call(cmd::TRIM, 0, 1 << 20, 1 << 20, &[]).error, 0);
+    let r = c.call(cmd::BLOCK_STATUS, 0, 1 << 20, 1 << 20, &[]);
+    assert_eq!(r.extents, vec![(1 << 20, 3)]);
     let r = c.read(16 << 20, 512);
     assert_eq!(r.chunks, vec![reply::ERROR]);
     assert_eq!(r.error, errno::EINVAL);

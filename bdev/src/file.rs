@@ -438,6 +438,45 @@ impl SyncBackend for FileOps {
             false => self.write_zero_bytes(offset, len),
         }
     }
+
+    /// `SEEK_DATA`/`SEEK_HOLE`: holes read as zeroes. (The file offset they
+    /// move is not used by this backend, which reads and writes with
+    /// `pread`/`pwrite`.)
+    fn byte_status(&mut self, offset: u64, len: u64, out: &mut Vec<(u64, bool)>) -> bool {
+        let fd = self.inner.file.as_raw_fd();
+        let end = offset + len;
+        let seek = |pos: u64, whence: libc::c_int| -> Option<std::result::Result<u64, i32>> {
+            let pos = libc::off_t::try_from(pos).ok()?;
+            // SAFETY: lseek only reads its integer arguments; the fd stays open while `self` is borrowed.
+            let r = unsafe { libc::lseek(fd, pos, whence) };
+            Some(if r < 0 {
+                Err(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+            } else {
+                Ok(r as u64)
+            })
+        };
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(pos, libc::SEEK_DATA) {
+                Some(Ok(d)) => d.min(end),
+                // No data after `pos`: the rest is a hole.
+                Some(Err(libc::ENXIO)) => end,
+                _ => return false,
+            };
+            if data > pos {
+                out.push((data - pos, false));
+                pos = data;
+                continue;
+            }
+            let hole = match seek(pos, libc::SEEK_HOLE) {
+                Some(Ok(h)) => h.clamp(pos + 1, end),
+                _ => return false,
+            };
+            out.push((hole - pos, true));
+            pos = hole;
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -537,6 +576,14 @@ pub(crate) mod tests {
         assert_eq!(done.result, Ok(()));
         assert_eq!(&done.buf.unwrap()[..], &data[..]);
         assert_eq!(read(&mut *q, 5, nlb, 512), data);
+    }
+
+    #[test]
+    fn block_status_reports_holes_of_a_sparse_file() {
+        let path = TempPath::new("sparse");
+        let dev = FileBdev::open(&path.0, 4096, Some(4096 * 512)).unwrap();
+        // Filesystems allocate in blocks of up to 64 KiB around a write.
+        testutil::block_status_follows_writes_and_deallocation(&dev, 16);
     }
 
     #[test]

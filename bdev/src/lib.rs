@@ -189,6 +189,15 @@ impl IoOp {
     }
 }
 
+/// A run of blocks in one allocation state (see [`BdevQueue::block_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Number of blocks in the run.
+    pub nlb: u32,
+    /// Whether the blocks hold data; unallocated blocks read as zeroes.
+    pub allocated: bool,
+}
+
 /// A request handed to [`BdevQueue::submit`].
 #[derive(Debug)]
 pub struct IoRequest {
@@ -284,6 +293,18 @@ pub trait BdevQueue: Send {
     fn alloc_buf(&mut self, _len: usize) -> Option<IoBuf> {
         None
     }
+
+    /// Which of the `nlb` blocks from `lba` on are allocated: appends runs
+    /// to `out` in LBA order, starting at `lba`, covering at least one block
+    /// and at most `nlb` (the answer may stop early, as NBD's BLOCK_STATUS
+    /// allows). A block reported unallocated reads as zeroes. Returns false,
+    /// the default, when the device cannot tell; then every block counts as
+    /// allocated. This is synchronous, for backends whose answer is a cheap
+    /// system call (RAM: the page table; file: `SEEK_DATA`/`SEEK_HOLE`); the
+    /// caller has checked the range against the device.
+    fn block_status(&mut self, _lba: u64, _nlb: u32, _out: &mut Vec<Extent>) -> bool {
+        false
+    }
 }
 
 /// A block device: shared description, per-thread queues.
@@ -299,4 +320,48 @@ pub trait Bdev: Send + Sync {
     fn flush_all(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The admin commands of the NVMe controller behind this device, for a
+    /// target that shows its hosts the real SSD's Identify data and health
+    /// log (pass-through, as SPDK's nvmf does for an NVMe bdev). `None`, the
+    /// default, means there is no NVMe controller to ask.
+    fn nvme_admin(&self) -> Option<&dyn NvmeAdmin> {
+        None
+    }
+}
+
+/// Admin commands forwarded to the NVMe controller behind a [`Bdev`]
+/// (see [`Bdev::nvme_admin`]). The control path: a call may wait for the
+/// controller (bounded by its command timeout), never for a reset.
+pub trait NvmeAdmin: Send + Sync {
+    /// The bdev's namespace ID on its controller (a target maps its own
+    /// NSID to this one).
+    fn nsid(&self) -> u32;
+
+    /// Runs an admin command and returns dword 0 of its completion. Only
+    /// `opc`, `nsid` and `cdw10..=cdw15` of `sqe` are used; the backend
+    /// supplies the command identifier and the data pointer. The command's
+    /// controller-to-host data (at most 4096 bytes) fills `data`, whose
+    /// length is the transfer. A backend forwards only commands that read
+    /// (Identify, Get Log Page) and only for its own namespace or the whole
+    /// controller (NSID 0 or FFFFFFFFh); anything else is [`AdminError::Refused`].
+    fn admin(
+        &self,
+        sqe: &unvme_proto::nvme::Sqe,
+        data: &mut [u8],
+    ) -> std::result::Result<u32, AdminError>;
+}
+
+/// Why a forwarded admin command did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// The backend does not forward this command.
+    #[error("not forwarded to the device")]
+    Refused,
+    /// The device completed the command with this status.
+    #[error("the device answered {0}")]
+    Status(unvme_proto::nvme::Status),
+    /// The device cannot be asked now (being reset, failed, gone).
+    #[error("device unavailable: {0}")]
+    Unavailable(String),
 }

@@ -36,6 +36,65 @@ pub(crate) trait SyncBackend: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64, deallocate: bool, fua: bool) -> IoResult;
     /// Deallocates `len` bytes at `offset`.
     fn deallocate(&mut self, offset: u64, len: u64) -> IoResult;
+    /// Appends `(bytes, allocated)` runs describing `len` bytes from
+    /// `offset` (they may cover less); false if the backend cannot tell.
+    fn byte_status(&mut self, _offset: u64, _len: u64, _out: &mut Vec<(u64, bool)>) -> bool {
+        false
+    }
+}
+
+/// Turns byte runs starting at `offset` (a multiple of `bs`) into block
+/// runs appended to `out`, conservatively: a block counts as unallocated
+/// only if all of it lies in one unallocated run. Adjacent runs of one
+/// state are merged; a trailing partial block is dropped unless the runs
+/// cover less than one block, which then counts as one allocated block.
+pub(crate) fn byte_runs_to_extents(
+    runs: &[(u64, bool)],
+    offset: u64,
+    bs: u32,
+    out: &mut Vec<crate::Extent>,
+) {
+    let bs = u64::from(bs);
+    let start = out.len();
+    let push = |out: &mut Vec<crate::Extent>, nlb: u64, allocated: bool| {
+        let mut nlb = nlb;
+        while nlb > 0 {
+            match out[start..].last_mut() {
+                Some(last) if last.allocated == allocated && last.nlb < u32::MAX => {
+                    let add = nlb.min(u64::from(u32::MAX - last.nlb));
+                    last.nlb += add as u32;
+                    nlb -= add;
+                }
+                _ => {
+                    let n = nlb.min(u64::from(u32::MAX));
+                    out.push(crate::Extent {
+                        nlb: n as u32,
+                        allocated,
+                    });
+                    nlb -= n;
+                }
+            }
+        }
+    };
+    let mut pos = offset;
+    let mut done_block = offset / bs;
+    for &(len, allocated) in runs {
+        let (s, e) = (pos, pos + len);
+        pos = e;
+        if allocated {
+            continue;
+        }
+        let (hole_start, hole_end) = (s.div_ceil(bs), e / bs);
+        if hole_end > hole_start {
+            push(out, hole_start - done_block, true);
+            push(out, hole_end - hole_start, false);
+            done_block = hole_end;
+        }
+    }
+    push(out, (pos / bs).saturating_sub(done_block), true);
+    if out.len() == start && pos > offset {
+        push(out, 1, true);
+    }
 }
 
 /// A [`BdevQueue`] that executes each request inside `submit`.
@@ -112,6 +171,25 @@ impl<B: SyncBackend> BdevQueue for SyncQueue<B> {
     fn outstanding(&self) -> usize {
         self.done.len()
     }
+
+    fn block_status(&mut self, lba: u64, nlb: u32, out: &mut Vec<crate::Extent>) -> bool {
+        let info = self.backend.info();
+        if info.check_range(lba, nlb).is_err() || nlb == 0 {
+            return false;
+        }
+        let bs = info.block_size;
+        let offset = lba * u64::from(bs);
+        let mut runs = Vec::new();
+        if !self
+            .backend
+            .byte_status(offset, u64::from(nlb) * u64::from(bs), &mut runs)
+        {
+            return false;
+        }
+        let before = out.len();
+        byte_runs_to_extents(&runs, offset, bs, out);
+        out.len() > before
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +197,53 @@ mod tests {
     use super::*;
     use crate::testutil::run;
     use crate::LbaRange;
+
+    fn ext(v: &[(u32, bool)]) -> Vec<crate::Extent> {
+        v.iter()
+            .map(|&(nlb, allocated)| crate::Extent { nlb, allocated })
+            .collect()
+    }
+
+    fn conv(runs: &[(u64, bool)], offset: u64, bs: u32) -> Vec<crate::Extent> {
+        let mut out = vec![crate::Extent {
+            nlb: 7,
+            allocated: false,
+        }];
+        byte_runs_to_extents(runs, offset, bs, &mut out);
+        // What was in `out` before is left alone and never merged into.
+        assert_eq!(out[0].nlb, 7);
+        out.split_off(1)
+    }
+
+    #[test]
+    fn byte_runs_become_block_runs_with_partly_allocated_blocks_counted_as_data() {
+        // Page-sized runs on 512-byte blocks map exactly.
+        assert_eq!(
+            conv(&[(4096, false), (8192, true), (4096, false)], 0, 512),
+            ext(&[(8, false), (16, true), (8, false)])
+        );
+        // 4 KiB runs on 16 KiB blocks: a block is a hole only if wholly one.
+        assert_eq!(
+            conv(
+                &[(16384, false), (4096, true), (28672, false), (16384, false)],
+                16384,
+                16384
+            ),
+            ext(&[(1, false), (1, true), (2, false)])
+        );
+        // Adjacent runs of one state merge; an unaligned tail is dropped.
+        assert_eq!(
+            conv(
+                &[(512, true), (512, true), (1024, false), (100, false)],
+                0,
+                512
+            ),
+            ext(&[(2, true), (2, false)])
+        );
+        // Less than one block in all: one allocated block.
+        assert_eq!(conv(&[(100, false)], 0, 512), ext(&[(1, true)]));
+        assert_eq!(conv(&[], 0, 512), ext(&[]));
+    }
 
     /// Records the calls it receives.
     #[derive(Debug)]

@@ -312,3 +312,64 @@ pub(crate) fn check_against_model(dev: &dyn Bdev, ops: &[ModelOp]) {
     }
     assert_eq!(read(&mut *q, 0, blocks as u32, bs), model);
 }
+
+/// Block status of a fresh device: everything unallocated; after writing
+/// blocks 64..72 and 200..201 those (and only those, up to the
+/// backend's granularity `gran` blocks) are allocated; deallocating them
+/// again brings the holes back. Runs always cover the asked range in order.
+pub(crate) fn block_status_follows_writes_and_deallocation(dev: &dyn Bdev, gran: u64) {
+    use crate::Extent;
+    let bs = dev.info().block_size as usize;
+    let mut q = dev.open_queue().unwrap();
+    let status = |q: &mut dyn BdevQueue, lba: u64, nlb: u32| -> Vec<Extent> {
+        let mut out = Vec::new();
+        assert!(q.block_status(lba, nlb, &mut out), "backend cannot tell");
+        let covered: u64 = out.iter().map(|e| u64::from(e.nlb)).sum();
+        assert!(covered >= 1 && covered <= u64::from(nlb), "{out:?}");
+        out
+    };
+    let allocated = |ext: &[Extent], lba0: u64, lba: u64| -> bool {
+        let mut at = lba0;
+        for e in ext {
+            if lba < at + u64::from(e.nlb) {
+                return e.allocated;
+            }
+            at += u64::from(e.nlb);
+        }
+        panic!("lba {lba} not covered by {ext:?}");
+    };
+    assert_eq!(
+        status(&mut *q, 0, 512),
+        vec![Extent {
+            nlb: 512,
+            allocated: false
+        }]
+    );
+    assert_eq!(write(&mut *q, 64, 8, &pattern(8 * bs, 1), false), Ok(()));
+    assert_eq!(write(&mut *q, 200, 1, &pattern(bs, 2), false), Ok(()));
+    let ext = status(&mut *q, 0, 512);
+    for lba in (64..72).chain(200..201) {
+        assert!(allocated(&ext, 0, lba), "lba {lba} written: {ext:?}");
+    }
+    for lba in [0, 63 - gran, 72 + gran, 199 - gran, 201 + gran, 511] {
+        assert!(!allocated(&ext, 0, lba), "lba {lba} never written: {ext:?}");
+    }
+    // A query starting inside a run starts its first run there.
+    let ext = status(&mut *q, 66, 10);
+    assert!(ext[0].allocated && ext[0].nlb >= 6, "{ext:?}");
+    let ranges = vec![
+        crate::LbaRange { lba: 0, nlb: 128 },
+        crate::LbaRange { lba: 192, nlb: 64 },
+    ];
+    assert_eq!(
+        run(&mut *q, IoOp::Deallocate { ranges }, None).result,
+        Ok(())
+    );
+    assert_eq!(
+        status(&mut *q, 0, 512),
+        vec![Extent {
+            nlb: 512,
+            allocated: false
+        }]
+    );
+}

@@ -107,13 +107,17 @@ struct Slot {
     bytes: usize,
 }
 
+/// Most extents in one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 1024;
+
 /// A reply waiting to be sent.
 #[derive(Debug)]
 struct Reply {
     hdr: [u8; HDR_MAX],
     hdr_len: usize,
-    /// Error message (structured ERROR chunk), sent after the header.
-    msg: Option<Cow<'static, str>>,
+    /// Bytes sent after the header: an ERROR chunk's message, or a
+    /// BLOCK_STATUS chunk's extents.
+    extra: Option<Cow<'static, [u8]>>,
     /// The slot whose buffers carry the data (READ), freed once sent.
     slot: usize,
     data_len: usize,
@@ -122,7 +126,7 @@ struct Reply {
 
 impl Reply {
     fn total(&self) -> usize {
-        self.hdr_len + self.msg.as_ref().map_or(0, |m| m.len()) + self.data_len
+        self.hdr_len + self.extra.as_ref().map_or(0, |m| m.len()) + self.data_len
     }
 }
 
@@ -739,7 +743,7 @@ impl<'a, S: Stream> Conn<'a, S> {
         let mut rep = Reply {
             hdr: [0u8; HDR_MAX],
             hdr_len: 0,
-            msg: None,
+            extra: None,
             slot,
             data_len: 0,
             sent: 0,
@@ -763,7 +767,10 @@ impl<'a, S: Stream> Conn<'a, S> {
                 rep.hdr[20..24].copy_from_slice(&e.to_be_bytes());
                 rep.hdr[24..26].copy_from_slice(&(msg.len() as u16).to_be_bytes());
                 rep.hdr_len = 26;
-                rep.msg = Some(msg);
+                rep.extra = Some(match msg {
+                    Cow::Borrowed(m) => Cow::Borrowed(m.as_bytes()),
+                    Cow::Owned(m) => Cow::Owned(m.into_bytes()),
+                });
             } else {
                 rep.hdr[..16].copy_from_slice(&proto::simple_reply(e, r.cookie));
                 rep.hdr_len = 16;
@@ -790,14 +797,16 @@ impl<'a, S: Stream> Conn<'a, S> {
                 rep.hdr_len = 16;
             }
         } else if r.typ == cmd::BLOCK_STATUS {
-            // Everything is reported as allocated data: the device does not
-            // say which blocks are deallocated.
-            let h = proto::chunk_header(reply::FLAG_DONE, reply::BLOCK_STATUS, r.cookie, 12);
+            let payload = self.block_status(&r);
+            let h = proto::chunk_header(
+                reply::FLAG_DONE,
+                reply::BLOCK_STATUS,
+                r.cookie,
+                payload.len() as u32,
+            );
             rep.hdr[..20].copy_from_slice(&h);
-            rep.hdr[20..24].copy_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
-            rep.hdr[24..28].copy_from_slice(&r.length.to_be_bytes());
-            rep.hdr[28..32].copy_from_slice(&0u32.to_be_bytes());
-            rep.hdr_len = 32;
+            rep.hdr_len = 20;
+            rep.extra = Some(Cow::Owned(payload));
         } else {
             rep.hdr[..16].copy_from_slice(&proto::simple_reply(0, r.cookie));
             rep.hdr_len = 16;
@@ -807,6 +816,51 @@ impl<'a, S: Stream> Conn<'a, S> {
         } else {
             self.tx.push_back(rep);
         }
+    }
+
+    /// The payload of a `base:allocation` BLOCK_STATUS reply for `r` (a
+    /// request already checked against the export): the device's allocation
+    /// runs as extents, unallocated ones flagged HOLE|ZERO (they read as
+    /// zeroes), at most [`MAX_EXTENTS`] of them (one with REQ_ONE); the
+    /// reply may cover less than asked, as the protocol allows. A device
+    /// that cannot tell answers one allocated-data extent for the range.
+    fn block_status(&mut self, r: &NbdRequest) -> Vec<u8> {
+        let bs = u64::from(self.block_size);
+        let (lba, nlb) = (r.offset / bs, (u64::from(r.length) / bs) as u32);
+        let mut ext = Vec::new();
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        if nlb > 0 && self.q.block_status(lba, nlb, &mut ext) {
+            for e in &ext {
+                let flags = if e.allocated {
+                    0
+                } else {
+                    proto::state::HOLE | proto::state::ZERO
+                };
+                // Lengths are bytes in a u32: split runs that overflow it.
+                let mut left = u64::from(e.nlb) * bs;
+                while left > 0 {
+                    let n = left.min(u64::from(u32::MAX) / bs * bs);
+                    runs.push((n as u32, flags));
+                    left -= n;
+                }
+            }
+        }
+        if runs.is_empty() {
+            runs.push((r.length, 0));
+        }
+        let keep = if r.flags & cmdflag::REQ_ONE != 0 {
+            1
+        } else {
+            MAX_EXTENTS
+        };
+        runs.truncate(keep);
+        let mut payload = Vec::with_capacity(4 + 8 * runs.len());
+        payload.extend_from_slice(&proto::BASE_ALLOCATION_ID.to_be_bytes());
+        for (len, flags) in runs {
+            payload.extend_from_slice(&len.to_be_bytes());
+            payload.extend_from_slice(&flags.to_be_bytes());
+        }
+        payload
     }
 
     /// Frees a slot and returns its buffers to the pool.
@@ -835,8 +889,8 @@ impl<'a, S: Stream> Conn<'a, S> {
             'fill: for rep in self.tx.iter() {
                 let mut skip = rep.sent;
                 let parts_hdr = &rep.hdr[..rep.hdr_len];
-                let msg = rep.msg.as_ref().map_or(&[][..], |m| m.as_bytes());
-                for part in [parts_hdr, msg] {
+                let extra = rep.extra.as_deref().unwrap_or(&[]);
+                for part in [parts_hdr, extra] {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;
