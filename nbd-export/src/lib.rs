@@ -6,7 +6,9 @@
 //! - [`handshake`]: fixed newstyle negotiation (EXPORT_NAME, GO, INFO, LIST,
 //!   ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`);
 //! - [`conn`]: the transmission phase of one connection — one thread, one
-//!   device queue, pipelined requests answered out of order;
+//!   device queue, pipelined requests answered out of order; BLOCK_STATUS
+//!   reports the device's holes (RAM pages never written or trimmed, file
+//!   holes) as HOLE|ZERO, so `qemu-img convert` and `nbdcopy` copy sparsely;
 //! - [`server`]: TCP and Unix listeners, one thread per connection.
 //!
 //! It is not an NBD client, does not do TLS, and does not speak the
