@@ -4,12 +4,35 @@
 //! §3.6 "Shutdown Processing").
 //!
 //! The admin queue sits behind a mutex: it is used at start, when a reactor
-//! opens or closes its queue, and at shutdown, never on the I/O path.
-//! Admin commands are polled with a deadline; CSTS is checked while waiting
-//! so a fatal controller or a vanished device ends the wait with an error.
+//! opens or closes its queue, for forwarded admin commands, and at shutdown,
+//! never on the I/O path. Admin commands are polled with a deadline; CSTS
+//! is checked while waiting so a fatal controller or a vanished device ends
+//! the wait with an error.
+//!
+//! **Reset after a failure** (NVMe Base 2.0 §3.7.2 "Controller Level
+//! Reset"). A controller that reports CSTS.CFS, drops CSTS.RDY while
+//! enabled, or lets a command pass its deadline is reset by a thread of its
+//! own, so no reactor ever waits for it: CC.EN = 0 and CSTS.RDY = 0 within
+//! CAP.TO, a fresh admin queue, CC.EN = 1, Identify Controller and Set
+//! Features Number of Queues again — up to [`RESET_ATTEMPTS`] attempts with
+//! [`RESET_BACKOFF`] between them, at most [`RESET_BUDGET`] resets per
+//! [`RESET_WINDOW`] (a controller that keeps failing is given up on, not
+//! reset forever). The controller's [`Epoch`] (state and generation, one
+//! atomic word) tells its I/O queues: while it is `Resetting` they fail
+//! what they had outstanding and hold new requests; at the next generation
+//! each queue re-creates its SQ/CQ pair, at its next submit or poll. A
+//! device that has vanished (registers read all ones) is never reset: it
+//! ends `Failed` at once, and so does a controller whose resets all fail.
+//!
+//! **Fault injection** for testing the reset where no controller can be
+//! made to fail (QEMU's emulated NVMe has no way to raise CFS):
+//! `UNVME_VFIO_INJECT_DISABLE_MS=N` makes the driver itself clear CC.EN on
+//! the live controller N ms after it was opened. The controller then really
+//! goes not-ready and drops its queues, and the driver finds out as it would
+//! about any failure (CSTS.RDY = 0 at the next health check).
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use unvme_proto::admin::{self, cns, fid, IdentifyController, IdentifyNamespace, NumberOfQueues};
@@ -32,6 +55,129 @@ pub(crate) const DRIVER_MAX_TRANSFER: u32 = (PRPS_PER_PAGE * PAGE) as u32;
 /// is the controller's own statement of its worst case, so it also bounds
 /// commands from below).
 const MIN_CMD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reset attempts after one failure before the controller is given up on.
+pub(crate) const RESET_ATTEMPTS: u32 = 3;
+/// Pause before attempt 2, 3, … of a reset.
+pub(crate) const RESET_BACKOFF: [Duration; 2] =
+    [Duration::from_millis(250), Duration::from_millis(1000)];
+/// Most resets in [`RESET_WINDOW`]; one more failure gives the controller up.
+pub(crate) const RESET_BUDGET: usize = 5;
+/// See [`RESET_BUDGET`].
+pub(crate) const RESET_WINDOW: Duration = Duration::from_secs(60);
+/// The fault-injection variable (see the module documentation).
+pub(crate) const INJECT_DISABLE_ENV: &str = "UNVME_VFIO_INJECT_DISABLE_MS";
+
+/// What the controller is doing, as its queues see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Enabled and serving its queues of the current generation.
+    Ready,
+    /// Failed and being reset: no queue of the current generation exists
+    /// on the device any more (or soon will not).
+    Resetting,
+    /// Given up on (gone, or every reset failed); stays so.
+    Failed,
+}
+
+/// The controller's state and generation (completed resets since it was
+/// opened), read by queues with one atomic load per submit and poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Epoch {
+    /// Completed resets.
+    pub gen: u64,
+    /// See [`State`].
+    pub state: State,
+}
+
+impl Epoch {
+    fn pack(self) -> u64 {
+        let st = match self.state {
+            State::Ready => 0,
+            State::Resetting => 1,
+            State::Failed => 2,
+        };
+        (self.gen << 2) | st
+    }
+
+    fn unpack(v: u64) -> Self {
+        Epoch {
+            gen: v >> 2,
+            state: match v & 3 {
+                0 => State::Ready,
+                1 => State::Resetting,
+                _ => State::Failed,
+            },
+        }
+    }
+}
+
+/// Why a controller is reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// CSTS.CFS (Controller Fatal Status).
+    Cfs,
+    /// CSTS.RDY went to 0 while the controller was enabled.
+    NotReady,
+    /// A command passed its deadline.
+    Timeout,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Failure::Cfs => "CFS",
+            Failure::NotReady => "CSTS.RDY dropped",
+            Failure::Timeout => "command timeout",
+        })
+    }
+}
+
+/// Runs up to `max` reset attempts (`attempt(1)`, `attempt(2)`, …) with
+/// `backoff[i]` slept before attempt `i + 2` (the last entry repeats);
+/// returns the attempt that succeeded or the last error. A device that is
+/// gone is not retried.
+pub(crate) fn run_attempts(
+    max: u32,
+    backoff: &[Duration],
+    mut attempt: impl FnMut(u32) -> Result<(), Error>,
+    mut sleep: impl FnMut(Duration),
+) -> Result<u32, Error> {
+    let mut last = Error::Failed;
+    for i in 1..=max {
+        if i > 1 {
+            let k = (i as usize - 2).min(backoff.len().saturating_sub(1));
+            if let Some(d) = backoff.get(k) {
+                sleep(*d);
+            }
+        }
+        match attempt(i) {
+            Ok(()) => return Ok(i),
+            Err(Error::Gone) => return Err(Error::Gone),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The resets of the last [`RESET_WINDOW`]: a controller that fails again
+/// and again is given up on instead of being reset forever.
+#[derive(Debug, Default)]
+pub(crate) struct ResetBudget {
+    recent: Vec<Instant>,
+}
+
+impl ResetBudget {
+    /// Whether a reset may start at `now` (and counts it if so).
+    pub fn allow(&mut self, now: Instant) -> bool {
+        self.recent
+            .retain(|t| now.saturating_duration_since(*t) < RESET_WINDOW);
+        if self.recent.len() >= RESET_BUDGET {
+            return false;
+        }
+        self.recent.push(now);
+        true
+    }
+}
 
 /// Reads the CQE at byte `off` of `region` if its phase tag says it is new.
 pub(crate) fn read_cqe(region: &DmaRegion, off: usize, cq: &CqRing) -> Option<Cqe> {
@@ -86,8 +232,13 @@ pub(crate) struct Controller {
     pub io_entries: u16,
     /// Command timeout.
     pub cmd_timeout: Duration,
-    /// Set once the controller is unusable (CFS, gone, admin timeout).
-    failed: AtomicBool,
+    /// The packed [`Epoch`].
+    epoch: AtomicU64,
+    /// Resets of the last minute.
+    budget: Mutex<ResetBudget>,
+    /// This controller's own `Arc` (set by whoever wraps it), for the reset
+    /// thread to hold.
+    me: OnceLock<Weak<Controller>>,
     /// I/O queue IDs in use (index qid - 1).
     qids: Mutex<Vec<bool>>,
     // Dropped before `dev`: the admin queue's DMA memory is unmapped while
@@ -158,7 +309,15 @@ impl Controller {
             max_transfer: DRIVER_MAX_TRANSFER,
             io_entries: IO_ENTRIES.min(cap.max_queue_entries) as u16,
             cmd_timeout: cap.ready_timeout().max(MIN_CMD_TIMEOUT),
-            failed: AtomicBool::new(false),
+            epoch: AtomicU64::new(
+                Epoch {
+                    gen: 0,
+                    state: State::Ready,
+                }
+                .pack(),
+            ),
+            budget: Mutex::new(ResetBudget::default()),
+            me: OnceLock::new(),
             qids: Mutex::new(Vec::new()),
             admin: Mutex::new(AdminQueue {
                 region,
@@ -198,45 +357,247 @@ impl Controller {
         Ok(ctrl)
     }
 
-    /// Whether the controller has been declared unusable.
+    /// Gives the controller its own `Arc`, so a failure can start a reset
+    /// thread that keeps it alive; arms the fault injection if asked for.
+    pub fn adopt(me: &Arc<Controller>) {
+        let _ = me.me.set(Arc::downgrade(me));
+        arm_fault_injection(me);
+    }
+
+    /// The current state and generation.
+    pub fn epoch(&self) -> Epoch {
+        Epoch::unpack(self.epoch.load(Ordering::Acquire))
+    }
+
+    fn set_epoch(&self, e: Epoch) {
+        self.epoch.store(e.pack(), Ordering::Release);
+    }
+
+    /// Whether the controller cannot be used now: failed for good, or being
+    /// reset. Either way memory it was given may still be written by it.
     pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.epoch().state != State::Ready
     }
 
-    /// Checks CSTS: a vanished device or a fatal status marks the controller
-    /// failed and is returned as an error.
-    pub fn check_status(&self) -> Result<(), Error> {
-        let csts = self.dev.bar0.read32(regs::CSTS);
-        let err = if regs::gone(csts) {
-            Error::Gone
-        } else if csts & regs::CSTS_CFS != 0 {
-            Error::Fatal
-        } else if self.failed() {
-            Error::Failed
-        } else {
-            return Ok(());
-        };
-        if !self.failed.swap(true, Ordering::Relaxed) {
-            tracing::error!(addr = %self.addr, csts = format_args!("{csts:#x}"), "NVMe controller unusable: {err}");
+    /// The error for a controller that is not [`State::Ready`].
+    fn state_error(&self) -> Result<(), Error> {
+        match self.epoch().state {
+            State::Ready => Ok(()),
+            State::Resetting => Err(Error::Resetting),
+            State::Failed => Err(Error::Failed),
         }
-        Err(err)
     }
 
-    fn mark_failed(&self) {
-        self.failed.store(true, Ordering::Relaxed);
+    /// Checks CSTS: a fatal status or a controller that dropped RDY starts
+    /// a reset, a vanished device fails the controller for good; either is
+    /// returned as an error, as is a controller already resetting or failed.
+    pub fn check_status(&self) -> Result<(), Error> {
+        self.state_error()?;
+        let csts = self.dev.bar0.read32(regs::CSTS);
+        if regs::gone(csts) {
+            self.give_up(&Error::Gone);
+            Err(Error::Gone)
+        } else if csts & regs::CSTS_CFS != 0 {
+            self.request_reset(Failure::Cfs);
+            Err(Error::Fatal)
+        } else if csts & regs::CSTS_RDY == 0 {
+            self.request_reset(Failure::NotReady);
+            Err(Error::NotReady)
+        } else {
+            Ok(())
+        }
     }
 
-    /// Runs one admin command to completion. `data`, if given, is a 4 KiB
-    /// buffer the command reads from the controller (PRP1 = the admin data
-    /// page). Fails on a non-success status, on CSTS.CFS, on a device that
-    /// is gone and after the command timeout.
-    pub fn admin(&self, sqe: &mut Sqe, data: Option<&mut [u8; PAGE]>) -> Result<Cqe, Error> {
+    /// Fails the controller for good.
+    fn give_up(&self, why: &Error) {
+        let e = self.epoch();
+        if e.state != State::Failed {
+            self.set_epoch(Epoch {
+                state: State::Failed,
+                ..e
+            });
+            tracing::error!(addr = %self.addr, "vfio {}: {why}; the backend stays failed", self.addr);
+        }
+    }
+
+    /// Starts a reset on a thread of its own, unless one is running or the
+    /// controller is failed. Returns at once.
+    pub fn request_reset(&self, why: Failure) {
+        let cur = self.epoch();
+        if cur.state != State::Ready {
+            return;
+        }
+        let resetting = Epoch {
+            state: State::Resetting,
+            ..cur
+        };
+        if self
+            .epoch
+            .compare_exchange(
+                cur.pack(),
+                resetting.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return; // someone else saw it first
+        }
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            // Not adopted yet (bring-up) or going away: nothing to reset for.
+            self.give_up(&Error::Device(format!("controller failed ({why})")));
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vfio-reset".into())
+            .spawn(move || me.recover(why, resetting.gen));
+        if let Err(e) = spawned {
+            self.give_up(&Error::Device(format!(
+                "controller failed ({why}) and no reset thread could be started: {e}"
+            )));
+        }
+    }
+
+    /// The reset thread: bounded attempts, then `Ready` at the next
+    /// generation or `Failed`.
+    fn recover(&self, why: Failure, gen: u64) {
+        let addr = &self.addr;
+        let allowed = self
+            .budget
+            .lock()
+            .map(|mut b| b.allow(Instant::now()))
+            .unwrap_or(false);
+        if !allowed {
+            return self.give_up(&Error::Device(format!(
+                "controller failed ({why}) after {RESET_BUDGET} resets within {} s; giving up",
+                RESET_WINDOW.as_secs()
+            )));
+        }
+        let start = Instant::now();
+        let outcome = run_attempts(
+            RESET_ATTEMPTS,
+            &RESET_BACKOFF,
+            |attempt| {
+                tracing::warn!(addr = %addr, "vfio {addr}: controller failed ({why}) — resetting (attempt {attempt}/{RESET_ATTEMPTS})");
+                let r = self.reset_once();
+                if let Err(e) = &r {
+                    tracing::warn!(addr = %addr, "vfio {addr}: reset attempt {attempt}/{RESET_ATTEMPTS} failed: {e}");
+                }
+                r
+            },
+            std::thread::sleep,
+        );
+        match outcome {
+            Ok(attempt) => {
+                self.set_epoch(Epoch {
+                    gen: gen + 1,
+                    state: State::Ready,
+                });
+                tracing::warn!(
+                    addr = %addr,
+                    generation = gen + 1,
+                    ms = start.elapsed().as_millis() as u64,
+                    "vfio {addr}: reset complete (attempt {attempt}/{RESET_ATTEMPTS}); I/O queues re-create their SQ/CQ pairs"
+                );
+            }
+            Err(e) => self.give_up(&Error::Device(format!(
+                "giving up after {RESET_ATTEMPTS} reset attempts (last: {e})"
+            ))),
+        }
+    }
+
+    /// One controller reset and re-initialisation, holding the admin queue.
+    fn reset_once(&self) -> Result<(), Error> {
         let mut guard = self
             .admin
             .lock()
             .map_err(|_| Error::Device("admin queue mutex poisoned".into()))?;
         let q = &mut *guard;
+        let bar = &self.dev.bar0;
+        if bar.read64(regs::CAP) == u64::MAX {
+            return Err(Error::Gone);
+        }
+        self.dev.enable_bus_master()?;
+        disable(&self.dev, &self.cap)?;
+        // A fresh admin queue in the same memory: the reset forgot the old
+        // one, so the rings start over at slot 0 with phase 1.
+        q.region.slice_mut(ADMIN_SQ_OFF, 2 * PAGE).fill(0);
+        let entries = ADMIN_ENTRIES.min(self.cap.max_queue_entries) as u16;
+        q.sq = SqRing::new(entries);
+        q.cq = CqRing::new(entries);
+        let aqa = u32::from(entries - 1) | (u32::from(entries - 1) << 16);
+        bar.write32(regs::AQA, aqa);
+        bar.write64(regs::ASQ, q.region.iova(ADMIN_SQ_OFF));
+        bar.write64(regs::ACQ, q.region.iova(ADMIN_CQ_OFF));
+        bar.write32(regs::CC, regs::cc_enable());
+        wait_csts(&self.dev, &self.cap, "enable", |csts| {
+            csts & regs::CSTS_RDY != 0
+        })?;
+        // The init sequence again: Identify Controller, Number of Queues.
+        let mut data = [0u8; PAGE];
+        let ident = admin::Identify {
+            cns: cns::CTRL,
+            ..Default::default()
+        };
+        let [cdw10, cdw11] = ident.to_cdws();
+        let mut sqe = Sqe {
+            opc: admin::opc::IDENTIFY,
+            cdw10,
+            cdw11,
+            ..Default::default()
+        };
+        self.admin_locked(q, &mut sqe, Some(&mut data), true)?;
+        let id = IdentifyController::decode(&data)
+            .map_err(|e| Error::Device(format!("Identify Controller: {e}")))?;
+        if id.sn != self.id.sn || id.mn != self.id.mn {
+            tracing::warn!(addr = %self.addr, sn = %id.sn.trim(), mn = %id.mn.trim(), "vfio {}: the controller identifies differently after the reset", self.addr);
+        }
+        let mut sqe = Sqe {
+            opc: admin::opc::SET_FEATURES,
+            cdw10: u32::from(fid::NUM_QUEUES),
+            cdw11: NumberOfQueues::from_counts(WANT_IO_QUEUES, WANT_IO_QUEUES).to_dword(),
+            ..Default::default()
+        };
+        let cqe = self.admin_locked(q, &mut sqe, None, true)?;
+        let nq = NumberOfQueues::from_dword(cqe.dw0);
+        let granted = nq.sq_count().min(nq.cq_count()) as usize;
+        let had = self.qids.lock().map(|q| q.len()).unwrap_or(0);
+        if granted < had {
+            tracing::warn!(addr = %self.addr, granted, had, "vfio {}: fewer I/O queues after the reset; queues above {granted} stay failed", self.addr);
+        }
+        Ok(())
+    }
+
+    /// Runs one admin command to completion. `data`, if given, is a 4 KiB
+    /// buffer the command reads from the controller (PRP1 = the admin data
+    /// page). Fails on a non-success status, on CSTS.CFS, on a device that
+    /// is gone and after the command timeout (which starts a reset); fails
+    /// at once, without waiting, while the controller is being reset.
+    pub fn admin(&self, sqe: &mut Sqe, data: Option<&mut [u8; PAGE]>) -> Result<Cqe, Error> {
+        let mut guard = loop {
+            self.state_error()?;
+            match self.admin.try_lock() {
+                Ok(g) => break g,
+                Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_micros(50)),
+                Err(TryLockError::Poisoned(_)) => {
+                    return Err(Error::Device("admin queue mutex poisoned".into()))
+                }
+            }
+        };
         self.check_status()?;
+        self.admin_locked(&mut guard, sqe, data, false)
+    }
+
+    /// [`Controller::admin`] with the queue locked. `in_reset`: called by the
+    /// reset itself, so the controller's state is not consulted and a
+    /// timeout does not start another reset.
+    fn admin_locked(
+        &self,
+        q: &mut AdminQueue,
+        sqe: &mut Sqe,
+        data: Option<&mut [u8; PAGE]>,
+        in_reset: bool,
+    ) -> Result<Cqe, Error> {
         let cid = q.next_cid;
         q.next_cid = q.next_cid.wrapping_add(1);
         sqe.cid = cid;
@@ -266,6 +627,7 @@ impl Controller {
                         opc: sqe.opc,
                         sct: status.sct,
                         sc: status.sc,
+                        dnr: status.dnr,
                     });
                 }
                 if let Some(d) = data {
@@ -279,15 +641,40 @@ impl Controller {
                 continue;
             }
             std::thread::sleep(Duration::from_micros(100));
-            self.check_status()?;
+            if in_reset {
+                let csts = bar.read32(regs::CSTS);
+                if regs::gone(csts) {
+                    return Err(Error::Gone);
+                }
+                if csts & regs::CSTS_CFS != 0 {
+                    return Err(Error::Fatal);
+                }
+            } else {
+                self.check_status()?;
+            }
             if Instant::now() > deadline {
-                self.mark_failed();
+                if !in_reset {
+                    self.request_reset(Failure::Timeout);
+                }
                 return Err(Error::AdminTimeout {
                     opc: sqe.opc,
                     ms: self.cmd_timeout.as_millis() as u64,
                 });
             }
         }
+    }
+
+    /// Clears CC.EN on the live controller, for the fault injection.
+    fn inject_disable(&self) {
+        // Not in the middle of an admin command or a reset.
+        let Ok(_q) = self.admin.lock() else { return };
+        if self.epoch().state != State::Ready {
+            return;
+        }
+        let bar = &self.dev.bar0;
+        let cc = bar.read32(regs::CC);
+        tracing::warn!(addr = %self.addr, "vfio {}: fault injection ({INJECT_DISABLE_ENV}): clearing CC.EN on the live controller", self.addr);
+        bar.write32(regs::CC, cc & !regs::CC_EN);
     }
 
     /// Identify with CNS `cns` for `nsid` into `data`.
@@ -413,6 +800,32 @@ impl Drop for Controller {
     }
 }
 
+/// Reads [`INJECT_DISABLE_ENV`] and, if it holds a number of milliseconds,
+/// has a thread clear CC.EN on `ctrl` that long from now (once). The thread
+/// holds only a weak reference: it never keeps the controller open.
+fn arm_fault_injection(ctrl: &Arc<Controller>) {
+    let Ok(v) = std::env::var(INJECT_DISABLE_ENV) else {
+        return;
+    };
+    let Ok(ms) = v.trim().parse::<u64>() else {
+        tracing::warn!("ignoring {INJECT_DISABLE_ENV}={v:?}: not a number of milliseconds");
+        return;
+    };
+    tracing::warn!(addr = %ctrl.addr, "vfio {}: fault injection armed: CC.EN will be cleared in {ms} ms ({INJECT_DISABLE_ENV})", ctrl.addr);
+    let weak = Arc::downgrade(ctrl);
+    let spawned = std::thread::Builder::new()
+        .name("vfio-inject".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            if let Some(c) = weak.upgrade() {
+                c.inject_disable();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("{INJECT_DISABLE_ENV}: cannot start the injection thread: {e}");
+    }
+}
+
 /// CC.EN = 0 and waits for CSTS.RDY = 0 (within CAP.TO).
 fn disable(dev: &VfioDevice, cap: &Cap) -> Result<(), Error> {
     let bar = &dev.bar0;
@@ -453,5 +866,114 @@ fn wait_csts(
             });
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_packs_state_and_generation_into_one_word() {
+        for gen in [0u64, 1, 7, (1 << 61) - 1] {
+            for state in [State::Ready, State::Resetting, State::Failed] {
+                let e = Epoch { gen, state };
+                assert_eq!(Epoch::unpack(e.pack()), e);
+            }
+        }
+        let ready = Epoch {
+            gen: 3,
+            state: State::Ready,
+        };
+        let resetting = Epoch {
+            state: State::Resetting,
+            ..ready
+        };
+        assert_ne!(ready.pack(), resetting.pack());
+    }
+
+    #[test]
+    fn a_reset_that_succeeds_on_a_later_attempt_backs_off_between_attempts() {
+        let mut slept = Vec::new();
+        let mut tried = Vec::new();
+        let r = run_attempts(
+            RESET_ATTEMPTS,
+            &RESET_BACKOFF,
+            |i| {
+                tried.push(i);
+                if i < 3 {
+                    Err(Error::ReadyTimeout {
+                        what: "disable",
+                        ms: 500,
+                        csts: 1,
+                    })
+                } else {
+                    Ok(())
+                }
+            },
+            |d| slept.push(d),
+        );
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(tried, [1, 2, 3]);
+        assert_eq!(slept, RESET_BACKOFF);
+    }
+
+    #[test]
+    fn resets_are_bounded_and_a_vanished_device_is_not_retried() {
+        let mut n = 0;
+        let r = run_attempts(
+            RESET_ATTEMPTS,
+            &RESET_BACKOFF,
+            |_| {
+                n += 1;
+                Err(Error::Fatal)
+            },
+            |_| {},
+        );
+        assert!(matches!(r, Err(Error::Fatal)));
+        assert_eq!(n, RESET_ATTEMPTS);
+
+        let mut n = 0;
+        let r = run_attempts(
+            RESET_ATTEMPTS,
+            &RESET_BACKOFF,
+            |_| {
+                n += 1;
+                Err(Error::Gone)
+            },
+            |_| {},
+        );
+        assert!(matches!(r, Err(Error::Gone)));
+        assert_eq!(n, 1, "a device that is gone is not reset again");
+
+        let r = run_attempts(
+            RESET_ATTEMPTS,
+            &RESET_BACKOFF,
+            |_| Ok(()),
+            |_| panic!("no backoff before the first attempt"),
+        );
+        assert_eq!(r.unwrap(), 1);
+    }
+
+    #[test]
+    fn a_controller_that_keeps_failing_runs_out_of_resets() {
+        let mut b = ResetBudget::default();
+        let t0 = Instant::now();
+        for i in 0..RESET_BUDGET {
+            assert!(b.allow(t0 + Duration::from_secs(i as u64)), "reset {i}");
+        }
+        assert!(
+            !b.allow(t0 + Duration::from_secs(10)),
+            "one too many within the window"
+        );
+        // Once the window has passed, resets are allowed again.
+        assert!(b.allow(t0 + RESET_WINDOW + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn failures_are_named_as_the_log_says() {
+        assert_eq!(Failure::Cfs.to_string(), "CFS");
+        assert_eq!(Failure::NotReady.to_string(), "CSTS.RDY dropped");
+        assert_eq!(Failure::Timeout.to_string(), "command timeout");
     }
 }

@@ -10,16 +10,36 @@
 //! buffers come from a per-device pool of IOMMU-mapped memory
 //! (`BdevQueue::alloc_buf`), so write data goes socket → DMA buffer → SSD
 //! and read data back with no copy; other buffers are copied through the
-//! queue's own DMA pages ([`queue`]). Errors
-//! (CSTS.CFS, a device that vanished, a command past its deadline) end in
-//! an [`IoError`](crate::IoError), never a hang. When the last queue and
-//! bdev of a device are dropped, the controller is shut down and disabled
-//! and the VFIO files closed, so the device can be rebound to `nvme`.
+//! queue's own DMA pages ([`queue`]).
+//!
+//! A controller that fails (CSTS.CFS, CSTS.RDY dropping, a command past its
+//! deadline) is reset by a thread of its own, a bounded number of times
+//! ([`ctrl`]): the requests its queues had outstanding fail with an
+//! [`IoError`](crate::IoError) (an NVMe/TCP host retries them), new ones
+//! wait while it resets, and each queue re-creates its SQ/CQ pair on the
+//! reset controller at its next use. A device that vanished (registers read
+//! all ones) or that no reset brings back stays failed: every request ends
+//! in an error, never a hang. `UNVME_VFIO_INJECT_DISABLE_MS=N` clears CC.EN
+//! on the live controller N ms after it opens, to exercise that path on
+//! hardware (or an emulation) that cannot be made to fail.
+//!
+//! Admin pass-through ([`NvmeAdmin`](crate::NvmeAdmin)): Identify and Get
+//! Log Page commands for the bdev's namespace or the whole controller are
+//! run on the device's admin queue, so a target can show the real SSD's
+//! Identify Namespace fields, identifiers and SMART / health log. Nothing
+//! that changes the device (Format, Set Features, firmware, namespace
+//! management, queue commands) is forwarded.
+//!
+//! When the last queue and bdev of a device are dropped, the controller is
+//! shut down and disabled and the VFIO files closed, so the device can be
+//! rebound to `nvme`.
 //!
 //! What it is not: no interrupts, no metadata/protection information,
-//! no SGLs (PRPs only), no controller reset after a failure (the backend
-//! stays failed until the process reopens it), no admin command
-//! pass-through.
+//! no SGLs (PRPs only), no pass-through of admin commands that write or
+//! change the device, no recovery of a device that was removed or whose
+//! PCIe link went down (that needs a PCI-level reset and re-probe), and no
+//! namespace hot-plug (a namespace resized or deleted on the device is not
+//! noticed).
 
 mod ctrl;
 mod dma;
@@ -30,9 +50,10 @@ mod sys;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use unvme_proto::admin::{IdentifyController, IdentifyNamespace};
+use unvme_proto::admin::{self, cns, lid, IdentifyController, IdentifyNamespace};
+use unvme_proto::nvme::{Sqe, Status};
 
-use crate::{Bdev, BdevInfo, BdevQueue, IoOp, IoRequest};
+use crate::{AdminError, Bdev, BdevInfo, BdevQueue, IoOp, IoRequest, NvmeAdmin};
 use ctrl::Controller;
 use queue::{NsCaps, VfioQueue};
 
@@ -119,6 +140,12 @@ pub enum Error {
     /// The controller was declared failed earlier.
     #[error("the controller failed earlier and is no longer used")]
     Failed,
+    /// The controller is being reset after a failure.
+    #[error("the controller is being reset after a failure")]
+    Resetting,
+    /// CSTS.RDY is 0 on a controller that was enabled.
+    #[error("the controller is no longer ready (CSTS.RDY dropped): it needs a reset")]
+    NotReady,
     /// An admin command did not complete.
     #[error("admin command {opc:#04x} timed out after {ms} ms")]
     AdminTimeout {
@@ -136,6 +163,8 @@ pub enum Error {
         sct: u8,
         /// Status Code.
         sc: u8,
+        /// Do Not Retry.
+        dnr: bool,
     },
     /// The device returned data that makes no sense.
     #[error("device: {0}")]
@@ -224,6 +253,7 @@ fn controller(addr: &str) -> Result<Arc<Controller>, Error> {
         return Ok(c);
     }
     let c = Arc::new(Controller::open(addr)?);
+    Controller::adopt(&c);
     all.push((addr.to_string(), Arc::downgrade(&c)));
     Ok(c)
 }
@@ -308,9 +338,77 @@ impl VfioBdev {
     }
 }
 
+/// Whether `sqe` may be forwarded to the device on behalf of namespace
+/// `nsid`: only commands that read — Identify of that namespace (CNS 00h,
+/// 03h, 05h) or of the controller (CNS 01h, 06h), Get Log Page of the
+/// Error, SMART / Health and Firmware Slot logs for that namespace or the
+/// whole controller — with at most one page of data.
+pub(crate) fn passthru_allowed(sqe: &Sqe, nsid: u32) -> bool {
+    let whole = sqe.nsid == 0 || sqe.nsid == u32::MAX;
+    match sqe.opc {
+        admin::opc::IDENTIFY => match admin::Identify::from_cdws(sqe.cdw10, sqe.cdw11).cns {
+            cns::NS | cns::NS_DESC_LIST | cns::CS_NS => sqe.nsid == nsid,
+            cns::CTRL | cns::CS_CTRL => sqe.nsid == 0,
+            _ => false,
+        },
+        admin::opc::GET_LOG_PAGE => {
+            let g = admin::GetLogPage::from_cdws(sqe.cdw10, sqe.cdw11, sqe.cdw12, sqe.cdw13);
+            matches!(g.lid, lid::ERROR | lid::SMART | lid::FW_SLOT)
+                && (whole || sqe.nsid == nsid)
+                && g.len_bytes() <= dma::PAGE as u64
+                && g.lpo == 0
+        }
+        _ => false,
+    }
+}
+
+impl NvmeAdmin for VfioBdev {
+    fn nsid(&self) -> u32 {
+        self.ns.nsid
+    }
+
+    /// Runs the command on the controller's admin queue (serialised with
+    /// queue creation and resets; answers at once while a reset runs).
+    fn admin(&self, sqe: &Sqe, data: &mut [u8]) -> Result<u32, AdminError> {
+        if data.len() > dma::PAGE || !passthru_allowed(sqe, self.ns.nsid) {
+            return Err(AdminError::Refused);
+        }
+        let mut cmd = Sqe {
+            opc: sqe.opc,
+            nsid: sqe.nsid,
+            cdw10: sqe.cdw10,
+            cdw11: sqe.cdw11,
+            cdw12: sqe.cdw12,
+            cdw13: sqe.cdw13,
+            cdw14: sqe.cdw14,
+            cdw15: sqe.cdw15,
+            ..Default::default()
+        };
+        let mut page = [0u8; dma::PAGE];
+        match self.ctrl.admin(&mut cmd, Some(&mut page)) {
+            Ok(cqe) => {
+                let n = data.len();
+                data.copy_from_slice(&page[..n]);
+                Ok(cqe.dw0)
+            }
+            Err(Error::AdminStatus { sct, sc, dnr, .. }) => Err(AdminError::Status(Status {
+                sct,
+                sc,
+                more: false,
+                dnr,
+            })),
+            Err(e) => Err(AdminError::Unavailable(e.to_string())),
+        }
+    }
+}
+
 impl Bdev for VfioBdev {
     fn info(&self) -> &BdevInfo {
         &self.info
+    }
+
+    fn nvme_admin(&self) -> Option<&dyn NvmeAdmin> {
+        Some(self)
     }
 
     fn open_queue(&self) -> crate::Result<Box<dyn BdevQueue>> {
@@ -323,8 +421,10 @@ impl Bdev for VfioBdev {
 
     /// Flush through a short-lived queue, bounded by the command timeout.
     fn flush_all(&self) -> crate::Result<()> {
-        if self.ctrl.failed() {
-            return Err(Error::Failed.into());
+        match self.ctrl.epoch().state {
+            ctrl::State::Ready => {}
+            ctrl::State::Resetting => return Err(Error::Resetting.into()),
+            ctrl::State::Failed => return Err(Error::Failed.into()),
         }
         let mut q = self.open_queue()?;
         let req = IoRequest {
@@ -444,6 +544,60 @@ mod tests {
                 matches!(parse_spec(bad), Err(Error::Spec(_))),
                 "{bad:?} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn only_reading_admin_commands_for_the_own_namespace_are_forwarded() {
+        let identify = |cns: u8, nsid: u32| Sqe {
+            opc: admin::opc::IDENTIFY,
+            nsid,
+            cdw10: u32::from(cns),
+            ..Default::default()
+        };
+        let log = |lid: u8, nsid: u32, bytes: u32| Sqe {
+            opc: admin::opc::GET_LOG_PAGE,
+            nsid,
+            cdw10: u32::from(lid) | ((bytes / 4 - 1) << 16),
+            ..Default::default()
+        };
+        // Identify of the namespace and of the controller.
+        assert!(passthru_allowed(&identify(cns::NS, 2), 2));
+        assert!(passthru_allowed(&identify(cns::NS_DESC_LIST, 2), 2));
+        assert!(passthru_allowed(&identify(cns::CTRL, 0), 2));
+        // Another namespace of the device, or lists of them: not through this bdev.
+        assert!(!passthru_allowed(&identify(cns::NS, 1), 2));
+        assert!(!passthru_allowed(&identify(cns::NS, u32::MAX), 2));
+        assert!(!passthru_allowed(&identify(cns::ACTIVE_NS_LIST, 0), 2));
+        assert!(!passthru_allowed(&identify(cns::ALLOCATED_NS_LIST, 0), 2));
+        // SMART / health for the namespace or the controller, within a page.
+        assert!(passthru_allowed(&log(lid::SMART, 2, 512), 2));
+        assert!(passthru_allowed(&log(lid::SMART, u32::MAX, 512), 2));
+        assert!(passthru_allowed(&log(lid::SMART, 0, 512), 2));
+        assert!(passthru_allowed(&log(lid::ERROR, u32::MAX, 4096), 2));
+        assert!(!passthru_allowed(&log(lid::SMART, 1, 512), 2));
+        assert!(!passthru_allowed(&log(lid::SMART, 2, 8192), 2));
+        assert!(!passthru_allowed(&log(lid::TELEMETRY_HOST, 2, 512), 2));
+        // Nothing that writes or changes the device.
+        for opc in [
+            admin::opc::SET_FEATURES,
+            admin::opc::FORMAT_NVM,
+            admin::opc::SANITIZE,
+            admin::opc::FW_COMMIT,
+            admin::opc::FW_IMAGE_DOWNLOAD,
+            admin::opc::NS_MGMT,
+            admin::opc::CREATE_IO_SQ,
+            admin::opc::DELETE_IO_SQ,
+            admin::opc::ABORT,
+            admin::opc::GET_FEATURES,
+            0xC0,
+        ] {
+            let sqe = Sqe {
+                opc,
+                nsid: 2,
+                ..Default::default()
+            };
+            assert!(!passthru_allowed(&sqe, 2), "opcode {opc:#x} forwarded");
         }
     }
 

@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use unvme_proto::nvme::{io_opc, Sqe, Status, CQE_SIZE, SQE_SIZE};
 
-use super::ctrl::{read_cqe, set_prps, Controller};
+use super::ctrl::{read_cqe, set_prps, Controller, Epoch, Failure, State};
 use super::dma::{
     build_prps, contiguous_pages, pool_size_from_env, DmaPool, DmaRegion, PagePool, PoolDevice,
     PAGE, PRPS_PER_PAGE,
@@ -148,6 +148,9 @@ pub(crate) struct VfioQueue {
     last_health: Duration,
     /// Set when the controller failed: everything completes Unavailable.
     broken: bool,
+    /// The controller epoch this queue's SQ/CQ pair belongs to (see
+    /// [`VfioQueue::follow_ctrl`]).
+    epoch: Epoch,
     /// The device's buffer pool, for [`BdevQueue::alloc_buf`] and to tell
     /// its buffers from others at submit.
     dma_pool: Arc<DmaPool>,
@@ -170,6 +173,7 @@ impl VfioQueue {
     /// Allocates the queue's memory and creates the SQ/CQ pair on the device.
     pub fn open(ctrl: Arc<Controller>, info: BdevInfo, ns: NsCaps) -> Result<Self, Error> {
         ctrl.check_status()?;
+        let epoch = ctrl.epoch();
         let entries = ctrl.io_entries;
         let n_slots = usize::from(entries) - 1;
         let max_pages = ctrl.max_transfer as usize / PAGE;
@@ -223,6 +227,7 @@ impl VfioQueue {
             scratch: vec![0; max_pages.max(1) + 1],
             last_health: now,
             broken: false,
+            epoch,
             dma_pool,
             zero_copy: 0,
             copied: 0,
@@ -453,10 +458,9 @@ impl VfioQueue {
     }
 
     fn health_check(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        if let Err(e) = self.ctrl.check_status() {
-            tracing::error!(addr = %self.ctrl.addr, qid = self.qid, "failing outstanding I/O: {e}");
-            self.broken = true;
-            return self.abandon_all(IoError::Unavailable, out);
+        if self.ctrl.check_status().is_err() {
+            // A failure starts a reset (or fails the controller): follow it.
+            return self.follow_ctrl(out);
         }
         let now = coarse_now();
         let mut n = 0;
@@ -468,6 +472,7 @@ impl VfioQueue {
         }
         if n > 0 {
             tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, requests = n, timeout_ms = self.ctrl.cmd_timeout.as_millis() as u64, "NVMe commands timed out");
+            self.ctrl.request_reset(Failure::Timeout);
         }
         n
     }
@@ -589,10 +594,19 @@ impl BdevQueue for VfioQueue {
         if self.done.len() >= self.slots.len() {
             return Err(SubmitError::Busy(req));
         }
-        if self.broken || self.ctrl.failed() {
-            self.broken = true;
+        if self.ctrl.epoch() != self.epoch {
+            let mut done = std::mem::take(&mut self.done);
+            self.follow_ctrl(&mut done);
+            self.done = done;
+        }
+        if self.broken {
             self.finish_now(req, Err(IoError::Unavailable));
             return Ok(());
+        }
+        if self.epoch.state != State::Ready || self.ctrl.epoch() != self.epoch {
+            // Being reset: held until the queue is back (bounded: the reset
+            // either completes or fails the controller).
+            return Err(SubmitError::Busy(req));
         }
         if let Err(e) = self.admit(&req) {
             self.finish_now(req, Err(e));
@@ -681,8 +695,17 @@ impl BdevQueue for VfioQueue {
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        let mut n = 0;
+        if self.ctrl.epoch() != self.epoch {
+            n += self.follow_ctrl(out);
+        }
+        if self.broken || self.epoch.state != State::Ready {
+            n += self.done.len();
+            out.append(&mut self.done);
+            return n;
+        }
         self.ring_sq();
-        let mut n = self.done.len();
+        n += self.done.len();
         out.append(&mut self.done);
         let mut reaped = 0usize;
         loop {
@@ -745,7 +768,7 @@ impl BdevQueue for VfioQueue {
 
 impl Drop for VfioQueue {
     fn drop(&mut self) {
-        if !self.ctrl.failed() {
+        if !self.ctrl.failed() && self.ctrl.epoch() == self.epoch && !self.broken {
             // Deleting the SQ aborts what it still holds; the CQ goes after it.
             if let Err(e) = self.ctrl.delete_io_queues(self.qid) {
                 tracing::warn!(addr = %self.ctrl.addr, qid = self.qid, "deleting I/O queues: {e}");
@@ -765,6 +788,61 @@ impl Drop for VfioQueue {
             tracing::debug!(addr = %self.ctrl.addr, qid, "vfio queue {qid}: no data requests");
         }
         tracing::debug!(addr = %self.ctrl.addr, qid = self.qid, entries = self.entries, "I/O queue pair closed");
+    }
+}
+
+/// Controller resets (see [`super::ctrl`]).
+impl VfioQueue {
+    /// Brings the queue in line with the controller's epoch: while it is
+    /// reset, fails the requests outstanding (the host retries them; their
+    /// slots and pages stay reserved, the device may still write them until
+    /// it is disabled); at its next generation, frees every slot (the reset
+    /// ended all commands) and re-creates the SQ/CQ pair in the same memory;
+    /// once it failed for good, fails everything. Returns the requests
+    /// completed into `out`.
+    fn follow_ctrl(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        let now = self.ctrl.epoch();
+        let n = self.abandon_all(IoError::Unavailable, out);
+        let ctrl = self.ctrl.clone();
+        let addr = &ctrl.addr;
+        if n > 0 {
+            tracing::warn!(addr = %addr, qid = self.qid, "vfio {addr} queue {}: controller {:?}; failing {n} outstanding requests", self.qid, now.state);
+        }
+        match now.state {
+            State::Failed => {
+                self.broken = true;
+                self.epoch = now;
+            }
+            State::Resetting => self.epoch = now,
+            State::Ready if self.broken => self.epoch = now,
+            State::Ready => {
+                for i in 0..self.slots.len() {
+                    if self.slots[i].state == SlotState::Abandoned {
+                        self.release(i);
+                    }
+                }
+                self.sq = SqRing::new(self.entries);
+                self.cq = CqRing::new(self.entries);
+                self.pending = 0;
+                let cq_bytes = usize::from(self.entries) * CQE_SIZE;
+                self.region.slice_mut(self.cq_off, cq_bytes).fill(0);
+                let (cq, sq) = (self.region.iova(self.cq_off), self.region.iova(0));
+                match ctrl.create_io_queues(self.qid, cq, sq) {
+                    Ok(()) => {
+                        self.epoch = now;
+                        tracing::info!(addr = %addr, qid = self.qid, generation = now.gen, "vfio {addr} queue {}: SQ/CQ pair re-created after the reset", self.qid);
+                    }
+                    // Another failure already: try again at the next use.
+                    Err(Error::Resetting | Error::Failed) => {}
+                    Err(e) => {
+                        tracing::error!(addr = %addr, qid = self.qid, "vfio {addr} queue {}: cannot re-create the SQ/CQ pair after the reset: {e}", self.qid);
+                        self.broken = true;
+                        self.epoch = now;
+                    }
+                }
+            }
+        }
+        n
     }
 }
 
