@@ -13,9 +13,15 @@
 #     controller's 512 KiB MDTS, so split — over a 32 MiB range);
 #  4. kernel nvme-tcp host: 16 MiB random pattern (O_DIRECT, 4 KiB..1 MiB
 #     blocks) round-trips; Write Zeroes (nvme-cli) reads back zeroes with the
-#     neighbours intact; Dataset Management deallocate; Flush;
+#     neighbours intact; Dataset Management deallocate; Flush; at the stop,
+#     the target's queues report their data requests zero-copy (the DMA
+#     buffer pool served them all: none, or hardly any, copied);
 #  5. the target is restarted (SIGTERM: controller shut down and released)
-#     and the data reads back; the target is stopped again;
+#     with the pool off (UNVME_VFIO_DMA_POOL=0): the data reads back through
+#     the copy path, and every request was copied; then with a 1 MiB pool
+#     that QD32 128 KiB I/O exhausts: `unvme perf --verify` passes with
+#     requests on both paths, and the kernel host writes the pattern again
+#     and reads it back; the target is stopped again;
 #  6. vfio-bind.sh --unbind gives the device back to the kernel nvme driver,
 #     which reads the same data: the user-space driver wrote the real device.
 set -eu
@@ -89,9 +95,11 @@ log "identify --vfio: controller and namespace 1 shown (text and JSON)"
 # into commands within this controller's 512 KiB MDTS.
 TARGET_ARGS=${VFIO_TARGET_ARGS:-}
 TPID=
+POOL=   # UNVME_VFIO_DMA_POOL for the next target_start (empty: the default)
 target_start() {
     # shellcheck disable=SC2086 # TARGET_ARGS is a list of options
-    "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 --reactors 1 $TARGET_ARGS \
+    env ${POOL:+UNVME_VFIO_DMA_POOL=$POOL} \
+        "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 --reactors 1 $TARGET_ARGS \
         --log info > /tmp/target.log 2>&1 &
     TPID=$!
     i=0
@@ -119,18 +127,30 @@ target_stop() {
     grep -q panicked /tmp/target.log && fail "the target panicked"
     log "unvme target stopped; controller released"
 }
+# data_paths: sets ZC and CP to the data requests of the last target run
+# that went zero-copy and through copies, summed over the lines its VFIO
+# queues log when they close ("vfio queue N: X requests zero-copy, Y copied").
+data_paths() {
+    sed -n 's/.*vfio queue [0-9]*: \([0-9]*\) requests zero-copy, \([0-9]*\) copied.*/\1 \2/p' \
+        /tmp/target.log | awk '{ z += $1; c += $2 } END { print z + 0, c + 0 }' > /tmp/paths
+    read -r ZC CP < /tmp/paths
+    log "data requests: $ZC zero-copy, $CP copied (UNVME_VFIO_DMA_POOL=${POOL:-default})"
+}
+perf_verify() {  # IO-SIZE: randwrite then randread, checked
+    for pat in randwrite randread; do
+        run "$U" perf --verify --pattern "$pat" --io-size "$1" --qd 32 --time 3 \
+            --range 32M --json > /tmp/perf.out
+        tail -1 /tmp/perf.out
+        tail -1 /tmp/perf.out | grep -q '"errors": *0[,}]' \
+            || fail "unvme perf --verify $pat $1 reported errors"
+        tail -1 /tmp/perf.out | grep -q '"ios": *[1-9]' || fail "unvme perf $pat $1 did no I/O"
+    done
+}
 trap '[ -n "$TPID" ] && kill -KILL "$TPID" 2>/dev/null; true' EXIT
 
 target_start
 for io in 4096 131072 1048576; do
-    for pat in randwrite randread; do
-        run "$U" perf --verify --pattern "$pat" --io-size "$io" --qd 32 --time 3 \
-            --range 32M --json > /tmp/perf.out
-        tail -1 /tmp/perf.out
-        tail -1 /tmp/perf.out | grep -q '"errors": *0[,}]' \
-            || fail "unvme perf --verify $pat $io reported errors"
-        tail -1 /tmp/perf.out | grep -q '"ios": *[1-9]' || fail "unvme perf $pat $io did no I/O"
-    done
+    perf_verify "$io"
 done
 log "unvme perf --verify: randwrite/randread 4 KiB, 128 KiB and 1 MiB (split in two NVMe commands) without errors"
 
@@ -175,15 +195,41 @@ cmp /tmp/pattern /tmp/readback || fail "data changed after DSM/Flush"
 log "Dataset Management deallocate and Flush succeed"
 disconnect
 
-# ---- 5. restart -------------------------------------------------------------
 target_stop
+data_paths
+[ "$ZC" -gt 0 ] || fail "no request took the zero-copy path"
+[ $((CP * 20)) -le "$ZC" ] || fail "$CP of $((ZC + CP)) requests were copied with a pool that suffices"
+
+# ---- 5. restart -------------------------------------------------------------
+POOL=0
 target_start
 connect
 run dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct
 cmp /tmp/pattern /tmp/readback || fail "data did not survive the target restart"
-log "data survives the target restart"
+log "data survives the target restart (read through the copy path: pool off)"
 disconnect
 target_stop
+data_paths
+if [ "$ZC" -ne 0 ] || [ "$CP" -eq 0 ]; then
+    fail "with the pool off, requests must all be copied"
+fi
+
+# A pool smaller than QD32 x 128 KiB runs dry: both paths, data intact.
+# perf overwrote the pattern: the kernel host writes it again (for step 6).
+POOL=1M
+target_start
+perf_verify 131072
+connect
+run dd if=/tmp/pattern of="$DEV" bs=128k count=128 oflag=direct
+run dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct
+cmp /tmp/pattern /tmp/readback || fail "pattern read-back differs (1 MiB pool)"
+disconnect
+target_stop
+data_paths
+if [ "$ZC" -eq 0 ] || [ "$CP" -eq 0 ]; then
+    fail "a 1 MiB pool under QD32 x 128 KiB should serve some requests, not all"
+fi
+log "unvme perf --verify 128 KiB passes with the pool running dry (both data paths)"
 TPID=
 
 # ---- 6. back to the kernel driver ------------------------------------------

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # vfio-nvme.sh: `unvme target --vfio` in a QEMU guest (q35, intel-iommu,
 # emulated `-device nvme`), checked by the guest kernel's nvme-tcp host and
-# `unvme perf --verify`, plus the error paths (scenario
-# qemu-scripts/scenarios/vfio-nvme.sh has the list).
+# `unvme perf --verify`, plus the error paths and the data paths (zero-copy
+# through the DMA buffer pool, copies with the pool off or run dry, counted
+# from the target's log; scenario qemu-scripts/scenarios/vfio-nvme.sh has
+# the list).
 #
 # The base initramfs lacks libgcc_s.so.1, which target/release/unvme links;
 # the --with-fio initramfs has it (as for bench/kernel).
