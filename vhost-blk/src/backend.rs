@@ -1,43 +1,42 @@
-//! The vhost-user side: [`BlkBackend`] implements `vhost-user-backend`'s
-//! [`VhostUserBackend`] — features, configuration space, memory updates —
-//! and runs each virtqueue's [`Worker`] on that queue's own epoll thread.
+//! The device behind the vhost-user handler: [`BlkBackend`] holds the
+//! features, the configuration space, guest memory and one [`Worker`] per
+//! virtqueue, and runs a virtqueue on the calling thread
+//! ([`BlkBackend::run_queue`]); [`crate::handler`] decides when.
 //!
-//! Threading: `queues_per_thread` gives every virtqueue its own thread. A
-//! kick wakes the thread, which then spins in [`BlkBackend::handle_event`]:
-//! popping chains, submitting them and polling completions, until the queue
-//! is idle (nothing in flight) for the spin budget; then it re-enables
-//! notifications and returns to sleep on the kick eventfd. With `poll` it
-//! never sleeps while the queue runs. Requests in flight keep the thread
-//! spinning, since a device queue has no completion fd.
+//! Threading: every virtqueue has its own thread. A kick wakes it, and it
+//! then spins in [`BlkBackend::run_queue`]: popping chains, submitting them
+//! and polling completions, until the queue is idle (nothing in flight) for
+//! the spin budget; then it re-enables notifications and returns to sleep
+//! on the kick eventfd. With `poll` it never sleeps while the ring runs.
+//! Requests in flight keep the thread spinning, since a device queue has no
+//! completion fd.
 //!
-//! Stop (GET_VRING_BASE): the framework marks the queue not ready and calls
-//! [`VhostUserBackend::stop_vring`], which waits for the worker to leave
-//! `handle_event`; the worker stops popping when it sees the queue not ready,
-//! finishes what is in flight, and leaves. So the ring base handed back to
-//! QEMU covers every request, and none is lost or completed after the stop.
+//! Stop (GET_VRING_BASE): the handler marks the ring not ready and calls
+//! [`BlkBackend::drain_queue`], which waits for the queue thread to leave
+//! `run_queue` (the worker stops popping when it sees the ring not ready,
+//! finishes what is in flight, and leaves) and finishes anything still
+//! queued for resubmission. So the ring base handed back to QEMU covers
+//! every request, and none is lost or completed after the stop.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use unvme_bdev::{Bdev, BdevInfo};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
+use crate::inflight::QueueInflight;
 use crate::request::{Limits, MAX_DISCARD_SEG};
 use crate::spec::{features as f, BlkConfig, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
-use crate::worker::Worker;
+use crate::worker::{RingStart, Worker};
 use crate::{Error, Result};
 
-/// Guest memory as the framework hands it over.
+/// Guest memory, replaced as a whole on every memory table update.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
 /// Largest IN/OUT request accepted when the backend sets no limit of its own.
@@ -197,7 +196,9 @@ pub struct BlkBackend {
     opts: DeviceOptions,
     writeback: Arc<AtomicBool>,
     workers: Vec<Mutex<Worker>>,
-    mem: RwLock<Option<GuestMem>>,
+    mem: GuestMem,
+    /// Bumped on every memory update, so a spinning queue picks it up.
+    mem_gen: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -224,7 +225,8 @@ impl BlkBackend {
             opts: opts.clone(),
             writeback,
             workers,
-            mem: RwLock::new(None),
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            mem_gen: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         })
     }
@@ -246,23 +248,110 @@ impl BlkBackend {
         c.encode()
     }
 
-    /// Serves one virtqueue until it is idle (or stopped).
-    fn run_queue(&self, qidx: usize, vring: &VringRwLock<GuestMem>) -> io::Result<()> {
-        let Some(worker) = self.workers.get(qidx) else {
+    /// Number of virtqueues.
+    pub fn num_queues(&self) -> usize {
+        usize::from(self.opts.num_queues)
+    }
+
+    /// Largest virtqueue size the frontend may configure.
+    pub fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.max_queue_size)
+    }
+
+    /// Virtio features offered.
+    pub fn features(&self) -> u64 {
+        self.geo.features
+    }
+
+    /// vhost-user protocol features offered.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    /// The guest memory the rings and requests live in; the handler
+    /// replaces its contents and then calls [`BlkBackend::memory_changed`].
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The memory table changed: spinning queues take the new one.
+    pub fn memory_changed(&self) {
+        self.mem_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// `size` bytes of the configuration space at `offset` (zeroes past
+    /// its end).
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config_bytes();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(cfg.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(cfg.len());
+        out[..end - start].copy_from_slice(&cfg[start..end]);
+        out
+    }
+
+    /// A driver write to the configuration space: only `writeback` is
+    /// writable (VIRTIO_BLK_F_CONFIG_WCE).
+    pub fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            tracing::info!(writeback = wb, "cache mode set by the driver");
+            self.writeback.store(wb, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "only the writeback field is writable",
+        ))
+    }
+
+    fn worker(&self, qidx: usize) -> io::Result<Option<std::sync::MutexGuard<'_, Worker>>> {
+        match self.workers.get(qidx) {
+            Some(w) => w
+                .lock()
+                .map(Some)
+                .map_err(|_| io::Error::other("worker lock poisoned")),
+            None => Ok(None),
+        }
+    }
+
+    /// Ring `qidx` is starting: attach its part of the inflight region and
+    /// queue what it left in flight (see [`Worker::start_ring`]). Waits for
+    /// the queue thread if it is still inside [`BlkBackend::run_queue`].
+    pub fn start_queue(
+        &self,
+        qidx: usize,
+        vring: &VringRwLock<GuestMem>,
+        inflight: Option<QueueInflight>,
+    ) -> io::Result<RingStart> {
+        let Some(mut w) = self.worker(qidx)? else {
+            return Ok(RingStart::default());
+        };
+        let mem = self.mem.memory();
+        let mut st = vring.get_mut();
+        Ok(w.start_ring(st.get_queue_mut(), &*mem, qidx, inflight))
+    }
+
+    /// Ring `qidx`, already marked not ready, is stopping: wait for its
+    /// thread to leave [`BlkBackend::run_queue`], then finish whatever is
+    /// still in flight or queued for resubmission.
+    pub fn drain_queue(&self, qidx: usize, vring: &VringRwLock<GuestMem>) -> io::Result<()> {
+        self.run_queue(qidx, vring)
+    }
+
+    /// Serves one virtqueue until it is idle (or stopped, then drained).
+    pub fn run_queue(&self, qidx: usize, vring: &VringRwLock<GuestMem>) -> io::Result<()> {
+        let Some(mut w) = self.worker(qidx)? else {
             return Ok(());
         };
-        let mut w = worker
-            .lock()
-            .map_err(|_| io::Error::other("worker lock poisoned"))?;
-        let Some(atomic) = self
-            .mem
-            .read()
-            .map_err(|_| io::Error::other("memory lock poisoned"))?
-            .clone()
-        else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
+        let mut gen = self.mem_gen.load(Ordering::Acquire);
+        let mut mem = self.mem.memory();
         let mut idle_since: Option<Instant> = None;
         {
             let mut st = vring.get_mut();
@@ -270,12 +359,21 @@ impl BlkBackend {
             let _ = st.get_queue_mut().disable_notification(&*mem);
         }
         loop {
+            let g = self.mem_gen.load(Ordering::Acquire);
+            if g != gen {
+                gen = g;
+                mem = self.mem.memory();
+            }
             let mut st = vring.get_mut();
-            let running =
-                st.get_queue().ready() && st.is_enabled() && !self.stop.load(Ordering::Relaxed);
+            let ready = st.get_queue().ready();
+            let running = ready && st.is_enabled() && !self.stop.load(Ordering::Relaxed);
             let mut work = 0;
             if running {
                 work += w.process_avail(st.get_queue_mut(), &*mem);
+            } else if !ready && !self.stop.load(Ordering::Relaxed) {
+                // Stopping (not the connection ending): requests taken
+                // before are finished, so the ring base covers them.
+                work += w.process_resubmit(st.get_queue_mut(), &*mem);
             }
             work += w.poll(st.get_queue_mut(), &*mem);
             if w.take_used() > 0 && st.get_queue_mut().needs_notification(&*mem).unwrap_or(true) {
@@ -284,7 +382,9 @@ impl BlkBackend {
                 }
             }
             if !running {
-                if w.outstanding() == 0 {
+                let resubmit_left =
+                    !ready && !self.stop.load(Ordering::Relaxed) && w.resubmit_pending() > 0;
+                if w.outstanding() == 0 && !resubmit_left {
                     return Ok(());
                 }
                 drop(st);
@@ -331,104 +431,6 @@ impl BlkBackend {
                 }
             }
         }
-    }
-}
-
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock<GuestMem>;
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.opts.num_queues)
-    }
-
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.opts.max_queue_size)
-    }
-
-    fn features(&self) -> u64 {
-        self.geo.features
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-    }
-
-    fn set_event_idx(&self, _enabled: bool) {
-        // The framework sets EVENT_IDX on each queue; the worker asks the
-        // queue whether to notify.
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = self.config_bytes();
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(cfg.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(cfg.len());
-        out[..end - start].copy_from_slice(&cfg[start..end]);
-        out
-    }
-
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
-        if offset as usize == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 {
-            let wb = buf[0] != 0;
-            tracing::info!(writeback = wb, "cache mode set by the driver");
-            self.writeback.store(wb, Ordering::Relaxed);
-            return Ok(());
-        }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "only the writeback field is writable",
-        ))
-    }
-
-    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        *self
-            .mem
-            .write()
-            .map_err(|_| io::Error::other("memory lock poisoned"))? = Some(mem);
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.opts.num_queues).map(|i| 1u64 << i).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The queue is already marked not ready: wait for its worker to
-        // drain and leave handle_event.
-        if let Some(w) = self.workers.get(queue_index as usize) {
-            let w = w
-                .lock()
-                .map_err(|_| io::Error::other("worker lock poisoned"))?;
-            debug_assert_eq!(w.outstanding(), 0);
-        }
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock<GuestMem>],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Ok(());
-        }
-        // One queue per thread: the thread's only vring is event 0.
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Ok(());
-        };
-        self.run_queue(thread_id, vring)
     }
 }
 
@@ -529,6 +531,6 @@ mod tests {
             .expect("wce");
         assert_eq!(b.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1), vec![0]);
         assert!(b.set_config(0, &[0; 8]).is_err());
-        assert_eq!(b.queues_per_thread(), vec![1, 2]);
+        assert_eq!(b.num_queues(), 2);
     }
 }

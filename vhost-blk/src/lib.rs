@@ -28,6 +28,9 @@
 //! [`Bdev`]: unvme_bdev::Bdev
 
 pub mod backend;
+pub mod chain;
+pub mod handler;
+pub mod inflight;
 pub mod request;
 pub mod server;
 pub mod spec;

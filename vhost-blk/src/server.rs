@@ -2,10 +2,17 @@
 //! connection after another.
 //!
 //! Each accepted connection gets a fresh [`BlkBackend`] (fresh device queues)
-//! and a fresh `VhostUserDaemon`; when the frontend goes away (guest shut
-//! down, QEMU restarted or reconnecting) the device waits for the next one.
-//! [`Server::shutdown`] ends the current connection and the accept loop.
+//! and a fresh [`BlkHandler`] (fresh queue threads), driven by the `vhost`
+//! crate's `BackendReqHandler` on this thread; when the frontend goes away
+//! (guest shut down, QEMU restarted or reconnecting) the device waits for
+//! the next one. [`Server::shutdown`] ends the current connection and the
+//! accept loop.
+//!
+//! A frontend that reconnects after this process was restarted hands back
+//! its inflight region (SET_INFLIGHT_FD), and the new process resubmits what
+//! the old one left in flight (see [`crate::inflight`]).
 
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,11 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use unvme_bdev::Bdev;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError, Listener};
 
 use crate::backend::{BlkBackend, DeviceOptions, Geometry};
+use crate::handler::BlkHandler;
 use crate::{Error, Result};
 
 /// What to export and where.
@@ -35,7 +41,8 @@ pub struct ServerConfig {
 pub struct Server {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
-    current: Arc<Mutex<Option<ShutdownHandle>>>,
+    /// The current connection, to shut it down from another thread.
+    current: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<Result<()>>>,
     geometry: Geometry,
 }
@@ -82,8 +89,8 @@ impl Server {
     pub fn shutdown(mut self) -> Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         if let Ok(cur) = self.current.lock() {
-            if let Some(h) = cur.as_ref() {
-                h.shutdown();
+            if let Some(c) = cur.as_ref() {
+                let _ = c.shutdown(Shutdown::Both);
             }
         }
         // Wake a blocking accept() with a connection of our own; it sees EOF
@@ -105,44 +112,56 @@ fn serve(
     cfg: &ServerConfig,
     listener: &mut Listener,
     stop: &AtomicBool,
-    current: &Mutex<Option<ShutdownHandle>>,
+    current: &Mutex<Option<UnixStream>>,
 ) -> Result<()> {
     while !stop.load(Ordering::SeqCst) {
         let backend = Arc::new(BlkBackend::new(&cfg.bdev, &cfg.device)?);
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-        let mut daemon = VhostUserDaemon::new("vhost-blk".into(), backend.clone(), mem)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
-        daemon
-            .start(listener)
-            .map_err(|e| Error::VhostUser(format!("accept: {e}")))?;
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => return Err(Error::VhostUser(format!("accept: {e}"))),
+        };
         if stop.load(Ordering::SeqCst) {
             // Our own wake-up connection from `Server::shutdown`.
-            daemon.request_shutdown();
-            let _ = daemon.wait();
             break;
         }
+        let handler = Arc::new(Mutex::new(BlkHandler::new(backend)?));
+        let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         if let Ok(mut cur) = current.lock() {
-            *cur = daemon.shutdown_handle();
+            *cur = conn.try_clone_connection().ok();
         }
         tracing::info!("frontend connected");
-        let r = daemon.wait();
+        let end = loop {
+            let Err(e) = conn.handle_request() else {
+                continue;
+            };
+            // A request the handler refused has been answered (REPLY_ACK)
+            // and logged; anything else ends the connection.
+            let refused = handler
+                .lock()
+                .map(|mut h| h.take_refused())
+                .unwrap_or(false);
+            if !refused || stop.load(Ordering::SeqCst) {
+                break e;
+            }
+        };
         if let Ok(mut cur) = current.lock() {
             *cur = None;
         }
-        match r {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!(error = %e, "frontend connection ended"),
+        match end {
+            VhostUserError::Disconnected | VhostUserError::PartialMessage => {
+                tracing::info!("frontend disconnected")
+            }
+            VhostUserError::SocketBroken(_) if stop.load(Ordering::SeqCst) => {
+                tracing::info!("frontend disconnected")
+            }
+            e => tracing::warn!(error = %e, "frontend connection ended"),
         }
-        // Queue threads leave their spin loops, then the epoll loops.
-        backend.request_stop();
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        // Dropping the daemon joins the queue threads.
-        drop(daemon);
+        drop(conn);
+        // Queue threads finish what is in flight and exit.
+        if let Ok(mut h) = handler.lock() {
+            h.shutdown();
+        };
     }
     Ok(())
 }

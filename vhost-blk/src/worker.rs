@@ -8,6 +8,11 @@
 //! Whether the guest must be notified is left to the caller, which asks the
 //! queue (EVENT_IDX) after each batch.
 //!
+//! With an inflight region ([`crate::inflight`]) the worker records every
+//! chain it takes and returns, and when its ring starts
+//! ([`Worker::start_ring`]) it resubmits what an earlier device instance
+//! left in flight, oldest first, before taking new chains.
+//!
 //! It knows nothing about vhost-user: it works on a `virtio_queue::Queue` and
 //! any `GuestMemory`, so unit tests drive it with virtio-queue's mock queue.
 //!
@@ -17,13 +22,17 @@
 //! backend's readv/writev) needs a bdev interface for borrowed buffers and is
 //! left for later.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use unvme_bdev::{BdevQueue, IoBuf, IoCompletion, IoOp, IoRequest, SubmitError};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{GuestAddress, GuestMemory};
 
+use crate::chain::SplitChain;
+use crate::inflight::{QueueInflight, Recovery};
 use crate::request::{gather, scatter, write_status, ChainInfo, Limits, Parsed, Parser};
 use crate::spec::Status;
 
@@ -52,6 +61,28 @@ pub struct Worker {
     bufs: Vec<IoBuf>,
     /// Chains returned to the used ring since the last [`Worker::take_used`].
     used: usize,
+    /// This ring's part of the inflight region, while the ring runs.
+    inflight: Option<QueueInflight>,
+    /// Fetch order of the next chain taken (`DescStateSplit::counter`).
+    counter: u64,
+    /// Heads an earlier device instance left in flight, to be resubmitted
+    /// before anything new is taken.
+    resubmit: VecDeque<u16>,
+}
+
+/// What [`Worker::start_ring`] did with the inflight region.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RingStart {
+    /// Requests queued for resubmission.
+    pub resubmit: usize,
+    /// The ring's next available index, if the region moved it (to the
+    /// used index plus the requests in flight).
+    pub next_avail: Option<u16>,
+    /// The region's report.
+    pub recovery: Recovery,
+    /// Tracking is off for this ring start (no region, or one that cannot
+    /// describe this ring); the reason.
+    pub untracked: Option<&'static str>,
 }
 
 impl Worker {
@@ -72,7 +103,63 @@ impl Worker {
             completions: Vec::with_capacity(usize::from(max_queue_size)),
             bufs: Vec::new(),
             used: 0,
+            inflight: None,
+            counter: 0,
+            resubmit: VecDeque::with_capacity(usize::from(max_queue_size)),
         }
+    }
+
+    /// The ring is starting (kick set, addresses and base known): attach
+    /// this ring's part of the inflight region, if any, repair it and queue
+    /// what it holds in flight for resubmission, and move the ring's next
+    /// available index past everything taken before (the used index plus
+    /// what is in flight; the spec's "When reconnecting").
+    pub fn start_ring<M: GuestMemory>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        queue: usize,
+        inflight: Option<QueueInflight>,
+    ) -> RingStart {
+        self.resubmit.clear();
+        self.inflight = None;
+        let mut out = RingStart::default();
+        let Some(inf) = inflight else {
+            out.untracked = Some("no inflight region");
+            return out;
+        };
+        if q.size() > inf.desc_num() {
+            out.untracked = Some("ring larger than the inflight region");
+            return out;
+        }
+        let ring_used = match q.used_idx(mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(_) => {
+                out.untracked = Some("used ring unreadable");
+                return out;
+            }
+        };
+        let rec = inf.recover(queue, ring_used, q.size());
+        if rec.recovered {
+            // `heads.len()` is below the ring size, a u16.
+            let n = u16::try_from(rec.heads.len()).unwrap_or(u16::MAX);
+            let next = ring_used.wrapping_add(n);
+            if next != q.next_avail() {
+                out.next_avail = Some(next);
+                q.set_next_avail(next);
+            }
+        }
+        self.counter = rec.next_counter;
+        self.resubmit.extend(rec.heads.iter().copied());
+        out.resubmit = self.resubmit.len();
+        out.recovery = rec;
+        self.inflight = Some(inf);
+        out
+    }
+
+    /// Heads waiting to be resubmitted.
+    pub fn resubmit_pending(&self) -> usize {
+        self.resubmit.len()
     }
 
     /// Requests handed to the device queue (or waiting for it) and not yet
@@ -87,10 +174,14 @@ impl Worker {
         std::mem::take(&mut self.used)
     }
 
-    /// Pops and starts every available chain (until the device queue is
-    /// full). Returns how many chains were taken.
+    /// Resubmits what the inflight region left in flight, then pops and
+    /// starts every available chain (until the device queue is full).
+    /// Returns how many chains were taken.
     pub fn process_avail<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M) -> usize {
-        let mut taken = 0;
+        let mut taken = self.process_resubmit(q, mem);
+        if !self.resubmit.is_empty() {
+            return taken;
+        }
         loop {
             if !self.retry_pending() {
                 break;
@@ -100,34 +191,67 @@ impl Worker {
             };
             taken += 1;
             let head = chain.head_index();
-            let Some(slot) = self.slots.get_mut(usize::from(head)) else {
-                // The queue rejects such heads itself; nothing to answer.
-                tracing::debug!(head, "descriptor head beyond the queue");
-                continue;
-            };
-            if slot.busy {
-                // A driver bug: the head is still ours. Answering would
-                // complete the earlier request twice; ignore the repeat.
-                tracing::debug!(head, "chain head reused while in flight");
-                continue;
-            }
-            let wb = self.writeback.load(Ordering::Relaxed);
-            match self
-                .parser
-                .parse(mem, chain, &self.lim, wb, &mut slot.chain)
-            {
-                Parsed::NoStatus => {
-                    tracing::debug!(head, "chain without a reachable status byte");
-                    self.add_used(q, mem, head, 0);
+            if let Some(inf) = &self.inflight {
+                if head < q.size() {
+                    inf.mark(head, self.counter);
+                    self.counter = self.counter.wrapping_add(1);
                 }
-                Parsed::Complete { status, used_len } => {
-                    write_status(mem, slot.chain.status_addr, status);
-                    self.add_used(q, mem, head, used_len);
-                }
-                Parsed::Submit(op) => self.start(q, mem, head, op),
             }
+            self.take_chain(q, mem, head, chain);
         }
         taken
+    }
+
+    /// Starts the requests queued by [`Worker::start_ring`] (until the
+    /// device queue is full). A stopping ring drains these too: they were
+    /// taken from the guest before, so they are finished, not dropped.
+    pub fn process_resubmit<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M) -> usize {
+        let mut taken = 0;
+        while !self.resubmit.is_empty() && self.retry_pending() {
+            let Some(head) = self.resubmit.pop_front() else {
+                break;
+            };
+            taken += 1;
+            let chain = SplitChain::new(mem, GuestAddress(q.desc_table()), q.size(), head);
+            self.take_chain(q, mem, head, chain);
+        }
+        taken
+    }
+
+    /// Parses one chain and completes it at once or submits it.
+    fn take_chain<M: GuestMemory>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        head: u16,
+        chain: impl Iterator<Item = Descriptor>,
+    ) {
+        let Some(slot) = self.slots.get_mut(usize::from(head)) else {
+            // The queue rejects such heads itself; nothing to answer.
+            tracing::debug!(head, "descriptor head beyond the queue");
+            return;
+        };
+        if slot.busy {
+            // A driver bug: the head is still ours. Answering would
+            // complete the earlier request twice; ignore the repeat.
+            tracing::debug!(head, "chain head reused while in flight");
+            return;
+        }
+        let wb = self.writeback.load(Ordering::Relaxed);
+        match self
+            .parser
+            .parse(mem, chain, &self.lim, wb, &mut slot.chain)
+        {
+            Parsed::NoStatus => {
+                tracing::debug!(head, "chain without a reachable status byte");
+                self.add_used(q, mem, head, 0);
+            }
+            Parsed::Complete { status, used_len } => {
+                write_status(mem, slot.chain.status_addr, status);
+                self.add_used(q, mem, head, used_len);
+            }
+            Parsed::Submit(op) => self.start(q, mem, head, op),
+        }
     }
 
     fn start<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M, head: u16, op: IoOp) {
@@ -225,9 +349,19 @@ impl Worker {
         self.add_used(q, mem, head, used_len);
     }
 
+    /// Returns a chain to the guest, recording it in the inflight region
+    /// around the used-ring update (a batch of one).
     fn add_used<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M, head: u16, len: u32) {
+        if let Some(inf) = &self.inflight {
+            inf.begin_used(head);
+        }
         match q.add_used(mem, head, len) {
-            Ok(()) => self.used += 1,
+            Ok(()) => {
+                self.used += 1;
+                if let Some(inf) = &self.inflight {
+                    inf.end_used(head, q.next_used());
+                }
+            }
             Err(e) => tracing::debug!(head, error = %e, "cannot add to the used ring"),
         }
     }
@@ -971,6 +1105,125 @@ mod tests {
                 fua: true
             })
         );
+    }
+
+    /// A device queue that holds every request (a stopped remote target):
+    /// nothing completes, nothing is written.
+    struct Held {
+        held: Vec<IoRequest>,
+    }
+
+    impl BdevQueue for Held {
+        fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+            self.held.push(req);
+            Ok(())
+        }
+        fn poll(&mut self, _out: &mut Vec<IoCompletion>) -> usize {
+            0
+        }
+        fn outstanding(&self) -> usize {
+            self.held.len()
+        }
+    }
+
+    #[test]
+    fn requests_left_in_flight_are_resubmitted_by_the_next_instance_in_fetch_order() {
+        use crate::inflight::InflightRegion;
+        let m = mem();
+        let bdev: Arc<dyn Bdev> = Arc::new(RamBdev::new("ramtest", 8192, 512).expect("ram"));
+        let geo = Geometry::new(bdev.info(), &DeviceOptions::default()).expect("geometry");
+        let worker = |q: Box<dyn BdevQueue>| {
+            Worker::new(
+                q,
+                Arc::new(geo.limits.clone()),
+                Arc::new(AtomicBool::new(true)),
+                QSIZE,
+            )
+        };
+        let (region, _file) = InflightRegion::create(1, QSIZE, 1, QSIZE).expect("region");
+        let vq = MockSplitQueue::new(&m, QSIZE);
+
+        // First instance: its device queue never completes.
+        let mut w1 = worker(Box::new(Held { held: Vec::new() }));
+        let mut q1: Queue = vq.create_queue().expect("queue");
+        let rs = w1.start_ring(&mut q1, &m, 0, region.queue(0));
+        assert_eq!((rs.resubmit, rs.untracked), (0, None));
+        assert!(!rs.recovery.recovered);
+        let mut descs = Vec::new();
+        for i in 0..3u64 {
+            let base = DATA + i * 0x1_0000;
+            m.write_slice(&hdr(req_type::OUT, i * 8), GuestAddress(base))
+                .expect("hdr");
+            m.write_slice(&pattern(4096, i as u8), GuestAddress(base + 0x1000))
+                .expect("data");
+            m.write_obj(0xffu8, GuestAddress(base + 0x800))
+                .expect("status");
+            let n = VRING_DESC_F_NEXT as u16;
+            descs.push(RawDescriptor::from(SplitDesc::new(
+                base,
+                16,
+                n,
+                (3 * i + 1) as u16,
+            )));
+            descs.push(RawDescriptor::from(SplitDesc::new(
+                base + 0x1000,
+                4096,
+                n,
+                (3 * i + 2) as u16,
+            )));
+            descs.push(RawDescriptor::from(SplitDesc::new(base + 0x800, 1, W, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        assert_eq!(w1.process_avail(&mut q1, &m), 3);
+        assert_eq!(w1.poll(&mut q1, &m), 0);
+        let qi = region.queue(0).expect("queue region");
+        assert_eq!((qi.inflight(0), qi.inflight(3), qi.inflight(6)), (1, 1, 1));
+        assert!(qi.counter(0) < qi.counter(3) && qi.counter(3) < qi.counter(6));
+        // The process dies: nothing was written, nothing used.
+        drop(w1);
+        assert_eq!(q1.next_used(), 0);
+
+        // Second instance over the same disk; the frontend restores the
+        // ring from its used index (0).
+        let mut w2 = worker(bdev.open_queue().expect("queue"));
+        let mut q2: Queue = vq.create_queue().expect("queue");
+        let rs = w2.start_ring(&mut q2, &m, 0, region.queue(0));
+        assert!(rs.recovery.recovered);
+        assert_eq!(rs.resubmit, 3);
+        assert_eq!(rs.next_avail, Some(3));
+        assert_eq!(q2.next_avail(), 3);
+        let mut d = Dev { worker: w2, geo };
+        let used = run(&mut d, &vq, &mut q2, &m);
+        assert_eq!(used, vec![(0, 1), (3, 1), (6, 1)]);
+        assert!((0..QSIZE).all(|i| qi.inflight(i) == 0));
+        assert_eq!(qi.used_idx(), 3);
+        for i in 0..3u64 {
+            assert_eq!(status(&m, DATA + i * 0x1_0000 + 0x800), Status::Ok as u8);
+        }
+        // Read back through a fresh ring of the same worker (no region).
+        d.worker.start_ring(&mut q2, &m, 0, None);
+        for i in 0..3u64 {
+            let (st, got) = read(&mut d, &m, i * 8, 4096);
+            assert_eq!(st, Status::Ok as u8);
+            assert_eq!(got, pattern(4096, i as u8));
+        }
+    }
+
+    #[test]
+    fn a_ring_larger_than_the_inflight_region_is_served_untracked() {
+        use crate::inflight::InflightRegion;
+        let (m, mut dev) = (mem(), dev());
+        let (region, _file) = InflightRegion::create(1, QSIZE / 2, 1, QSIZE).expect("region");
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let rs = dev.worker.start_ring(&mut q, &m, 0, region.queue(0));
+        assert_eq!(rs.untracked, Some("ring larger than the inflight region"));
+        vq.build_desc_chain(&[d(DATA, 16, 0), d(DATA + 0x800, 1, W)])
+            .expect("chain");
+        m.write_slice(&hdr(req_type::FLUSH, 0), GuestAddress(DATA))
+            .expect("hdr");
+        assert_eq!(run(&mut dev, &vq, &mut q, &m).len(), 1);
+        assert_eq!(region.queue(0).expect("q").version(), 0);
     }
 
     mod prop {
