@@ -23,6 +23,7 @@ use unvme_proto::pdu::{
     R2t, Role, TermReq, DGST_DATA, DGST_HDR, MAX_HEADER,
 };
 
+use crate::passthru;
 use crate::reactor::{BufPool, Params};
 use crate::subsystem::{CtrlShared, Subsystem, Subsystems};
 
@@ -850,7 +851,8 @@ impl Conn {
                     }
                     admin::cns::NS if !disc => match ctrl.subsys.namespace(sqe.nsid) {
                         Some(ns) => {
-                            Subsystems::identify_namespace(ns).encode(&mut page);
+                            let own = Subsystems::identify_namespace(ns);
+                            passthru::identify_namespace(ns, own).encode(&mut page);
                             Status::SUCCESS
                         }
                         // An inactive but valid NSID returns zeroes.
@@ -874,11 +876,7 @@ impl Conn {
                     }
                     admin::cns::NS_DESC_LIST if !disc => match ctrl.subsys.namespace(sqe.nsid) {
                         Some(ns) => {
-                            let d = [
-                                admin::NsIdDescriptor::Nguid(ns.nguid),
-                                admin::NsIdDescriptor::Uuid(ns.uuid),
-                                admin::NsIdDescriptor::Csi(0),
-                            ];
+                            let d = passthru::ns_id_descs(ns);
                             match admin::encode_ns_id_descs(&d, &mut page) {
                                 Ok(_) => Status::SUCCESS,
                                 Err(_) => Status::INTERNAL,
@@ -895,14 +893,12 @@ impl Conn {
                 let page: Vec<u8> = match g.lid {
                     admin::lid::DISCOVERY if disc => ctx.subsystems.discovery_log(&ctrl.hostnqn),
                     admin::lid::ERROR if !disc => vec![0u8; 64],
+                    // The device's log for a pass-through namespace.
                     admin::lid::SMART if !disc => {
-                        let s = admin::SmartLog {
-                            temperature: 300,
-                            avail_spare: 100,
-                            spare_thresh: 10,
-                            ..Default::default()
-                        };
-                        s.to_bytes().to_vec()
+                        match passthru::smart_log(&ctrl.subsys.namespaces, sqe.nsid) {
+                            Ok(p) => p,
+                            Err(st) => return self.complete(slot, st, 0),
+                        }
                     }
                     admin::lid::CHANGED_NS if !disc => vec![0u8; 4096],
                     admin::lid::FW_SLOT if !disc => {

@@ -22,6 +22,7 @@
 
 pub mod config;
 mod conn;
+mod passthru;
 mod reactor;
 pub mod subsystem;
 

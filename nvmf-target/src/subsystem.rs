@@ -26,10 +26,15 @@ pub struct Namespace {
     pub bdev: Arc<dyn Bdev>,
     /// Index across all subsystems; reactors keep one bdev queue per index.
     pub gidx: usize,
-    /// Namespace Globally Unique Identifier.
+    /// Namespace Globally Unique Identifier (zero: none).
     pub nguid: [u8; 16],
-    /// Namespace UUID.
+    /// Namespace UUID (zero: none).
     pub uuid: [u8; 16],
+    /// IEEE Extended Unique Identifier (zero: none).
+    pub eui64: [u8; 8],
+    /// For a backend with admin pass-through: the device's Identify
+    /// Namespace data last read, for answers while it cannot be asked.
+    pub dev_ident: Mutex<Option<IdentifyNamespace>>,
 }
 
 /// An NVM subsystem (or the discovery subsystem).
@@ -222,13 +227,32 @@ impl Subsystems {
                 let mut uuid = id;
                 uuid[6] = (uuid[6] & 0x0f) | 0x40; // RFC 4122 version 4 layout
                 uuid[8] = (uuid[8] & 0x3f) | 0x80;
-                namespaces.push(Namespace {
+                let mut ns = Namespace {
                     nsid,
                     bdev,
                     gidx,
                     nguid: id,
                     uuid,
-                });
+                    eui64: [0; 8],
+                    dev_ident: Mutex::new(None),
+                };
+                if let Some(a) = ns.bdev.nvme_admin() {
+                    // The device's identifiers, read once so they never
+                    // change under a host; the target's only if it has none.
+                    let (ident, ids) = crate::passthru::device_ids(a);
+                    if ids.any() {
+                        (ns.nguid, ns.eui64, ns.uuid) = (ids.nguid, ids.eui64, ids.uuid);
+                    }
+                    tracing::info!(
+                        nsid,
+                        subnqn = %s.nqn,
+                        device_nsid = a.nsid(),
+                        device_ids = ids.any(),
+                        "namespace {nsid}: admin pass-through to its NVMe device (Identify Namespace fields, identifiers, SMART / health log)"
+                    );
+                    ns.dev_ident = Mutex::new(ident);
+                }
+                namespaces.push(ns);
             }
             namespaces.sort_by_key(|n| n.nsid);
             list.push(Arc::new(Subsystem {
@@ -333,7 +357,9 @@ impl Subsystems {
             acl: 3,
             aerl: 3,
             frmw: 0x3,
-            lpa: 0x4, // extended data for Get Log Page; no Commands Supported and Effects log
+            // Extended data for Get Log Page; no Commands Supported and
+            // Effects log; SMART per namespace where a device gives it.
+            lpa: 0x4 | u8::from(s.namespaces.iter().any(|n| n.bdev.nvme_admin().is_some())),
             elpe: 0,
             sqes: 0x66,
             cqes: 0x44,
@@ -375,6 +401,7 @@ impl Subsystems {
             nmic: 1,
             dlfeat: if info.deallocate { 0x1 | 0x8 } else { 0 }, // deallocated blocks read as zeroes; DEAC in Write Zeroes
             nguid: ns.nguid,
+            eui64: ns.eui64,
             ..Default::default()
         };
         id.set_lba_formats(&[LbaFormat::with_lbads(lbads)]);
