@@ -24,6 +24,20 @@
 #     and reads it back; the target is stopped again;
 #  6. vfio-bind.sh --unbind gives the device back to the kernel nvme driver,
 #     which reads the same data: the user-space driver wrote the real device.
+#  Issue #6 (blocks marked "==== #6"; run between steps 5 and 6):
+#  7. controller reset: the target runs with UNVME_VFIO_INJECT_DISABLE_MS
+#     (the driver clears CC.EN on the live controller) while the kernel
+#     nvme-tcp host writes the pattern in O_DIRECT passes; the target logs
+#     the failure, the failed outstanding requests, the completed reset and
+#     the re-created queue; every pass completes (the host retried) and the
+#     pattern reads back;
+#  8. admin pass-through: `nvme id-ns` (NSZE, LBA formats, EUI-64, NGUID),
+#     the namespace identification descriptors (uuid, eui64, nguid), the
+#     namespace's sysfs uuid and wwid and
+#     `nvme smart-log` (temperature; host write commands grown past the
+#     count at boot) seen by the kernel nvme-tcp host through the target
+#     match what the guest kernel's own nvme driver reported for the device
+#     at boot (step 1, before it was bound to vfio-pci).
 set -eu
 # shellcheck source=SCRIPTDIR/../guest/lib.sh
 . /share/lib.sh
@@ -71,6 +85,36 @@ wait_for /sys/bus/pci/devices/"$ADDR"/driver 10 || fail "$ADDR has no driver at 
 expect_fail "device bound to nvme" "bound to the nvme driver, not vfio-pci" \
     "$U" identify --vfio "$ADDR"
 
+# ==== #6 admin pass-through, part 1 ========================================
+# What the guest kernel's own nvme driver reports for the device, for step 8.
+kernel_ns_dev() {  # the namespace block device of $ADDR under the nvme driver
+    for b in /sys/bus/pci/devices/"$ADDR"/nvme/nvme*/nvme*n1 /sys/class/nvme-subsystem/*/nvme*n1; do
+        [ -e "$b" ] || continue
+        [ "$(tr -d ' ' < "$(dirname "$b")/serial")" = "$SERIAL" ] || continue
+        [ -b "/dev/$(basename "$b")" ] && { echo "/dev/$(basename "$b")"; return 0; }
+    done
+    return 1
+}
+i=0
+until LDEV=$(kernel_ns_dev); do
+    i=$((i + 1))
+    [ "$i" -ge 100 ] && fail "no kernel block device for $ADDR at boot"
+    sleep 0.1
+done
+run nvme id-ns "$LDEV" > /tmp/local-idns.txt
+run nvme smart-log "$LDEV" > /tmp/local-smart.txt
+# The namespace identification descriptors (CNS 3) as the device gives
+# them. (The kernel driver itself ignores them for QEMU's controller, quirk
+# BOGUS_NID, so sysfs has no uuid/eui/nguid here to compare with.)
+run nvme ns-descs "$LDEV" > /tmp/local-descs.txt
+grep -Eq '^uuid *:' /tmp/local-descs.txt || {
+    cat /tmp/local-descs.txt
+    fail "the emulated namespace has no UUID descriptor (qemu-scripts/tests/vfio-nvme.sh gives it eui64/nguid/uuid)"
+}
+LUUID=$(sed -n 's/^uuid *: *//p' /tmp/local-descs.txt)
+log "kernel nvme driver's view of $LDEV recorded: uuid $LUUID, $(grep '^temperature' /tmp/local-smart.txt)"
+# ==== end #6 part 1 ========================================================
+
 # ---- 2. bind, identify --------------------------------------------------
 run bind "$ADDR"
 GROUP=$(basename "$(readlink /sys/bus/pci/devices/"$ADDR"/iommu_group)")
@@ -97,6 +141,8 @@ TARGET_ARGS=${VFIO_TARGET_ARGS:-}
 TPID=
 POOL=   # UNVME_VFIO_DMA_POOL for the next target_start (empty: the default)
 target_start() {
+    # Emptied first: the last run's "listening" must not pass for this one's.
+    : > /tmp/target.log
     # shellcheck disable=SC2086 # TARGET_ARGS is a list of options
     env ${POOL:+UNVME_VFIO_DMA_POOL=$POOL} \
         "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 --reactors 1 $TARGET_ARGS \
@@ -231,6 +277,79 @@ if [ "$ZC" -eq 0 ] || [ "$CP" -eq 0 ]; then
 fi
 log "unvme perf --verify 128 KiB passes with the pool running dry (both data paths)"
 TPID=
+
+# ==== #6 controller reset and admin pass-through (steps 7 and 8) ===========
+# 7. The driver clears CC.EN on the live controller INJECT_MS after it opens
+# it; the kernel host keeps writing the pattern (4 KiB O_DIRECT writes, one
+# at a time, so a command is with the device whenever it goes) until the
+# target has logged a completed reset. Every pass must succeed.
+INJECT_MS=${VFIO_INJECT_MS:-1500}
+POOL=
+export UNVME_VFIO_INJECT_DISABLE_MS="$INJECT_MS"
+target_start
+unset UNVME_VFIO_INJECT_DISABLE_MS
+connect
+pass=0
+while ! grep -q "reset complete" /tmp/target.log; do
+    pass=$((pass + 1))
+    [ "$pass" -gt 20 ] && { cat /tmp/target.log; fail "no controller reset after 20 write passes"; }
+    run dd if=/tmp/pattern of="$DEV" bs=4096 count=4096 oflag=direct
+done
+run dd if=/tmp/pattern of="$DEV" bs=128k count=128 oflag=direct
+run dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct
+cmp /tmp/pattern /tmp/readback || fail "pattern read-back differs after the controller reset"
+grep "vfio" /tmp/target.log | grep -E "fault injection|controller failed|reset|outstanding|re-created" || true
+grep -q "fault injection armed" /tmp/target.log || fail "the fault injection was not armed"
+grep -q "controller failed (CSTS.RDY dropped)" /tmp/target.log \
+    || fail "the target did not log the controller failure"
+grep -q "resetting (attempt 1/3)" /tmp/target.log || fail "the target did not log the reset attempt"
+grep -Eq "failing [1-9][0-9]* outstanding requests" /tmp/target.log \
+    || fail "no outstanding request was failed: the fault did not hit mid-I/O"
+grep -q "SQ/CQ pair re-created" /tmp/target.log || fail "the I/O queue was not re-created"
+if grep -q "giving up" /tmp/target.log; then fail "the target gave up on the controller"; fi
+log "controller reset: failure (CSTS.RDY dropped) mid-I/O, reset, queue re-created; $pass write passes completed and the pattern verifies"
+
+# 8. Admin pass-through: the kernel nvme-tcp host sees the device's
+# Identify Namespace fields, identifiers and SMART / health log.
+run nvme id-ns "$DEV" > /tmp/fab-idns.txt
+cat /tmp/fab-idns.txt
+for fld in nsze nlbaf eui64 nguid; do
+    want=$(grep "^$fld *:" /tmp/local-idns.txt) || fail "id-ns at boot lacks $fld"
+    got=$(grep "^$fld *:" /tmp/fab-idns.txt) || fail "id-ns through the target lacks $fld"
+    [ "$want" = "$got" ] || fail "id-ns $fld: kernel driver '$want', through the target '$got'"
+done
+grep '^lbaf' /tmp/local-idns.txt > /tmp/local-lbaf
+grep '^lbaf' /tmp/fab-idns.txt > /tmp/fab-lbaf
+cmp /tmp/local-lbaf /tmp/fab-lbaf || fail "LBA formats differ from the kernel driver's"
+run nvme ns-descs "$DEV" > /tmp/fab-descs.txt
+for fld in uuid eui64 nguid; do
+    want=$(grep "^$fld *:" /tmp/local-descs.txt) || continue
+    got=$(grep "^$fld *:" /tmp/fab-descs.txt) || fail "ns-descs through the target lack $fld"
+    [ "$want" = "$got" ] || fail "ns-descs $fld: device '$want', through the target '$got'"
+done
+sysuuid=$(cat "/sys/block/$(basename "$DEV")/uuid") || fail "no sysfs uuid through the target"
+[ "$sysuuid" = "$LUUID" ] || fail "sysfs uuid through the target $sysuuid, device $LUUID"
+wwid=$(cat "/sys/block/$(basename "$DEV")/wwid")
+[ "$wwid" = "uuid.$LUUID" ] || fail "wwid through the target '$wwid', want uuid.$LUUID"
+ids=" uuid=$LUUID wwid=$wwid"
+run nvme smart-log "$DEV" > /tmp/fab-smart.txt
+cat /tmp/fab-smart.txt
+want=$(grep '^temperature' /tmp/local-smart.txt)
+got=$(grep '^temperature' /tmp/fab-smart.txt) || fail "no temperature through the target"
+[ "$want" = "$got" ] || fail "SMART temperature: kernel driver '$want', through the target '$got'"
+writes() { sed -n 's/^host_write_commands[^:]*: *//p' "$1" | tr -dc '0-9'; }
+w0=$(writes /tmp/local-smart.txt)
+w1=$(writes /tmp/fab-smart.txt)
+if [ -z "$w1" ] || [ "$w1" -le "${w0:-0}" ]; then
+    fail "SMART host write commands through the target ($w1) not past the count at boot ($w0)"
+fi
+run nvme smart-log "$DEV" --namespace-id=1 > /tmp/fab-smart-ns.txt
+grep -q "^temperature" /tmp/fab-smart-ns.txt || fail "no per-namespace SMART log through the target"
+log "admin pass-through: id-ns (nsze, nlbaf, LBA formats, eui64, nguid),$ids and SMART ($got, host writes $w0 -> $w1) match the device"
+disconnect
+target_stop
+TPID=
+# ==== end #6 ===============================================================
 
 # ---- 6. back to the kernel driver ------------------------------------------
 run bind --unbind "$ADDR"

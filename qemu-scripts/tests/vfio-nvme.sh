@@ -26,6 +26,12 @@ work=$(mktemp -d /tmp/unvme-vfio-nvme.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 truncate -s 256M "$work/nvme.img"
 
+# ==== #6: the namespace carries identifiers (EUI-64, NGUID, UUID), as a real
+# SSD's does, so the admin pass-through step can compare what the NVMe/TCP
+# host sees through the target with what the kernel nvme driver saw.
+NS_IDS="eui64=0x5254000000000a01,nguid=0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9,uuid=6e76d2a1-3c4b-4d5e-8f60-718293a4b5c6"
+# ==== end #6
+
 rc=0
 timeout -k 10 $((GUEST_TIMEOUT + 120)) "$QS/run-guest.sh" --timeout "$GUEST_TIMEOUT" \
     --machine q35,kernel-irqchip=split --append intel_iommu=on --with-fio \
@@ -34,7 +40,8 @@ timeout -k 10 $((GUEST_TIMEOUT + 120)) "$QS/run-guest.sh" --timeout "$GUEST_TIME
     "$QS/scenarios/vfio-nvme.sh" -- \
     -device intel-iommu,intremap=on,caching-mode=on \
     -drive "file=$work/nvme.img,if=none,id=nvm,format=raw" \
-    -device nvme,serial=deadbeef,drive=nvm || rc=$?
+    -device nvme,id=nvme0,serial=deadbeef \
+    -device "nvme-ns,drive=nvm,bus=nvme0,nsid=1,$NS_IDS" || rc=$?
 if [[ $rc == 0 ]]; then
     log "PASS"
 else
