@@ -55,6 +55,11 @@ pub struct VhostArgs {
     /// device name; truncated to 20 bytes).
     #[arg(long)]
     serial: Option<String>,
+    /// Copy request data between guest memory and a buffer instead of
+    /// handing the guest's pages to the device queue (zero copy, the
+    /// default, applies to requests whose data is contiguous in host memory).
+    #[arg(long)]
+    no_zero_copy: bool,
 }
 
 /// The device and the GET_ID serial it suggests (a remote namespace: its
@@ -97,6 +102,7 @@ pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
             poll: a.poll,
             spin: Duration::from_micros(a.spin_us),
             serial: a.serial.clone().or(serial),
+            zero_copy: !a.no_zero_copy,
         },
     };
     let server = Server::start(cfg)?;

@@ -7,6 +7,8 @@
 #              NVMe/TCP, one virtqueue (one queue pair)
 #   bridge-mq  the same with two virtqueues (two queue pairs), 2 guest vCPUs,
 #              and fio randwrite + verify from 2 jobs (--with-fio guest)
+#              (ram, bridge, bridge-mq: the device's log must show requests
+#              whose data went zero-copy, guest pages <-> RAM disk or socket)
 #   chain-file the whole chain onto a file: guest virtio_blk -> unvme
 #              vhost-blk -> NVMe/TCP -> `unvme target --file`; after the
 #              scenario the guest writes a host-made 64 MiB pattern at
@@ -22,6 +24,14 @@
 #              restarts it (scenario vhost-blk-reconnect.sh, host half
 #              vhost-reconnect-host.sh); QEMU reconnects, the writes
 #              (dd, fio QD16 + verify) complete, data intact
+#   inflight   `unvme vhost-blk` bridged to `unvme target --ram`, behind a
+#              chardev with reconnect-ms: the host SIGSTOPs the target while
+#              4 guest writers run, SIGKILLs vhost-blk with their requests
+#              in flight, restarts it and SIGCONTs the target (scenario
+#              vhost-blk-inflight.sh, host half vhost-inflight-host.sh); the
+#              new device must log that it resubmitted >0 in-flight
+#              requests from QEMU's inflight region (INFLIGHT_SHMFD), the
+#              writes complete, the pattern reads back intact
 # Select some with UNVME_VB_CASES="ram bridge" (default: all).
 #
 # Needs target/release/unvme and the guest harness
@@ -33,7 +43,7 @@ QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(cd "$QS/.." && pwd)
 UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
 GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
-CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file target-restart reconnect}
+CASES=${UNVME_VB_CASES:-ram bridge bridge-mq chain-file target-restart reconnect inflight}
 SIZE=$((256 << 20))
 SERIAL=unvme-vb-test
 
@@ -80,13 +90,35 @@ start() {
     return 1
 }
 
+# The restarted device resubmitted requests from the inflight region.
+check_resubmitted() {
+    grep -E 'queue [0-9]+: resubmitting [1-9][0-9]* in-flight requests' "$work/vb.log" >&2
+}
+
 # The guest's final pattern sits at 32 MiB of the target's file.
 check_file() {
     cmp <(dd if="$work/disk.img" bs=1M skip=32 count=64 2>/dev/null) "$work/pattern" \
         && log "the file holds the pattern the guest flushed"
 }
 
+# The device moved data in guest memory (zero copy): its queues log
+# "vhost-blk queue N: Z requests zero-copy, C copied" when the frontend
+# disconnects. Single-segment requests (4 KiB I/O, most metadata) must have
+# gone without a copy.
+check_zero_copy() {
+    local line=
+    for _ in $(seq 100); do
+        line=$(grep -Eo 'vhost-blk queue [0-9]+: [0-9]+ requests zero-copy, [0-9]+ copied'             "$work/vb.log" | head -n 1) && break
+        sleep 0.1
+    done
+    [[ -n $line ]] || { log "vhost-blk logged no data path counts"; return 1; }
+    grep -Eo 'vhost-blk queue [0-9]+: [0-9]+ requests zero-copy, [0-9]+ copied' "$work/vb.log" >&2
+    grep -Eq 'vhost-blk queue [0-9]+: [1-9][0-9]* requests zero-copy' "$work/vb.log" \
+        || { log "no request went zero-copy"; return 1; }
+}
+
 post_check=
+zc_check=
 failed=()
 scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
     local name=$1 queues=$2 sock=$3 rc=0
@@ -99,6 +131,10 @@ scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
         --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock${chardev_opts:-}" \
         --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vb0,num-queues=$queues" \
         "$@" "$QS/scenarios/${scen:-vhost-blk.sh}" || rc=$?
+    if [[ -n ${zc_check:-} && $rc -eq 0 ]]; then
+        check_zero_copy || { log "$name: zero-copy check failed"; rc=1; }
+    fi
+    zc_check=
     if grep -q panicked "$work"/*.log; then log "a server panicked"; rc=1; fi
     for p in "${pids[@]}"; do
         kill -0 "$p" 2>/dev/null || { log "a server exited early"; rc=1; }
@@ -127,6 +163,7 @@ for c in $CASES; do
     case $c in
         ram)
             start vb "listening" "$UNVME" vhost-blk --ram 256M --socket "$sock" --serial "$SERIAL"
+            zc_check=1
             scenario ram 1 "$sock"
             ;;
         bridge | bridge-mq)
@@ -137,6 +174,7 @@ for c in $CASES; do
                 --listen "127.0.0.1:$tport" --reactors 1
             start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock" \
                 --num-queues "$q" --serial "$SERIAL"
+            zc_check=1
             if [[ $c == bridge-mq ]]; then
                 scenario "$c" "$q" "$sock" --with-fio
             else
@@ -175,6 +213,22 @@ for c in $CASES; do
             scen=vhost-blk-reconnect.sh chardev_opts=,reconnect-ms=200
             scenario "$c" 1 "$sock" --with-fio --host-timeout 300 \
                 --host-cmd "'$QS/tests/vhost-reconnect-host.sh' '$UNVME' '$sock' '$work/reconnect.img' '$work/target.pid' '$work/vb.log'"
+            ;;
+        inflight)
+            tport=$(free_port)
+            start target "listening.*:$tport" "$UNVME" target --ram 256M \
+                --listen "127.0.0.1:$tport" --reactors 1
+            echo "${pids[-1]}" > "$work/tgt.pid"
+            start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock"
+            # vhost-blk is the host command's to kill and restart; the
+            # target stays ours (the host command stops and continues it).
+            echo "${pids[-1]}" > "$work/target.pid"
+            unset 'pids[1]'
+            pids=("${pids[@]}")
+            scen=vhost-blk-inflight.sh chardev_opts=,reconnect-ms=200
+            post_check=check_resubmitted
+            scenario "$c" 1 "$sock" --host-timeout 300 \
+                --host-cmd "'$QS/tests/vhost-inflight-host.sh' '$UNVME' '$sock' $tport '$work/tgt.pid' '$work/target.pid' '$work/vb.log'"
             ;;
         *) log "unknown case $c"; failed+=("$c") ;;
     esac

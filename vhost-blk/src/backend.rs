@@ -33,7 +33,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::inflight::QueueInflight;
 use crate::request::{Limits, MAX_DISCARD_SEG};
 use crate::spec::{features as f, BlkConfig, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
-use crate::worker::{RingStart, Worker};
+use crate::worker::{GuestLender, RingStart, Worker};
 use crate::{Error, Result};
 
 /// Guest memory, replaced as a whole on every memory table update.
@@ -64,6 +64,9 @@ pub struct DeviceOptions {
     pub spin: Duration,
     /// GET_ID serial (truncated to 20 bytes); default: the device name.
     pub serial: Option<String>,
+    /// Hand guest memory to the device queue as request data buffers when
+    /// a request's segments allow (see [`crate::worker`]); off: copy all.
+    pub zero_copy: bool,
 }
 
 impl Default for DeviceOptions {
@@ -75,6 +78,7 @@ impl Default for DeviceOptions {
             poll: false,
             spin: Duration::from_micros(100),
             serial: None,
+            zero_copy: true,
         }
     }
 }
@@ -210,14 +214,12 @@ impl BlkBackend {
         let writeback = Arc::new(AtomicBool::new(geo.config.writeback != 0));
         let limits = Arc::new(geo.limits.clone());
         let workers = (0..opts.num_queues)
-            .map(|_| {
+            .map(|i| {
                 let q = bdev.open_queue().map_err(Error::Bdev)?;
-                Ok(Mutex::new(Worker::new(
-                    q,
-                    limits.clone(),
-                    writeback.clone(),
-                    opts.max_queue_size,
-                )))
+                Ok(Mutex::new(
+                    Worker::new(q, limits.clone(), writeback.clone(), opts.max_queue_size)
+                        .with_index(usize::from(i)),
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(BlkBackend {
@@ -345,6 +347,14 @@ impl BlkBackend {
         self.run_queue(qidx, vring)
     }
 
+    /// Gives the worker the current memory table to lend data buffers
+    /// from, unless it has generation `gen`'s already (or zero copy is off).
+    fn lend(&self, w: &mut Worker, gen: u64) {
+        if self.opts.zero_copy && w.lender_generation() != Some(gen) {
+            w.set_lender(gen, Some(GuestLender::new(self.mem.memory().into_inner())));
+        }
+    }
+
     /// Serves one virtqueue until it is idle (or stopped, then drained).
     pub fn run_queue(&self, qidx: usize, vring: &VringRwLock<GuestMem>) -> io::Result<()> {
         let Some(mut w) = self.worker(qidx)? else {
@@ -352,6 +362,7 @@ impl BlkBackend {
         };
         let mut gen = self.mem_gen.load(Ordering::Acquire);
         let mut mem = self.mem.memory();
+        self.lend(&mut w, gen);
         let mut idle_since: Option<Instant> = None;
         {
             let mut st = vring.get_mut();
@@ -363,6 +374,7 @@ impl BlkBackend {
             if g != gen {
                 gen = g;
                 mem = self.mem.memory();
+                self.lend(&mut w, gen);
             }
             let mut st = vring.get_mut();
             let ready = st.get_queue().ready();

@@ -1,29 +1,41 @@
 //! unvme's vhost-user-blk device: exports any unvme [`Bdev`] to a QEMU guest
 //! as a virtio-blk disk over a vhost-user Unix socket.
 //!
-//! Built on the rust-vmm crates: `vhost` (the vhost-user protocol),
-//! `vhost-user-backend` (the daemon and per-queue epoll threads),
+//! Built on the rust-vmm crates: `vhost` (the vhost-user protocol and its
+//! message loop), `vhost-user-backend` (the ring state, `VringRwLock`),
 //! `virtio-queue` (split virtqueues) and `vm-memory` (guest memory). Each
 //! virtqueue is served by one thread that owns one device queue — for a
 //! remote NVMe/TCP namespace, one queue pair — with many requests in flight.
 //!
 //! Layers: [`spec`] has the virtio-blk wire formats; [`request`] turns a
 //! descriptor chain into a block request (or a status for bad input);
-//! [`worker`] runs one virtqueue against one `BdevQueue`; [`backend`] is the
-//! `VhostUserBackend`; [`server`] listens on the socket and serves one
+//! [`worker`] runs one virtqueue against one `BdevQueue`; [`backend`] holds
+//! the device (features, configuration space, memory, workers) and runs a
+//! queue; [`handler`] answers the vhost-user messages and owns the queue
+//! threads; [`inflight`] is the shared in-flight region and [`chain`] walks
+//! a chain from its head; [`server`] listens on the socket and serves one
 //! frontend connection after another.
 //!
 //! A restarted device serves a reconnecting QEMU (`-chardev
-//! socket,reconnect-ms=…`): each connection gets fresh queues, and QEMU
-//! restarts the rings from their used index, so requests that were in
-//! flight when the old process died are fetched again.
+//! socket,reconnect-ms=…`) without losing or repeating requests:
+//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` is offered, the device records
+//! in the region QEMU keeps (GET/SET_INFLIGHT_FD) every chain it takes and
+//! returns, and the next process resubmits what the dead one had taken and
+//! not returned, oldest first, before taking new chains; so neither the
+//! requests still in flight nor those that had completed out of order
+//! around them are lost or executed twice. It logs `queue N: resubmitting K
+//! in-flight requests`.
 //!
-//! Not here: `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` (vhost-user-backend 0.24
-//! refuses GET/SET_INFLIGHT_FD and keeps its request handler private, so it
-//! needs a handler of our own); without it a request that had completed out
-//! of order before a crash may be executed a second time. And zero-copy data
-//! movement: data is copied between guest memory and a per-request buffer
-//! (see [`worker`]).
+//! Data is not copied when a request's data segments are one run of host
+//! memory (a single segment, or adjacent ones): the device queue gets the
+//! guest's pages themselves as the request's buffer, so a remote namespace
+//! sends and receives them on the NVMe/TCP socket directly (see
+//! [`worker`]). Scattered segments are copied through a buffer, since a
+//! device queue takes one contiguous buffer per request.
+//!
+//! Not here: packed virtqueues (not offered, so only the split-ring inflight
+//! layout), CONFIGURE_MEM_SLOTS, dirty-page logging (LOG_ALL is not offered,
+//! so no live migration of the guest while attached).
 //!
 //! [`Bdev`]: unvme_bdev::Bdev
 
@@ -49,7 +61,7 @@ pub enum Error {
     /// The block device failed (opening a queue).
     #[error("block device: {0}")]
     Bdev(#[source] unvme_bdev::Error),
-    /// The vhost-user daemon failed (socket, protocol, threads).
+    /// The vhost-user connection failed (socket, protocol, threads).
     #[error("vhost-user: {0}")]
     VhostUser(String),
     /// An operating-system error.

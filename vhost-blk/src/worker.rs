@@ -16,34 +16,104 @@
 //! It knows nothing about vhost-user: it works on a `virtio_queue::Queue` and
 //! any `GuestMemory`, so unit tests drive it with virtio-queue's mock queue.
 //!
-//! Data currently moves by copy between guest memory and a per-request
-//! [`IoBuf`] taken from a small per-queue pool (gather before a write,
-//! scatter after a read). Zero copy (handing guest memory straight to the
-//! backend's readv/writev) needs a bdev interface for borrowed buffers and is
-//! left for later.
+//! Data moves without a copy when it can: given the guest memory as a
+//! [`GuestLender`] ([`Worker::set_lender`]), a request whose data segments
+//! are one run of host memory (a single segment, or segments that follow
+//! each other in the mapping) gets an [`IoBuf`] that *is* that guest memory
+//! ([`IoBuf::from_owner`]); the device queue reads the write data from it
+//! and writes the read data into it — for a remote namespace, straight
+//! between the guest's pages and the NVMe/TCP socket (writev/readv). The
+//! buffer keeps the memory table it came from mapped until the request
+//! finishes, even if the frontend replaces the table meanwhile. Other
+//! requests (scattered segments, no lender) are copied through a
+//! per-request buffer from a small per-queue pool (gather before a write,
+//! scatter after a read). [`Worker::data_path`] counts both; the count is
+//! logged when the worker goes.
 
 use std::collections::VecDeque;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use unvme_bdev::{BdevQueue, IoBuf, IoCompletion, IoOp, IoRequest, SubmitError};
+use unvme_bdev::{BdevQueue, BufOwner, IoBuf, IoCompletion, IoOp, IoRequest, SubmitError};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::chain::SplitChain;
 use crate::inflight::{QueueInflight, Recovery};
-use crate::request::{gather, scatter, write_status, ChainInfo, Limits, Parsed, Parser};
+use crate::request::{gather, scatter, write_status, ChainInfo, Limits, Parsed, Parser, Seg};
 use crate::spec::Status;
 
 /// Most idle buffers a worker keeps for reuse.
 const BUF_POOL: usize = 128;
+
+/// One guest memory table, lent to device queues as request data buffers.
+/// Every buffer made from it holds it (an `Arc`), so the table's mappings
+/// outlive the buffer even when the frontend installs a new table.
+pub struct GuestLender {
+    mem: Arc<GuestMemoryMmap<()>>,
+}
+
+impl GuestLender {
+    /// Lends `mem`.
+    pub fn new(mem: Arc<GuestMemoryMmap<()>>) -> Arc<Self> {
+        Arc::new(GuestLender { mem })
+    }
+
+    /// The memory at `segs` as one buffer, if the segments are one run of
+    /// host memory inside one region of this table.
+    fn lend(self: &Arc<Self>, segs: &[Seg], len: u32) -> Option<IoBuf> {
+        let host = |s: &Seg| {
+            self.mem
+                .get_slice(s.addr, s.len as usize)
+                .ok()
+                .map(|v| v.ptr_guard_mut().as_ptr())
+        };
+        let first = segs.first()?;
+        let start = host(first)?;
+        let mut end = start.wrapping_add(first.len as usize);
+        for s in &segs[1..] {
+            let p = host(s)?;
+            if p != end {
+                return None;
+            }
+            end = p.wrapping_add(s.len as usize);
+        }
+        let ptr = NonNull::new(start)?;
+        let owner: Arc<dyn BufOwner> = self.clone();
+        // SAFETY: `get_slice` checked that every segment lies inside one
+        // mapped region of `self.mem`, and the loop that the segments follow
+        // each other in host memory, so `ptr..ptr+len` (len is the sum of the
+        // segment lengths) is mapped, readable and writable memory of this
+        // table; the buffer holds `owner`, an `Arc` of this table, so the
+        // mappings stay until it is dropped (regions unmap only when the
+        // table's last `Arc` goes). The bytes are plain data shared with the
+        // guest: the guest owns them to the device until the chain is
+        // returned, and whatever it writes meanwhile can only change their
+        // values — the contract `from_owner` allows for such a peer.
+        Some(unsafe { IoBuf::from_owner(ptr, len as usize, owner) })
+    }
+}
+
+impl BufOwner for GuestLender {}
+
+/// How request data moved so far (see [`Worker::data_path`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DataPath {
+    /// Requests whose data the device queue used in guest memory.
+    pub zero_copy: u64,
+    /// Requests whose data was copied through a buffer.
+    pub copied: u64,
+}
 
 /// One in-flight request, indexed by its chain's head descriptor.
 #[derive(Debug, Default)]
 struct Slot {
     busy: bool,
     read: bool,
+    /// The request's buffer is guest memory: nothing to scatter.
+    lent: bool,
     chain: ChainInfo,
 }
 
@@ -68,6 +138,11 @@ pub struct Worker {
     /// Heads an earlier device instance left in flight, to be resubmitted
     /// before anything new is taken.
     resubmit: VecDeque<u16>,
+    /// The guest memory data buffers are lent from, and its generation.
+    lender: Option<(u64, Arc<GuestLender>)>,
+    data_path: DataPath,
+    /// Index of the virtqueue, for the log.
+    index: usize,
 }
 
 /// What [`Worker::start_ring`] did with the inflight region.
@@ -106,7 +181,32 @@ impl Worker {
             inflight: None,
             counter: 0,
             resubmit: VecDeque::with_capacity(usize::from(max_queue_size)),
+            lender: None,
+            data_path: DataPath::default(),
+            index: 0,
         }
+    }
+
+    /// Names the worker's virtqueue in its log.
+    pub fn with_index(mut self, index: usize) -> Self {
+        self.index = index;
+        self
+    }
+
+    /// The memory table generation whose lender the worker holds, if any.
+    pub fn lender_generation(&self) -> Option<u64> {
+        self.lender.as_ref().map(|(g, _)| *g)
+    }
+
+    /// Lends data buffers from `lender` (generation `gen` of the memory
+    /// table) from now on; `None` copies all data.
+    pub fn set_lender(&mut self, gen: u64, lender: Option<Arc<GuestLender>>) {
+        self.lender = lender.map(|l| (gen, l));
+    }
+
+    /// How request data moved so far.
+    pub fn data_path(&self) -> DataPath {
+        self.data_path
     }
 
     /// The ring is starting (kick set, addresses and base known): attach
@@ -256,25 +356,37 @@ impl Worker {
 
     fn start<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M, head: u16, op: IoOp) {
         let idx = usize::from(head);
-        let (read, buf) = match op {
+        let (read, lent, buf) = match op {
             IoOp::Read { .. } | IoOp::Write { .. } => {
-                let len = self.slots[idx].chain.data_len as usize;
-                let mut buf = take_buf(&mut self.bufs, len);
                 let read = matches!(op, IoOp::Read { .. });
-                if !read && gather(mem, &self.slots[idx].chain.segs, &mut buf).is_err() {
-                    put_buf(&mut self.bufs, buf);
-                    let status_addr = self.slots[idx].chain.status_addr;
-                    write_status(mem, status_addr, Status::IoErr);
-                    self.add_used(q, mem, head, 1);
-                    return;
+                let chain = &self.slots[idx].chain;
+                if let Some(buf) = self
+                    .lender
+                    .as_ref()
+                    .and_then(|(_, l)| l.lend(&chain.segs, chain.data_len))
+                {
+                    self.data_path.zero_copy += 1;
+                    (read, true, Some(buf))
+                } else {
+                    let len = chain.data_len as usize;
+                    let mut buf = take_buf(&mut self.bufs, len);
+                    if !read && gather(mem, &chain.segs, &mut buf).is_err() {
+                        put_buf(&mut self.bufs, buf);
+                        let status_addr = chain.status_addr;
+                        write_status(mem, status_addr, Status::IoErr);
+                        self.add_used(q, mem, head, 1);
+                        return;
+                    }
+                    self.data_path.copied += 1;
+                    (read, false, Some(buf))
                 }
-                (read, Some(buf))
             }
-            _ => (false, None),
+            _ => (false, false, None),
         };
         let slot = &mut self.slots[idx];
         slot.busy = true;
         slot.read = read;
+        slot.lent = lent;
         let req = IoRequest {
             tag: u64::from(head),
             op,
@@ -334,6 +446,8 @@ impl Worker {
         let mut used_len = 1;
         if slot.read && status == Status::Ok {
             match &c.buf {
+                // The device queue wrote the data into guest memory.
+                Some(_) if slot.lent => used_len += slot.chain.data_len,
                 Some(b) if scatter(mem, &slot.chain.segs, b).is_ok() => {
                     used_len += slot.chain.data_len;
                 }
@@ -344,7 +458,9 @@ impl Worker {
         // `c.tag` came from a u16 head in `start`.
         let head = u16::try_from(c.tag).unwrap_or(u16::MAX);
         if let Some(b) = c.buf {
-            put_buf(&mut self.bufs, b);
+            if b.owner().is_none() {
+                put_buf(&mut self.bufs, b);
+            }
         }
         self.add_used(q, mem, head, used_len);
     }
@@ -363,6 +479,20 @@ impl Worker {
                 }
             }
             Err(e) => tracing::debug!(head, error = %e, "cannot add to the used ring"),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let d = self.data_path;
+        if d.zero_copy + d.copied > 0 {
+            tracing::info!(
+                "vhost-blk queue {}: {} requests zero-copy, {} copied",
+                self.index,
+                d.zero_copy,
+                d.copied
+            );
         }
     }
 }
@@ -553,6 +683,124 @@ mod tests {
         m.read_slice(&mut buf, GuestAddress(DATA + 0x10_0000))
             .expect("data");
         (st, buf)
+    }
+
+    /// Reads `len` bytes at `sector` into the segments `segs` (guest
+    /// address, length); returns the status and the bytes each got.
+    fn read_segs(
+        dev: &mut Dev,
+        m: &GuestMemoryMmap<()>,
+        sector: u64,
+        segs: &[(u64, u32)],
+    ) -> (u8, Vec<u8>) {
+        m.write_slice(&hdr(req_type::IN, sector), GuestAddress(DATA))
+            .expect("hdr");
+        m.write_obj(0xffu8, GuestAddress(DATA + 0x800))
+            .expect("status");
+        let mut descs = vec![d(DATA, 16, 0)];
+        descs.extend(segs.iter().map(|&(a, l)| d(a, l, W)));
+        descs.push(d(DATA + 0x800, 1, W));
+        one(dev, m, &descs);
+        let mut out = Vec::new();
+        for &(a, l) in segs {
+            let mut b = vec![0u8; l as usize];
+            m.read_slice(&mut b, GuestAddress(a)).expect("data");
+            out.extend(b);
+        }
+        (status(m, DATA + 0x800), out)
+    }
+
+    #[test]
+    fn lent_guest_memory_carries_the_data_without_a_copy() {
+        let m = Arc::new(mem());
+        let mut dev = dev();
+        dev.worker.set_lender(7, Some(GuestLender::new(m.clone())));
+        assert_eq!(dev.worker.lender_generation(), Some(7));
+        let data = pattern(8192, 5);
+        assert_eq!(write(&mut dev, &m, 40, &data), Status::Ok as u8);
+        let (st, got) = read(&mut dev, &m, 40, 8192);
+        assert_eq!((st, got == data), (Status::Ok as u8, true));
+        // Two segments that follow each other in guest (and so host)
+        // memory are one buffer too.
+        let (st, got) = read_segs(&mut dev, &m, 40, &[(0x40_0000, 4096), (0x40_1000, 4096)]);
+        assert_eq!((st, got == data), (Status::Ok as u8, true));
+        assert_eq!(
+            dev.worker.data_path(),
+            DataPath {
+                zero_copy: 3,
+                copied: 0
+            }
+        );
+        // Scattered segments are copied, and come out the same.
+        let (st, got) = read_segs(&mut dev, &m, 40, &[(0x50_0000, 4096), (0x40_0000, 4096)]);
+        assert_eq!((st, got == data), (Status::Ok as u8, true));
+        assert_eq!(dev.worker.data_path().copied, 1);
+        // Without a lender everything is copied.
+        dev.worker.set_lender(8, None);
+        assert_eq!(write(&mut dev, &m, 48, &data), Status::Ok as u8);
+        assert_eq!(
+            dev.worker.data_path(),
+            DataPath {
+                zero_copy: 3,
+                copied: 2
+            }
+        );
+        let (st, got) = read(&mut dev, &m, 48, 8192);
+        assert_eq!((st, got == data), (Status::Ok as u8, true));
+    }
+
+    #[test]
+    fn a_segment_across_two_memory_regions_is_copied_correctly() {
+        // Two regions, adjacent in guest space but separate mappings: a
+        // segment across the boundary cannot be one host buffer.
+        let half = MEM_SIZE / 2;
+        let m = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[
+                (GuestAddress(0), half),
+                (GuestAddress(half as u64), half),
+            ])
+            .expect("guest memory"),
+        );
+        let mut dev = dev();
+        dev.worker.set_lender(1, Some(GuestLender::new(m.clone())));
+        let data = pattern(8192, 9);
+        assert_eq!(write(&mut dev, &m, 8, &data), Status::Ok as u8);
+        let across = half as u64 - 4096;
+        let (st, got) = read_segs(&mut dev, &m, 8, &[(across, 8192)]);
+        assert_eq!((st, got == data), (Status::Ok as u8, true));
+        assert_eq!(
+            dev.worker.data_path(),
+            DataPath {
+                zero_copy: 1,
+                copied: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_lent_buffer_outlives_a_replaced_memory_table() {
+        // The buffer holds its table: dropping every other reference (the
+        // frontend installed a new table) leaves its memory usable.
+        let m = Arc::new(mem());
+        m.write_slice(&[0xabu8; 4096], GuestAddress(0x20_0000))
+            .expect("fill");
+        let lender = GuestLender::new(m.clone());
+        let buf = lender
+            .lend(
+                &[Seg {
+                    addr: GuestAddress(0x20_0000),
+                    len: 4096,
+                }],
+                4096,
+            )
+            .expect("one segment is lent");
+        drop(lender);
+        let weak = Arc::downgrade(&m);
+        drop(m);
+        assert!(weak.upgrade().is_some(), "the buffer keeps the table");
+        assert!(buf.iter().all(|&b| b == 0xab));
+        drop(buf);
+        assert!(weak.upgrade().is_none(), "the table goes with the buffer");
     }
 
     #[test]
@@ -1262,9 +1510,14 @@ mod tests {
                 type_ in prop_oneof![Just(0u32), Just(1), Just(4), Just(8), Just(11), Just(13), any::<u32>()],
                 sector in prop_oneof![0u64..16384, any::<u64>()],
                 seg in any::<[u8; 16]>(),
+                lend in any::<bool>(),
             ) {
-                let m = mem();
+                let ma = Arc::new(mem());
+                let m = &*ma;
                 let mut dev = dev();
+                if lend {
+                    dev.worker.set_lender(0, Some(GuestLender::new(ma.clone())));
+                }
                 // Whatever lies at the addresses: a header, then segments.
                 for d in &descs {
                     if d.addr < MEM_SIZE as u64 - 32 {
@@ -1276,15 +1529,15 @@ mod tests {
                     .iter()
                     .map(|d| self::d(d.addr, d.len, if d.write { W } else { 0 }))
                     .collect();
-                let vq = MockSplitQueue::new(&m, QSIZE);
+                let vq = MockSplitQueue::new(m, QSIZE);
                 let mut q: Queue = vq.create_queue().expect("queue");
                 vq.build_desc_chain(&raw).expect("chain");
-                let used = run(&mut dev, &vq, &mut q, &m);
+                let used = run(&mut dev, &vq, &mut q, m);
                 prop_assert_eq!(used.len(), 1);
                 let writable: u64 = descs.iter().filter(|d| d.write).map(|d| u64::from(d.len)).sum();
                 prop_assert!(u64::from(used[0].1) <= writable);
                 // The device still serves a well-formed request.
-                prop_assert_eq!(write(&mut dev, &m, 0, &[9u8; 512]), Status::Ok as u8);
+                prop_assert_eq!(write(&mut dev, m, 0, &[9u8; 512]), Status::Ok as u8);
             }
         }
     }
