@@ -129,6 +129,8 @@ PKGS=(
     nbdkit           # NBD reference server (bench/nbd)
     libnbd-bin       # nbdinfo, nbdcopy, nbdsh (tests/nbd-clients.sh)
     python3-libnbd   # nbdsh's Python module
+    gcc              # builds guest/zero-range.c (tests/vhost-blk.sh)
+    libc6-dev        # its static libc
 )
 
 # tshark's wireshark-common asks whether non-root users may capture; answer

@@ -74,6 +74,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# The guest's write-zeroes trigger (busybox has no blkdiscard -z).
+gcc -static -O2 -Wall -Wextra -Werror -o "$work/zero-range" "$QS/guest/zero-range.c" \
+    || { log "FAIL: cannot build guest/zero-range.c (gcc with static libc)"; exit 1; }
 
 # start NAME PATTERN CMD...: start a server, wait for PATTERN in its log.
 start() {
@@ -130,6 +133,7 @@ scenario() { # NAME QUEUES SOCKET [RUN-GUEST ARGS...] (device already started)
         --log "$QS/build/logs/vhost-blk-$name.log" \
         --qemu-arg -chardev --qemu-arg "socket,id=vb0,path=$sock${chardev_opts:-}" \
         --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=vb0,num-queues=$queues" \
+        --file "$work/zero-range=zero-range" \
         "$@" "$QS/scenarios/${scen:-vhost-blk.sh}" || rc=$?
     if [[ -n ${zc_check:-} && $rc -eq 0 ]]; then
         check_zero_copy || { log "$name: zero-copy check failed"; rc=1; }
