@@ -274,6 +274,7 @@ fn worker(
                 tag: tag as u64,
                 op,
                 buf: Some(buf),
+                more: Vec::new(),
             };
             if let Err(unvme_bdev::SubmitError::Busy(req)) = qp.submit(job.nsid, req) {
                 inflight[tag] = None;

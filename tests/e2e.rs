@@ -43,7 +43,15 @@ fn fill(buf: &mut [u8], lba: u64, gen: u64) {
 
 fn sync(q: &mut IoQpair, op: IoOp, buf: Option<IoBuf>) -> IoCompletion {
     let c = q
-        .run_sync(1, IoRequest { tag: 0, op, buf })
+        .run_sync(
+            1,
+            IoRequest {
+                tag: 0,
+                op,
+                buf,
+                more: Vec::new(),
+            },
+        )
         .expect("command runs");
     assert!(c.result.is_ok(), "command failed: {:?}", c.result);
     c
@@ -108,6 +116,123 @@ fn random_writes_read_back_across_sizes_digests_and_queues() {
     }
 }
 
+/// An owner with nothing to take back: test buffers borrowed from a `Vec`.
+struct Borrowed;
+impl unvme_bdev::BufOwner for Borrowed {}
+
+/// Splits `mem` into borrowed segments of random byte lengths (some
+/// empty): the first and the rest, as an `IoRequest` takes them.
+///
+/// # Safety
+/// `mem` must outlive the buffers and stay untouched while they live.
+unsafe fn split(mem: &mut [u8], rng: &mut fastrand::Rng) -> (IoBuf, Vec<IoBuf>) {
+    let owner: std::sync::Arc<dyn unvme_bdev::BufOwner> = std::sync::Arc::new(Borrowed);
+    let mut cuts: Vec<usize> = (0..rng.usize(0..7))
+        .map(|_| rng.usize(0..=mem.len()))
+        .collect();
+    cuts.push(0);
+    cuts.push(mem.len());
+    cuts.sort_unstable();
+    let base = mem.as_mut_ptr();
+    let mut segs: Vec<IoBuf> = cuts
+        .windows(2)
+        .map(|w| {
+            let ptr = std::ptr::NonNull::new(base.wrapping_add(w[0])).expect("non-null");
+            // SAFETY: `w[0]..w[1]` lies inside `mem` and the pieces do not
+            // overlap; the caller keeps `mem` alive and alone meanwhile.
+            unsafe { IoBuf::from_owner(ptr, w[1] - w[0], owner.clone()) }
+        })
+        .collect();
+    let first = segs.remove(0);
+    (first, segs)
+}
+
+#[test]
+fn scattered_data_segments_go_out_and_come_back_in_place() {
+    let t = TargetProc::start(&["--ram", "64M"]);
+    for (hdr, data) in [(false, false), (true, true)] {
+        let ctrl = Controller::connect(opts(&t, hdr, data, 1)).expect("connect");
+        let ns = RemoteNamespace::open(&ctrl, 1).expect("namespace");
+        assert!(ns.open_queue().expect("queue").max_segments() >= 64);
+        let mut q = ctrl.create_io_qpair().expect("queue");
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut lba = 0u64;
+        // In-capsule (<= 8 KiB) and R2T sizes, one past several boundaries.
+        for nlb in [1u32, 9, 16, 17, 64, 300, 2048] {
+            for round in 0..4u64 {
+                let len = nlb as usize * 512;
+                let mut want = vec![0u8; len];
+                fill(&mut want, lba, round);
+                let mut src = want.clone();
+                // SAFETY: `src` outlives the request (run_sync returns after
+                // its completion, which drops the segments) and is not
+                // touched meanwhile.
+                let (first, more) = unsafe { split(&mut src, &mut rng) };
+                let op = IoOp::Write {
+                    lba,
+                    nlb,
+                    fua: false,
+                };
+                let c = q
+                    .run_sync(
+                        1,
+                        IoRequest {
+                            tag: 1,
+                            op,
+                            buf: Some(first),
+                            more,
+                        },
+                    )
+                    .expect("write runs");
+                assert_eq!(c.result, Ok(()), "write nlb {nlb}");
+                drop(c);
+                let mut dst = vec![0u8; len];
+                // SAFETY: as for `src`.
+                let (first, more) = unsafe { split(&mut dst, &mut rng) };
+                let c = q
+                    .run_sync(
+                        1,
+                        IoRequest {
+                            tag: 2,
+                            op: IoOp::Read { lba, nlb },
+                            buf: Some(first),
+                            more,
+                        },
+                    )
+                    .expect("read runs");
+                assert_eq!(c.result, Ok(()), "read nlb {nlb}");
+                drop(c);
+                assert!(
+                    dst == want,
+                    "nlb {nlb} round {round}: scattered read-back differs"
+                );
+                // And a contiguous read agrees.
+                let c = sync(&mut q, IoOp::Read { lba, nlb }, Some(IoBuf::new(len)));
+                assert!(
+                    c.buf.as_deref() == Some(&want[..]),
+                    "nlb {nlb}: contiguous read-back differs"
+                );
+                lba += u64::from(nlb);
+            }
+        }
+        // Segments holding less than the transfer: refused, nothing sent.
+        let c = q
+            .run_sync(
+                1,
+                IoRequest {
+                    tag: 3,
+                    op: IoOp::Read { lba: 0, nlb: 4 },
+                    buf: Some(IoBuf::new(1024)),
+                    more: vec![IoBuf::new(512)],
+                },
+            )
+            .expect("completes");
+        assert_eq!(c.result, Err(unvme_bdev::IoError::BadBuffer));
+        drop(ns);
+        ctrl.disconnect().expect("disconnect");
+    }
+}
+
 #[test]
 fn many_commands_in_flight_complete_out_of_order_with_the_right_data() {
     let t = TargetProc::start(&["--ram", "64M", "--queue-size", "128"]);
@@ -136,6 +261,7 @@ fn many_commands_in_flight_complete_out_of_order_with_the_right_data() {
                     fua: false,
                 },
                 buf: Some(b),
+                more: Vec::new(),
             },
         )
         .expect("slot free");
@@ -160,6 +286,7 @@ fn many_commands_in_flight_complete_out_of_order_with_the_right_data() {
                 tag,
                 op: IoOp::Read { lba, nlb },
                 buf: Some(IoBuf::new(nlb as usize * 512)),
+                more: Vec::new(),
             },
         )
         .expect("slot free");
@@ -258,6 +385,7 @@ fn semantics(t: &TargetProc) {
                     nlb: 1,
                 },
                 buf: Some(IoBuf::new(512)),
+                more: Vec::new(),
             },
         )
         .expect("runs");
@@ -331,6 +459,7 @@ fn target_vanishing_mid_io_fails_commands_instead_of_hanging() {
                 tag: i,
                 op: IoOp::Read { lba: i * 8, nlb: 8 },
                 buf: Some(IoBuf::new(4096)),
+                more: Vec::new(),
             },
         )
         .unwrap();
@@ -353,6 +482,7 @@ fn target_vanishing_mid_io_fails_commands_instead_of_hanging() {
             tag: 99,
             op: IoOp::Flush,
             buf: None,
+            more: Vec::new(),
         },
     );
     assert!(
@@ -378,7 +508,13 @@ fn remote_namespace_fails_fast_while_the_target_is_down_and_reconnects_when_it_r
     let mut q = ns.open_queue().expect("queue");
     let run =
         |q: &mut Box<dyn unvme_bdev::BdevQueue>, op: IoOp, buf: Option<IoBuf>| -> IoCompletion {
-            q.submit(IoRequest { tag: 1, op, buf }).expect("accepted");
+            q.submit(IoRequest {
+                tag: 1,
+                op,
+                buf,
+                more: Vec::new(),
+            })
+            .expect("accepted");
             let mut out = Vec::new();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while out.is_empty() {
@@ -479,6 +615,7 @@ fn remote_namespace_never_blocks_io_while_reconnecting_to_a_silent_target() {
             tag: 9,
             op: IoOp::Read { lba: 0, nlb: 8 },
             buf: Some(IoBuf::new(4096)),
+            more: Vec::new(),
         })
         .expect("accepted");
         let mut out = Vec::new();

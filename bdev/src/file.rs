@@ -579,6 +579,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn segmented_requests_are_bounced_through_one_buffer() {
+        let path = TempPath::new("segments");
+        let dev = FileBdev::open(&path.0, 4096, Some(4096 * 64)).unwrap();
+        assert_eq!(dev.open_queue().unwrap().max_segments(), 1);
+        testutil::segmented_requests_match_one_buffer(&dev);
+    }
+
+    #[test]
     fn block_status_reports_holes_of_a_sparse_file() {
         let path = TempPath::new("sparse");
         let dev = FileBdev::open(&path.0, 4096, Some(4096 * 512)).unwrap();

@@ -101,6 +101,16 @@ impl BdevInfo {
         op: &IoOp,
         buf: Option<&IoBuf>,
     ) -> std::result::Result<(), IoError> {
+        self.check_request_len(op, buf.map(|b| b.len()))
+    }
+
+    /// [`BdevInfo::check_request`] for data of `have` bytes in all (`None`:
+    /// no buffer).
+    pub fn check_request_len(
+        &self,
+        op: &IoOp,
+        have: Option<usize>,
+    ) -> std::result::Result<(), IoError> {
         match op {
             IoOp::Read { lba, nlb } | IoOp::Write { lba, nlb, .. } | IoOp::Compare { lba, nlb } => {
                 self.check_range(*lba, *nlb)?;
@@ -108,8 +118,8 @@ impl BdevInfo {
                 if self.max_transfer != 0 && len > self.max_transfer as usize {
                     return Err(IoError::TooLarge);
                 }
-                match buf {
-                    Some(b) if b.len() >= len => Ok(()),
+                match have {
+                    Some(n) if n >= len => Ok(()),
                     _ => Err(IoError::BadBuffer),
                 }
             }
@@ -208,6 +218,31 @@ pub struct IoRequest {
     /// The data buffer for Read/Write/Compare (at least `op.data_len()` bytes;
     /// the first `data_len` bytes are used). `None` for the other operations.
     pub buf: Option<IoBuf>,
+    /// Further data segments after `buf`, for a queue whose
+    /// [`BdevQueue::max_segments`] allows them: the data is then `buf`'s
+    /// bytes followed by each of these, in order (together at least
+    /// `data_len` bytes). They let a caller hand over scattered memory (a
+    /// guest's pages) without gathering it first. They are dropped when the
+    /// request completes; the completion returns only `buf`. Empty for
+    /// almost every request (an empty `Vec` does not allocate).
+    pub more: Vec<IoBuf>,
+}
+
+impl IoRequest {
+    /// A request with one data buffer (or none).
+    pub fn new(tag: u64, op: IoOp, buf: Option<IoBuf>) -> Self {
+        IoRequest {
+            tag,
+            op,
+            buf,
+            more: Vec::new(),
+        }
+    }
+
+    /// Bytes in all the request's data segments.
+    pub fn data_capacity(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len()) + self.more.iter().map(|b| b.len()).sum::<usize>()
+    }
 }
 
 /// The outcome of one request.
@@ -280,6 +315,14 @@ pub trait BdevQueue: Send {
     /// submitted is ready at the next `poll`.
     fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
         None
+    }
+
+    /// How many data segments (`buf` plus [`IoRequest::more`]) a request
+    /// may have. The default, 1, fails a request with segments in `more`
+    /// with [`IoError::BadBuffer`]; a caller with scattered data gathers it
+    /// into one buffer for such a queue.
+    fn max_segments(&self) -> usize {
+        1
     }
 
     /// A data buffer of `len` bytes in this queue's preferred memory, for a

@@ -303,6 +303,10 @@ impl SyncBackend for RamOps {
         &self.inner.info
     }
 
+    fn any_alignment(&self) -> bool {
+        true
+    }
+
     fn read(&mut self, offset: u64, dst: &mut [u8]) -> IoResult {
         self.inner.mem.read(at(offset), dst);
         Ok(())
@@ -393,6 +397,13 @@ mod tests {
     fn full_queue_is_busy_until_polled() {
         let dev = RamBdev::new("ram0", 16, 512).unwrap().with_queue_depth(2);
         testutil::full_queue_is_busy_until_polled(&dev, 2);
+    }
+
+    #[test]
+    fn segmented_requests_go_segment_by_segment() {
+        let dev = RamBdev::new("ram0", 64, 4096).unwrap();
+        assert!(dev.open_queue().unwrap().max_segments() > 1);
+        testutil::segmented_requests_match_one_buffer(&dev);
     }
     #[test]
     fn large_device_commits_no_memory_until_written() {

@@ -41,7 +41,19 @@ pub(crate) trait SyncBackend: Send {
     fn byte_status(&mut self, _offset: u64, _len: u64, _out: &mut Vec<(u64, bool)>) -> bool {
         false
     }
+    /// Whether `read`/`write` take any byte offset and length (memory), so
+    /// a request's data segments can go one by one without a bounce. A
+    /// backend that says no (a file under O_DIRECT has alignment rules)
+    /// gets segmented requests gathered into one buffer.
+    fn any_alignment(&self) -> bool {
+        false
+    }
 }
+
+/// Most data segments a queue over a backend with
+/// [`SyncBackend::any_alignment`] takes (virtio-blk's default seg_max is
+/// 126).
+const MAX_SEGMENTS: usize = 256;
 
 /// Turns byte runs starting at `offset` (a multiple of `bs`) into block
 /// runs appended to `out`, conservatively: a block counts as unallocated
@@ -142,6 +154,69 @@ impl<B: SyncBackend> SyncQueue<B> {
     }
 }
 
+impl<B: SyncBackend> SyncQueue<B> {
+    /// A read or write whose data is `first` followed by `more`: segment
+    /// by segment for a backend that takes any alignment, else through one
+    /// bounce buffer (correct for every backend; callers avoid it by asking
+    /// [`BdevQueue::max_segments`]).
+    fn execute_segments(
+        &mut self,
+        op: &IoOp,
+        first: Option<&mut IoBuf>,
+        more: &mut [IoBuf],
+    ) -> IoResult {
+        let (IoOp::Read { .. } | IoOp::Write { .. }) = op else {
+            return Err(IoError::BadBuffer);
+        };
+        let info = self.backend.info();
+        let len = op.data_len(info.block_size);
+        let have =
+            first.as_ref().map_or(0, |b| b.len()) + more.iter().map(|b| b.len()).sum::<usize>();
+        info.check_request_len(op, Some(have))?;
+        let mut segs: Vec<&mut [u8]> = Vec::with_capacity(more.len() + 1);
+        let mut left = len;
+        for b in first.into_iter().chain(more.iter_mut()) {
+            let n = b.len().min(left);
+            segs.push(&mut b[..n]);
+            left -= n;
+        }
+        if !self.backend.any_alignment() {
+            let mut bounce = IoBuf::new(len);
+            if let IoOp::Write { .. } = op {
+                let mut at = 0;
+                for s in &segs {
+                    bounce[at..at + s.len()].copy_from_slice(s);
+                    at += s.len();
+                }
+            }
+            self.execute(op, Some(&mut bounce))?;
+            if let IoOp::Read { .. } = op {
+                let mut at = 0;
+                for s in &mut segs {
+                    let n = s.len();
+                    s.copy_from_slice(&bounce[at..at + n]);
+                    at += n;
+                }
+            }
+            return Ok(());
+        }
+        let bs = u64::from(info.block_size);
+        let b = &mut self.backend;
+        let mut off = match *op {
+            IoOp::Read { lba, .. } | IoOp::Write { lba, .. } => lba * bs,
+            _ => 0,
+        };
+        for s in segs {
+            match *op {
+                IoOp::Write { fua, .. } => b.write(off, s, fua)?,
+                _ => b.read(off, s)?,
+            }
+            off += s.len() as u64;
+        }
+        Ok(())
+    }
+}
+
 /// The first `len` bytes of a request's buffer (checked to hold them).
 fn data(buf: Option<&mut IoBuf>, len: u64) -> std::result::Result<&mut [u8], IoError> {
     let buf = buf.ok_or(IoError::BadBuffer)?;
@@ -151,7 +226,11 @@ fn data(buf: Option<&mut IoBuf>, len: u64) -> std::result::Result<&mut [u8], IoE
 impl<B: SyncBackend> BdevQueue for SyncQueue<B> {
     fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
         let mut req = self.done.admit(req)?;
-        let result = self.execute(&req.op, req.buf.as_mut());
+        let result = if req.more.is_empty() {
+            self.execute(&req.op, req.buf.as_mut())
+        } else {
+            self.execute_segments(&req.op, req.buf.as_mut(), &mut req.more)
+        };
         if let Err(e) = &result {
             tracing::debug!(bdev = %self.backend.info().name, tag = req.tag, error = %e,
                 "bdev request failed");
@@ -170,6 +249,14 @@ impl<B: SyncBackend> BdevQueue for SyncQueue<B> {
 
     fn outstanding(&self) -> usize {
         self.done.len()
+    }
+
+    fn max_segments(&self) -> usize {
+        if self.backend.any_alignment() {
+            MAX_SEGMENTS
+        } else {
+            1
+        }
     }
 
     fn block_status(&mut self, lba: u64, nlb: u32, out: &mut Vec<crate::Extent>) -> bool {

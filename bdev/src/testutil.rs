@@ -13,8 +13,13 @@ pub(crate) const TAG: u64 = 7;
 
 /// Submits one request, polls once and returns its completion.
 pub(crate) fn run(q: &mut dyn BdevQueue, op: IoOp, buf: Option<IoBuf>) -> IoCompletion {
-    q.submit(IoRequest { tag: TAG, op, buf })
-        .expect("queue has room");
+    q.submit(IoRequest {
+        tag: TAG,
+        op,
+        buf,
+        more: Vec::new(),
+    })
+    .expect("queue has room");
     let mut out = Vec::new();
     assert_eq!(q.poll(&mut out), 1);
     out.pop().expect("one completion")
@@ -153,6 +158,7 @@ pub(crate) fn full_queue_is_busy_until_polled(dev: &dyn Bdev, depth: u64) {
             tag,
             op: IoOp::Flush,
             buf: None,
+            more: Vec::new(),
         })
         .unwrap();
     }
@@ -161,6 +167,7 @@ pub(crate) fn full_queue_is_busy_until_polled(dev: &dyn Bdev, depth: u64) {
         tag: depth,
         op: IoOp::Read { lba: 0, nlb: 1 },
         buf: Some(IoBuf::new(bs)),
+        more: Vec::new(),
     });
     let Err(SubmitError::Busy(req)) = busy else {
         panic!("a full queue accepted a request")
@@ -373,3 +380,112 @@ pub(crate) fn block_status_follows_writes_and_deallocation(dev: &dyn Bdev, gran:
         }]
     );
 }
+
+/// Splits `data` into segments of the given sizes (the last takes the rest).
+fn segments(data: &[u8], sizes: &[usize]) -> (IoBuf, Vec<IoBuf>) {
+    let mut bufs = Vec::new();
+    let mut at = 0;
+    for (i, &n) in sizes.iter().enumerate() {
+        let n = if i + 1 == sizes.len() {
+            data.len() - at
+        } else {
+            n
+        };
+        bufs.push(IoBuf::from_slice(&data[at..at + n]));
+        at += n;
+    }
+    let first = bufs.remove(0);
+    (first, bufs)
+}
+
+/// Requests whose data is several segments (`IoRequest::more`) move the
+/// same bytes as one buffer would, whether the queue takes them one by one
+/// or bounces them; short segments and segments on other operations are
+/// refused with `BadBuffer`; the completion hands back the first segment.
+pub(crate) fn segmented_requests_match_one_buffer(dev: &dyn Bdev) {
+    let bs = dev.info().block_size as usize;
+    let mut q = dev.open_queue().expect("queue");
+    let nlb = 4u32;
+    let len = nlb as usize * bs;
+    let data = pattern(len, 91);
+    // Written in uneven pieces (multiples of 512, not of the block size).
+    let (first, more) = segments(&data, &[512, len / 2 - 512, 0]);
+    q.submit(IoRequest {
+        tag: 1,
+        op: IoOp::Write {
+            lba: 2,
+            nlb,
+            fua: true,
+        },
+        buf: Some(first),
+        more,
+    })
+    .expect("queue has room");
+    let mut out = Vec::new();
+    q.poll(&mut out);
+    assert_eq!(out.pop().map(|c| c.result), Some(Ok(())));
+    assert_eq!(read(&mut *q, 2, nlb, bs), data);
+    // Read back into other pieces of one backing buffer, borrowed, so what
+    // went into the later segments (dropped at completion) can be seen.
+    let mut backing = vec![0u8; len];
+    let base = backing.as_mut_ptr();
+    let piece = |off: usize, n: usize| {
+        let ptr = std::ptr::NonNull::new(base.wrapping_add(off)).expect("non-null");
+        let owner: std::sync::Arc<dyn crate::BufOwner> = std::sync::Arc::new(NoRelease);
+        // SAFETY: `off + n <= len`, so the piece lies inside `backing`, which
+        // outlives every piece (they are dropped at the completion below)
+        // and is not touched until they are gone; the pieces do not overlap.
+        unsafe { IoBuf::from_owner(ptr, n, owner) }
+    };
+    q.submit(IoRequest {
+        tag: 2,
+        op: IoOp::Read { lba: 2, nlb },
+        buf: Some(piece(0, len - 1024)),
+        more: vec![piece(len - 1024, 512), piece(len - 512, 512)],
+    })
+    .expect("queue has room");
+    q.poll(&mut out);
+    let c = out.pop().expect("completion");
+    assert_eq!(c.result, Ok(()));
+    assert_eq!(
+        c.buf.map(|b| b.len()),
+        Some(len - 1024),
+        "first segment handed back"
+    );
+    assert_eq!(backing, data);
+    // Too little data in all the segments, and segments on a flush.
+    let (first, more) = segments(&data[..len - 512], &[512, 0]);
+    q.submit(IoRequest {
+        tag: 3,
+        op: IoOp::Write {
+            lba: 2,
+            nlb,
+            fua: false,
+        },
+        buf: Some(first),
+        more,
+    })
+    .expect("queue has room");
+    q.submit(IoRequest {
+        tag: 4,
+        op: IoOp::Flush,
+        buf: None,
+        more: vec![IoBuf::new(512)],
+    })
+    .expect("queue has room");
+    q.poll(&mut out);
+    let results: Vec<_> = out.drain(..).map(|c| (c.tag, c.result)).collect();
+    assert_eq!(
+        results,
+        vec![(3, Err(IoError::BadBuffer)), (4, Err(IoError::BadBuffer))]
+    );
+    assert_eq!(
+        read(&mut *q, 2, nlb, bs),
+        data,
+        "refused writes changed nothing"
+    );
+}
+
+/// An owner with nothing to take back.
+struct NoRelease;
+impl crate::BufOwner for NoRelease {}

@@ -42,6 +42,10 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
 /// ("qid N has already been created"), so a qid released by a dropped
 /// [`IoQpair`] and reused at once can race with that teardown.
 const QID_BUSY_RETRY: Duration = Duration::from_secs(2);
+/// Most data segments a block request may have
+/// ([`unvme_bdev::IoRequest::more`]); each is one send item, and a send
+/// writes up to 64 items at once.
+pub(crate) const MAX_SEGMENTS: usize = 256;
 
 /// Tags of admin commands; unique per process.
 static ADMIN_TAG: AtomicU64 = AtomicU64::new(1 << 63);
@@ -839,7 +843,7 @@ impl IoQpair {
         let Some(slot) = self.qp.alloc_slot() else {
             return Err(SubmitError::Busy(req));
         };
-        let IoRequest { tag, op, buf } = req;
+        let IoRequest { tag, op, buf, more } = req;
         let fail = |qp: &mut QueuePair, buf, e| {
             qp.start(
                 slot,
@@ -880,10 +884,13 @@ impl IoQpair {
                 fail(&mut self.qp, buf, IoError::TooLarge);
                 return Ok(());
             }
-            if buf.as_ref().is_none_or(|b| b.len() < cmd.len as usize) {
+            let have =
+                buf.as_ref().map_or(0, |b| b.len()) + more.iter().map(|b| b.len()).sum::<usize>();
+            if buf.is_none() || have < cmd.len as usize || more.len() > MAX_SEGMENTS - 1 {
                 fail(&mut self.qp, buf, IoError::BadBuffer);
                 return Ok(());
             }
+            self.qp.set_more(slot, more);
         }
         self.qp
             .start(slot, cmd.sqe, buf, false, cmd.dir, cmd.len, tag, false);

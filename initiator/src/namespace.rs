@@ -254,6 +254,10 @@ impl BdevQueue for RemoteQueue {
         self.failed.len() + self.qp.as_ref().map_or(0, |q| q.outstanding())
     }
 
+    fn max_segments(&self) -> usize {
+        crate::controller::MAX_SEGMENTS
+    }
+
     fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
         match &self.qp {
             Some(qp) if self.failed.is_empty() => Some(std::os::fd::AsRawFd::as_raw_fd(qp)),
@@ -295,6 +299,7 @@ impl Bdev for RemoteNamespace {
                     tag: 0,
                     op: IoOp::Flush,
                     buf: None,
+                    more: Vec::new(),
                 },
             )
             .map_err(|e| bdev_err("flush", e))?;

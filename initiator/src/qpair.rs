@@ -252,6 +252,9 @@ struct Slot {
     len: u32,
     /// The caller's buffer.
     buf: Option<IoBuf>,
+    /// The caller's further data segments, after `buf`
+    /// ([`unvme_bdev::IoRequest::more`]); dropped when the command ends.
+    more: Vec<IoBuf>,
     /// The slot's own buffer (Dataset Management range list), kept across uses.
     aux: Option<IoBuf>,
     use_aux: bool,
@@ -273,6 +276,7 @@ impl Slot {
             dir: DataDir::None,
             len: 0,
             buf: None,
+            more: Vec::new(),
             aux: None,
             use_aux: false,
             received: 0,
@@ -283,24 +287,74 @@ impl Slot {
         }
     }
 
-    /// The command's data (the first `len` bytes of its buffer).
-    fn data(&self) -> &[u8] {
-        let b = if self.use_aux { &self.aux } else { &self.buf };
-        b.as_deref()
-            .and_then(|b| b.get(..self.len as usize))
-            .unwrap_or(&[])
+    /// Number of data segments: the buffer (or `aux`), then `more`.
+    fn nsegs(&self) -> usize {
+        1 + self.more.len()
     }
 
-    fn data_mut(&mut self) -> &mut [u8] {
-        let len = self.len as usize;
-        let b = if self.use_aux {
-            &mut self.aux
+    /// Data segment `i` (whole; the command's data is the segments back to
+    /// back, its first `len` bytes).
+    fn seg(&self, i: usize) -> &[u8] {
+        if i == 0 {
+            let b = if self.use_aux { &self.aux } else { &self.buf };
+            b.as_deref().unwrap_or(&[])
         } else {
-            &mut self.buf
+            self.more.get(i - 1).map_or(&[], |b| &b[..])
+        }
+    }
+
+    fn seg_mut(&mut self, i: usize) -> &mut [u8] {
+        if i == 0 {
+            let b = if self.use_aux {
+                &mut self.aux
+            } else {
+                &mut self.buf
+            };
+            b.as_deref_mut().unwrap_or(&mut [])
+        } else {
+            self.more.get_mut(i - 1).map_or(&mut [], |b| &mut b[..])
+        }
+    }
+
+    /// Bytes the segments hold together.
+    fn capacity(&self) -> usize {
+        (0..self.nsegs()).map(|i| self.seg(i).len()).sum()
+    }
+
+    /// The segment holding data byte `off`, and the offset inside it.
+    fn locate(&self, mut off: usize) -> Option<(usize, usize)> {
+        for i in 0..self.nsegs() {
+            let n = self.seg(i).len();
+            if off < n {
+                return Some((i, off));
+            }
+            off -= n;
+        }
+        None
+    }
+
+    /// `len` bytes of data from `off` as (segment, offset, length) pieces,
+    /// passed to `f` in order.
+    fn pieces(&self, off: usize, len: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let Some((mut i, mut so)) = self.locate(off) else {
+            return;
         };
-        b.as_deref_mut()
-            .and_then(|b| b.get_mut(..len))
-            .unwrap_or(&mut [])
+        let mut left = len;
+        while left > 0 && i < self.nsegs() {
+            let n = (self.seg(i).len() - so).min(left);
+            if n > 0 {
+                f(i, so, n);
+            }
+            left -= n;
+            i += 1;
+            so = 0;
+        }
+    }
+
+    /// Lets go of the caller's buffers (the command is over for them).
+    fn drop_data(&mut self) {
+        self.buf = None;
+        self.more.clear();
     }
 }
 
@@ -309,8 +363,17 @@ impl Slot {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 enum TxKind {
-    Header { b: [u8; MAX_HEADER], len: u16 },
-    Data { slot: u16, off: u32, len: u32 },
+    Header {
+        b: [u8; MAX_HEADER],
+        len: u16,
+    },
+    /// `len` bytes of data segment `seg` of `slot`, from `off` inside it.
+    Data {
+        slot: u16,
+        seg: u16,
+        off: u32,
+        len: u32,
+    },
     Digest([u8; 4]),
 }
 
@@ -454,6 +517,12 @@ impl QueuePair {
         let b = s.aux.as_mut().expect("allocated just above");
         b.set_len(len);
         &mut b[..]
+    }
+
+    /// Gives the command about to start in `slot` further data segments
+    /// after its buffer (call before [`QueuePair::start`]).
+    pub(crate) fn set_more(&mut self, slot: u16, more: Vec<IoBuf>) {
+        self.core.slots[usize::from(slot)].more = more;
     }
 
     /// Starts a command in slot `slot` (from [`QueuePair::alloc_slot`]).
@@ -650,7 +719,7 @@ impl QueuePair {
                 SlotState::Free => {}
                 SlotState::Abandoned => {
                     s.state = SlotState::Free;
-                    s.buf = None;
+                    s.drop_data();
                     core.free.push(i as u16);
                 }
                 SlotState::Active => {
@@ -689,8 +758,10 @@ impl QueuePair {
             self.rpos = 0;
             self.rlen = 0;
             let rem = self.dec.data_remaining();
+            let mut dst_len = 0;
             let res = match self.core.direct_target(rem) {
                 Some(dst) => {
+                    dst_len = dst.len();
                     let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(&mut self.rbuf)];
                     (&self.stream).read_vectored(&mut iov)
                 }
@@ -703,11 +774,8 @@ impl QueuePair {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(RxFail::Io(e)),
             };
-            let direct = if self.core.direct_target(rem).is_some() {
-                n.min(rem)
-            } else {
-                0
-            };
+            // The direct part ends where the segment does.
+            let direct = n.min(dst_len);
             if direct > 0 {
                 let dst = self.core.direct_target(rem).unwrap_or(&mut []);
                 self.dec.consume_data_direct(&dst[..direct.min(dst.len())]);
@@ -768,20 +836,33 @@ impl Core {
         });
     }
 
-    /// Queues `len` bytes of slot data at `off`, and their digest if enabled.
+    /// Queues `len` bytes of slot data at `off` (one item per data segment
+    /// they touch), and their digest if enabled.
     fn push_data(&mut self, slot: u16, off: u32, len: u32) {
         let s = &mut self.slots[usize::from(slot)];
-        s.tx_refs += 1;
-        let ddgst = self.tx_framing.ddgst.then(|| {
-            let d = s.data();
-            let r = d
-                .get(off as usize..(off as usize).saturating_add(len as usize))
-                .unwrap_or(&[]);
-            digest(&[r])
+        let tx = &mut self.tx;
+        let mut items = 0;
+        s.pieces(off as usize, len as usize, |seg, so, n| {
+            items += 1;
+            tx.push_back(TxItem {
+                // Segments are at most `u16::MAX` + 1 (the queue's limit)
+                // and pieces lie inside a u32-long transfer.
+                kind: TxKind::Data {
+                    slot,
+                    seg: seg as u16,
+                    off: so as u32,
+                    len: n as u32,
+                },
+                sent: 0,
+            });
         });
-        self.tx.push_back(TxItem {
-            kind: TxKind::Data { slot, off, len },
-            sent: 0,
+        s.tx_refs += items;
+        let ddgst = self.tx_framing.ddgst.then(|| {
+            let mut parts: Vec<&[u8]> = Vec::new();
+            s.pieces(off as usize, len as usize, |seg, so, n| {
+                parts.push(&s.seg(seg)[so..so + n]);
+            });
+            digest(&parts)
         });
         if let Some(d) = ddgst {
             self.tx.push_back(TxItem {
@@ -795,8 +876,13 @@ impl Core {
         match &item.kind {
             TxKind::Header { b, len } => &b[..usize::from(*len)],
             TxKind::Digest(d) => d,
-            TxKind::Data { slot, off, len } => self.slots[usize::from(*slot)]
-                .data()
+            TxKind::Data {
+                slot,
+                seg,
+                off,
+                len,
+            } => self.slots[usize::from(*slot)]
+                .seg(usize::from(*seg))
                 .get(*off as usize..(*off as usize).saturating_add(*len as usize))
                 .unwrap_or(&[]),
         }
@@ -846,6 +932,7 @@ impl Core {
             result,
             buf: s.buf.take(),
         });
+        s.more.clear();
         s.state = SlotState::Free;
         s.deferred = None;
         self.free.push(slot);
@@ -867,6 +954,7 @@ impl Core {
                     result: Err(IoError::Timeout),
                     buf: s.buf.take(),
                 });
+                s.more.clear();
                 s.state = SlotState::Abandoned;
                 self.outstanding = self.outstanding.saturating_sub(1);
             }
@@ -882,9 +970,11 @@ impl Core {
         let RxTarget::C2h { slot, off, .. } = self.rx_target else {
             return None;
         };
-        let d = self.slots[usize::from(slot)].data_mut();
-        let off = off as usize;
-        d.get_mut(off..off.checked_add(remaining)?)
+        let s = &mut self.slots[usize::from(slot)];
+        let (i, so) = s.locate(off as usize)?;
+        let d = s.seg_mut(i);
+        let n = (d.len() - so).min(remaining);
+        d.get_mut(so..so + n)
     }
 
     fn advance_direct(&mut self, n: u32) {
@@ -921,7 +1011,7 @@ impl Core {
                         debug!(qid = self.qid, cid, "late response to a timed-out command");
                         let s = &mut self.slots[usize::from(cid)];
                         s.state = SlotState::Free;
-                        s.buf = None;
+                        s.drop_data();
                         self.free.push(cid);
                     }
                     _ => warn!(
@@ -987,7 +1077,7 @@ impl Core {
             if d.success {
                 let s = &mut self.slots[usize::from(d.cccid)];
                 s.state = SlotState::Free;
-                s.buf = None;
+                s.drop_data();
                 self.free.push(d.cccid);
             }
             return Ok(());
@@ -996,7 +1086,7 @@ impl Core {
             s.dir == DataDir::ControllerToHost
                 && d.datao == s.received
                 && d.datao.checked_add(d.datal).is_some_and(|e| e <= s.len)
-                && s.data().len() >= s.len as usize
+                && s.capacity() >= s.len as usize
         });
         if !ok {
             return Err(RxFail::Fatal(FatalError {
@@ -1020,11 +1110,17 @@ impl Core {
         {
             let o = *off as usize;
             *off += chunk.len() as u32;
-            if let Some(dst) = self.slots[usize::from(slot)]
-                .data_mut()
-                .get_mut(o..o + chunk.len())
-            {
-                dst.copy_from_slice(chunk);
+            let s = &mut self.slots[usize::from(slot)];
+            let mut at = 0;
+            // A chunk spans few segments.
+            while at < chunk.len() {
+                let Some((seg, so)) = s.locate(o + at) else {
+                    break;
+                };
+                let d = s.seg_mut(seg);
+                let n = (d.len() - so).min(chunk.len() - at);
+                d[so..so + n].copy_from_slice(&chunk[at..at + n]);
+                at += n;
             }
         }
     }

@@ -478,6 +478,7 @@ fn write(lba: u64, data: &[u8], tag: u64) -> IoRequest {
             fua: false,
         },
         buf: Some(IoBuf::from_slice(data)),
+        more: Vec::new(),
     }
 }
 
@@ -486,6 +487,7 @@ fn read(lba: u64, nlb: u32, tag: u64) -> IoRequest {
         tag,
         op: IoOp::Read { lba, nlb },
         buf: Some(IoBuf::new(nlb as usize * BS)),
+        more: Vec::new(),
     }
 }
 
@@ -726,6 +728,7 @@ fn unanswered_command_times_out() {
                 tag: 1,
                 op: IoOp::Flush,
                 buf: None,
+                more: Vec::new(),
             },
         )
         .unwrap();

@@ -596,6 +596,7 @@ impl<'a, S: Stream> Conn<'a, S> {
             tag: ((slot as u64) << CHUNK_BITS) | chunk as u64,
             op,
             buf,
+            more: Vec::new(),
         });
     }
 

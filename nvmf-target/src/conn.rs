@@ -1051,6 +1051,7 @@ impl Conn {
             tag: make_tag(ctx.conn_idx, ctx.conn_gen, slot),
             op,
             buf,
+            more: Vec::new(),
         };
         self.slots[si].state = SlotState::Executing;
         self.outstanding_io += 1;

@@ -7,8 +7,9 @@
 #              NVMe/TCP, one virtqueue (one queue pair)
 #   bridge-mq  the same with two virtqueues (two queue pairs), 2 guest vCPUs,
 #              and fio randwrite + verify from 2 jobs (--with-fio guest)
-#              (ram, bridge, bridge-mq: the device's log must show requests
-#              whose data went zero-copy, guest pages <-> RAM disk or socket)
+#              (ram, bridge, bridge-mq: the device's log must show that at
+#              least 99% of requests moved data zero-copy, guest pages <->
+#              RAM disk or socket)
 #   chain-file the whole chain onto a file: guest virtio_blk -> unvme
 #              vhost-blk -> NVMe/TCP -> `unvme target --file`; after the
 #              scenario the guest writes a host-made 64 MiB pattern at
@@ -106,8 +107,7 @@ check_file() {
 
 # The device moved data in guest memory (zero copy): its queues log
 # "vhost-blk queue N: Z requests zero-copy, C copied" when the frontend
-# disconnects. Single-segment requests (4 KiB I/O, most metadata) must have
-# gone without a copy.
+# disconnects. At least 99% of the requests must have gone without a copy.
 check_zero_copy() {
     local line=
     for _ in $(seq 100); do
@@ -116,8 +116,13 @@ check_zero_copy() {
     done
     [[ -n $line ]] || { log "vhost-blk logged no data path counts"; return 1; }
     grep -Eo 'vhost-blk queue [0-9]+: [0-9]+ requests zero-copy, [0-9]+ copied' "$work/vb.log" >&2
-    grep -Eq 'vhost-blk queue [0-9]+: [1-9][0-9]* requests zero-copy' "$work/vb.log" \
-        || { log "no request went zero-copy"; return 1; }
+    # Scattered pages go as request segments (a RAM disk and an NVMe/TCP
+    # queue pair take them), so hardly anything may be copied: only a
+    # segment across two of QEMU's memory regions is.
+    local z c
+    z=$(grep -Eo '[0-9]+ requests zero-copy' "$work/vb.log" | awk '{s += $1} END {print s + 0}')
+    c=$(grep -Eo '[0-9]+ copied' "$work/vb.log" | awk '{s += $1} END {print s + 0}')
+    ((z > 0 && c * 100 <= z)) || { log "zero-copy $z, copied $c: more than 1% copied"; return 1; }
 }
 
 post_check=

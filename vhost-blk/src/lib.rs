@@ -26,12 +26,12 @@
 //! around them are lost or executed twice. It logs `queue N: resubmitting K
 //! in-flight requests`.
 //!
-//! Data is not copied when a request's data segments are one run of host
-//! memory (a single segment, or adjacent ones): the device queue gets the
-//! guest's pages themselves as the request's buffer, so a remote namespace
-//! sends and receives them on the NVMe/TCP socket directly (see
-//! [`worker`]). Scattered segments are copied through a buffer, since a
-//! device queue takes one contiguous buffer per request.
+//! Data is not copied: the device queue gets the guest's pages themselves
+//! as the request's buffers (one run of host memory as one buffer,
+//! scattered pages as the request's segments), so a remote namespace sends
+//! and receives them on the NVMe/TCP socket directly (see [`worker`]). Only
+//! a device queue that takes one buffer per request (a file under O_DIRECT)
+//! gets scattered data gathered into a buffer.
 //!
 //! Not here: packed virtqueues (not offered, so only the split-ring inflight
 //! layout), CONFIGURE_MEM_SLOTS, dirty-page logging (LOG_ALL is not offered,

@@ -24,11 +24,16 @@
 //! and writes the read data into it — for a remote namespace, straight
 //! between the guest's pages and the NVMe/TCP socket (writev/readv). The
 //! buffer keeps the memory table it came from mapped until the request
-//! finishes, even if the frontend replaces the table meanwhile. Other
-//! requests (scattered segments, no lender) are copied through a
-//! per-request buffer from a small per-queue pool (gather before a write,
-//! scatter after a read). [`Worker::data_path`] counts both; the count is
-//! logged when the worker goes.
+//! finishes, even if the frontend replaces the table meanwhile. Scattered
+//! segments (a multi-page request's guest pages) become one buffer each,
+//! handed over together as the request's segments
+//! ([`unvme_bdev::IoRequest::more`]) when the device queue takes that many
+//! ([`BdevQueue::max_segments`]: an NVMe/TCP queue pair and a RAM disk do).
+//! The rest (no lender, a one-segment queue such as a file under O_DIRECT,
+//! a segment across two memory regions) is copied through a per-request
+//! buffer from a small per-queue pool (gather before a write, scatter after
+//! a read). [`Worker::data_path`] counts both; the count is logged when the
+//! worker goes.
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -94,6 +99,20 @@ impl GuestLender {
         // values — the contract `from_owner` allows for such a peer.
         Some(unsafe { IoBuf::from_owner(ptr, len as usize, owner) })
     }
+
+    /// Each of `segs` as a buffer of its own (the first, then the rest),
+    /// for a device queue that takes up to `max` segments per request.
+    fn lend_each(self: &Arc<Self>, segs: &[Seg], max: usize) -> Option<(IoBuf, Vec<IoBuf>)> {
+        if segs.len() < 2 || segs.len() > max {
+            return None;
+        }
+        let first = self.lend(&segs[..1], segs[0].len)?;
+        let rest = segs[1..]
+            .iter()
+            .map(|s| self.lend(std::slice::from_ref(s), s.len))
+            .collect::<Option<Vec<_>>>()?;
+        Some((first, rest))
+    }
 }
 
 impl BufOwner for GuestLender {}
@@ -143,6 +162,8 @@ pub struct Worker {
     data_path: DataPath,
     /// Index of the virtqueue, for the log.
     index: usize,
+    /// Data segments the device queue takes per request.
+    max_segments: usize,
 }
 
 /// What [`Worker::start_ring`] did with the inflight region.
@@ -168,6 +189,7 @@ impl Worker {
         writeback: Arc<AtomicBool>,
         max_queue_size: u16,
     ) -> Self {
+        let max_segments = bdev.max_segments();
         Worker {
             bdev,
             lim,
@@ -184,6 +206,7 @@ impl Worker {
             lender: None,
             data_path: DataPath::default(),
             index: 0,
+            max_segments,
         }
     }
 
@@ -356,16 +379,19 @@ impl Worker {
 
     fn start<M: GuestMemory>(&mut self, q: &mut Queue, mem: &M, head: u16, op: IoOp) {
         let idx = usize::from(head);
+        let mut more = Vec::new();
         let (read, lent, buf) = match op {
             IoOp::Read { .. } | IoOp::Write { .. } => {
                 let read = matches!(op, IoOp::Read { .. });
                 let chain = &self.slots[idx].chain;
-                if let Some(buf) = self
-                    .lender
-                    .as_ref()
-                    .and_then(|(_, l)| l.lend(&chain.segs, chain.data_len))
-                {
+                let max_segs = self.max_segments;
+                if let Some((buf, rest)) = self.lender.as_ref().and_then(|(_, l)| {
+                    l.lend(&chain.segs, chain.data_len)
+                        .map(|b| (b, Vec::new()))
+                        .or_else(|| l.lend_each(&chain.segs, max_segs))
+                }) {
                     self.data_path.zero_copy += 1;
+                    more = rest;
                     (read, true, Some(buf))
                 } else {
                     let len = chain.data_len as usize;
@@ -391,6 +417,7 @@ impl Worker {
             tag: u64::from(head),
             op,
             buf,
+            more,
         };
         if let Err(SubmitError::Busy(req)) = self.bdev.submit(req) {
             self.pending = Some(req);
@@ -724,29 +751,57 @@ mod tests {
         // memory are one buffer too.
         let (st, got) = read_segs(&mut dev, &m, 40, &[(0x40_0000, 4096), (0x40_1000, 4096)]);
         assert_eq!((st, got == data), (Status::Ok as u8, true));
-        assert_eq!(
-            dev.worker.data_path(),
-            DataPath {
-                zero_copy: 3,
-                copied: 0
-            }
-        );
-        // Scattered segments are copied, and come out the same.
+        assert_eq!(dev.worker.data_path(), path(3, 0));
+        // Scattered segments go as segments of one request (the RAM queue
+        // takes many), and come out the same.
         let (st, got) = read_segs(&mut dev, &m, 40, &[(0x50_0000, 4096), (0x40_0000, 4096)]);
         assert_eq!((st, got == data), (Status::Ok as u8, true));
-        assert_eq!(dev.worker.data_path().copied, 1);
+        assert_eq!(dev.worker.data_path(), path(4, 0));
         // Without a lender everything is copied.
         dev.worker.set_lender(8, None);
         assert_eq!(write(&mut dev, &m, 48, &data), Status::Ok as u8);
-        assert_eq!(
-            dev.worker.data_path(),
-            DataPath {
-                zero_copy: 3,
-                copied: 2
-            }
-        );
+        assert_eq!(dev.worker.data_path(), path(4, 1));
         let (st, got) = read(&mut dev, &m, 48, 8192);
         assert_eq!((st, got == data), (Status::Ok as u8, true));
+    }
+
+    fn path(zero_copy: u64, copied: u64) -> DataPath {
+        DataPath { zero_copy, copied }
+    }
+
+    /// A device queue that takes one data segment per request.
+    struct OneSegment(Box<dyn BdevQueue>);
+
+    impl BdevQueue for OneSegment {
+        fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
+            assert!(req.more.is_empty(), "segments sent to a one-segment queue");
+            self.0.submit(req)
+        }
+        fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+            self.0.poll(out)
+        }
+        fn outstanding(&self) -> usize {
+            self.0.outstanding()
+        }
+    }
+
+    #[test]
+    fn scattered_segments_are_gathered_for_a_one_segment_queue() {
+        let m = Arc::new(mem());
+        let mut dev = dev();
+        let bdev: Arc<dyn Bdev> = Arc::new(RamBdev::new("one", 8192, 512).expect("ram"));
+        dev.worker = Worker::new(
+            Box::new(OneSegment(bdev.open_queue().expect("queue"))),
+            Arc::new(dev.geo.limits.clone()),
+            Arc::new(AtomicBool::new(true)),
+            QSIZE,
+        );
+        dev.worker.set_lender(0, Some(GuestLender::new(m.clone())));
+        let data = pattern(8192, 21);
+        assert_eq!(write(&mut dev, &m, 8, &data), Status::Ok as u8);
+        let (st, got) = read_segs(&mut dev, &m, 8, &[(0x60_0000, 4096), (0x40_0000, 4096)]);
+        assert_eq!((st, got == data), (Status::Ok as u8, true));
+        assert_eq!(dev.worker.data_path(), path(1, 1));
     }
 
     #[test]
@@ -768,13 +823,7 @@ mod tests {
         let across = half as u64 - 4096;
         let (st, got) = read_segs(&mut dev, &m, 8, &[(across, 8192)]);
         assert_eq!((st, got == data), (Status::Ok as u8, true));
-        assert_eq!(
-            dev.worker.data_path(),
-            DataPath {
-                zero_copy: 1,
-                copied: 1
-            }
-        );
+        assert_eq!(dev.worker.data_path(), path(1, 1));
     }
 
     #[test]

@@ -431,6 +431,7 @@ impl Bdev for VfioBdev {
             tag: 0,
             op: IoOp::Flush,
             buf: None,
+            more: Vec::new(),
         };
         if q.submit(req).is_err() {
             return Err(Error::Device("flush queue busy".into()).into());

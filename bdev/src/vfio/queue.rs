@@ -252,6 +252,10 @@ impl VfioQueue {
 
     /// Checks what the device will be asked against what it can do.
     fn admit(&self, req: &IoRequest) -> Result<(), IoError> {
+        if !req.more.is_empty() {
+            // One buffer per request (max_segments is 1).
+            return Err(IoError::BadBuffer);
+        }
         self.info.check_request(&req.op, req.buf.as_ref())?;
         match &req.op {
             IoOp::Compare { .. } if !self.ns.compare => Err(IoError::Unsupported),
