@@ -138,8 +138,7 @@ unsafe fn split(mem: &mut [u8], rng: &mut fastrand::Rng) -> (IoBuf, Vec<IoBuf>) 
         .windows(2)
         .map(|w| {
             let ptr = std::ptr::NonNull::new(base.wrapping_add(w[0])).expect("non-null");
-            // SAFETY: `w[0]..w[1]` lies inside `mem` and the pieces do not
-            // overlap; the caller keeps `mem` alive and alone meanwhile.
+            // SAFETY: `w[0]..w[1]` lies inside `mem`, pieces do not overlap, and the caller keeps `mem` alive and untouched meanwhile.
             unsafe { IoBuf::from_owner(ptr, w[1] - w[0], owner.clone()) }
         })
         .collect();
@@ -164,9 +163,7 @@ fn scattered_data_segments_go_out_and_come_back_in_place() {
                 let mut want = vec![0u8; len];
                 fill(&mut want, lba, round);
                 let mut src = want.clone();
-                // SAFETY: `src` outlives the request (run_sync returns after
-                // its completion, which drops the segments) and is not
-                // touched meanwhile.
+                // SAFETY: `src` outlives the request (run_sync returns after its completion, which drops the segments) and is untouched meanwhile.
                 let (first, more) = unsafe { split(&mut src, &mut rng) };
                 let op = IoOp::Write {
                     lba,

@@ -432,9 +432,7 @@ pub(crate) fn segmented_requests_match_one_buffer(dev: &dyn Bdev) {
     let piece = |off: usize, n: usize| {
         let ptr = std::ptr::NonNull::new(base.wrapping_add(off)).expect("non-null");
         let owner: std::sync::Arc<dyn crate::BufOwner> = std::sync::Arc::new(NoRelease);
-        // SAFETY: `off + n <= len`, so the piece lies inside `backing`, which
-        // outlives every piece (they are dropped at the completion below)
-        // and is not touched until they are gone; the pieces do not overlap.
+        // SAFETY: `off + n <= len` puts the piece inside `backing`, which outlives the pieces (dropped at the completion below) and is untouched meanwhile; pieces do not overlap.
         unsafe { IoBuf::from_owner(ptr, n, owner) }
     };
     q.submit(IoRequest {

@@ -858,7 +858,13 @@ impl Core {
         });
         s.tx_refs += items;
         let ddgst = self.tx_framing.ddgst.then(|| {
-            let mut parts: Vec<&[u8]> = Vec::new();
+            if items <= 1 {
+                // The usual case: one segment, no allocation.
+                let (mut one, o) = (&[][..], off as usize);
+                s.pieces(o, len as usize, |seg, so, n| one = &s.seg(seg)[so..so + n]);
+                return digest(&[one]);
+            }
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(items as usize);
             s.pieces(off as usize, len as usize, |seg, so, n| {
                 parts.push(&s.seg(seg)[so..so + n]);
             });

@@ -87,16 +87,16 @@ impl GuestLender {
         }
         let ptr = NonNull::new(start)?;
         let owner: Arc<dyn BufOwner> = self.clone();
-        // SAFETY: `get_slice` checked that every segment lies inside one
-        // mapped region of `self.mem`, and the loop that the segments follow
-        // each other in host memory, so `ptr..ptr+len` (len is the sum of the
+        // `get_slice` checked that every segment lies inside one mapped
+        // region of `self.mem`, and the loop that the segments follow each
+        // other in host memory, so `ptr..ptr+len` (len is the sum of the
         // segment lengths) is mapped, readable and writable memory of this
-        // table; the buffer holds `owner`, an `Arc` of this table, so the
-        // mappings stay until it is dropped (regions unmap only when the
-        // table's last `Arc` goes). The bytes are plain data shared with the
-        // guest: the guest owns them to the device until the chain is
-        // returned, and whatever it writes meanwhile can only change their
-        // values — the contract `from_owner` allows for such a peer.
+        // table. The buffer holds `owner`, an `Arc` of this table, and
+        // regions unmap only when the table's last `Arc` goes. The bytes are
+        // plain data shared with the guest, which owns them to the device
+        // until the chain is returned; its writes meanwhile can only change
+        // their values, the case `from_owner` allows for such a peer.
+        // SAFETY: the range is mapped read/write memory of `self.mem`, kept mapped by `owner` for the buffer's life, and shared only with the guest (see above).
         Some(unsafe { IoBuf::from_owner(ptr, len as usize, owner) })
     }
 
