@@ -225,6 +225,20 @@ fn scattered_data_segments_go_out_and_come_back_in_place() {
             )
             .expect("completes");
         assert_eq!(c.result, Err(unvme_bdev::IoError::BadBuffer));
+        // More segments than the queue takes: refused too.
+        let max = ns.open_queue().expect("queue").max_segments();
+        let c = q
+            .run_sync(
+                1,
+                IoRequest {
+                    tag: 4,
+                    op: IoOp::Read { lba: 0, nlb: 1 },
+                    buf: Some(IoBuf::new(512)),
+                    more: (0..max).map(|_| IoBuf::new(0)).collect(),
+                },
+            )
+            .expect("completes");
+        assert_eq!(c.result, Err(unvme_bdev::IoError::BadBuffer));
         drop(ns);
         ctrl.disconnect().expect("disconnect");
     }

@@ -173,26 +173,27 @@ impl<B: SyncBackend> SyncQueue<B> {
         let have =
             first.as_ref().map_or(0, |b| b.len()) + more.iter().map(|b| b.len()).sum::<usize>();
         info.check_request_len(op, Some(have))?;
-        let mut segs: Vec<&mut [u8]> = Vec::with_capacity(more.len() + 1);
+        // The segments cut to the transfer, in order (no list is built).
         let mut left = len;
-        for b in first.into_iter().chain(more.iter_mut()) {
+        let mut segs = first.into_iter().chain(more.iter_mut()).map(move |b| {
             let n = b.len().min(left);
-            segs.push(&mut b[..n]);
             left -= n;
-        }
+            &mut b[..n]
+        });
         if !self.backend.any_alignment() {
             let mut bounce = IoBuf::new(len);
-            if let IoOp::Write { .. } = op {
+            let write = matches!(op, IoOp::Write { .. });
+            if write {
                 let mut at = 0;
-                for s in &segs {
+                for s in segs.by_ref() {
                     bounce[at..at + s.len()].copy_from_slice(s);
                     at += s.len();
                 }
             }
             self.execute(op, Some(&mut bounce))?;
-            if let IoOp::Read { .. } = op {
+            if !write {
                 let mut at = 0;
-                for s in &mut segs {
+                for s in segs {
                     let n = s.len();
                     s.copy_from_slice(&bounce[at..at + n]);
                     at += n;
@@ -202,10 +203,10 @@ impl<B: SyncBackend> SyncQueue<B> {
         }
         let bs = u64::from(info.block_size);
         let b = &mut self.backend;
-        let mut off = match *op {
-            IoOp::Read { lba, .. } | IoOp::Write { lba, .. } => lba * bs,
-            _ => 0,
+        let (IoOp::Read { lba, .. } | IoOp::Write { lba, .. }) = *op else {
+            return Err(IoError::BadBuffer);
         };
+        let mut off = lba * bs;
         for s in segs {
             match *op {
                 IoOp::Write { fua, .. } => b.write(off, s, fua)?,

@@ -69,6 +69,23 @@ wait_for() {
     return 0
 }
 
+# wait_log FILE PATTERN PID [TIMEOUT_S]: wait until FILE has a line matching
+# PATTERN (grep -E) while process PID lives; on failure print FILE and
+# return 1.
+wait_log() {
+    _i=0
+    _n=$(( ${4:-30} * 10 ))
+    while ! grep -Eq "$2" "$1" 2>/dev/null; do
+        _i=$((_i + 1))
+        if [ "$_i" -ge "$_n" ] || ! kill -0 "$3" 2>/dev/null; then
+            cat "$1" 2>/dev/null
+            return 1
+        fi
+        sleep 0.1
+    done
+    return 0
+}
+
 # ---- kernel NVMe/TCP target (nvmet) via configfs -------------------------
 NVMET=/sys/kernel/config/nvmet
 

@@ -110,12 +110,7 @@ start_ut() {
     /tmp/unvme target --listen 127.0.0.1:4421 --nqn "$NQN_U" --null 1G --reactors 1 --cpus "$TCPU" \
         ${BENCH_TARGET_ARGS:-} "$@" --log info 2>/tmp/ut.log &
     ut_pid=$!
-    _i=0
-    while ! grep -q listening /tmp/ut.log; do
-        _i=$((_i + 1))
-        [ "$_i" -lt 100 ] || { cat /tmp/ut.log; fail "unvme target did not start"; }
-        sleep 0.1
-    done
+    wait_log /tmp/ut.log listening "$ut_pid" 10 || fail "unvme target did not start"
 }
 stop_ut() {
     kill -TERM "$ut_pid" 2>/dev/null || true

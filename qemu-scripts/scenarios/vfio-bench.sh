@@ -129,12 +129,7 @@ run_unvme() {  # TAG UNVME_VFIO_DMA_POOL-or-empty
     env ${2:+UNVME_VFIO_DMA_POOL=$2} "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 \
         --reactors 1 --cpus "$TCPU" --spin-us 2000000 --log info 2>/tmp/ut.log &
     ut_pid=$!
-    i=0
-    while ! grep -q listening /tmp/ut.log; do
-        i=$((i + 1))
-        [ "$i" -lt 300 ] || { cat /tmp/ut.log; fail "unvme target --vfio did not start"; }
-        sleep 0.1
-    done
+    wait_log /tmp/ut.log listening "$ut_pid" 30 || fail "unvme target --vfio did not start"
     run_perf "$1" 4420 "$NQN_U"
     kill -TERM "$ut_pid"
     wait "$ut_pid" || true

@@ -148,15 +148,7 @@ target_start() {
         "$U" target --vfio "$ADDR" --listen 127.0.0.1:4420 --reactors 1 $TARGET_ARGS \
         --log info > /tmp/target.log 2>&1 &
     TPID=$!
-    i=0
-    while ! grep -q listening /tmp/target.log; do
-        i=$((i + 1))
-        if [ "$i" -ge 300 ] || ! kill -0 "$TPID" 2>/dev/null; then
-            cat /tmp/target.log
-            fail "unvme target --vfio did not start"
-        fi
-        sleep 0.1
-    done
+    wait_log /tmp/target.log listening "$TPID" 30 || fail "unvme target --vfio did not start"
     log "unvme target --vfio $ADDR listening (pid $TPID)"
 }
 target_stop() {
