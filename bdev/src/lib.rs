@@ -153,51 +153,7 @@ impl BdevInfo {
     }
 }
 
-/// One LBA range of a deallocate request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LbaRange {
-    /// First block.
-    pub lba: u64,
-    /// Number of blocks.
-    pub nlb: u32,
-}
-
-/// An operation on a block device. Block counts are real counts (not the
-/// NVMe 0's based form).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IoOp {
-    /// Read `nlb` blocks at `lba` into the request's buffer.
-    Read { lba: u64, nlb: u32 },
-    /// Write `nlb` blocks at `lba` from the request's buffer; with `fua` the
-    /// data is durable when the request completes.
-    Write { lba: u64, nlb: u32, fua: bool },
-    /// Compare `nlb` blocks at `lba` with the request's buffer.
-    Compare { lba: u64, nlb: u32 },
-    /// Make every completed write durable.
-    Flush,
-    /// Set `nlb` blocks at `lba` to zero; `deallocate` allows the backend to
-    /// deallocate them instead of writing zeroes.
-    WriteZeroes {
-        lba: u64,
-        nlb: u32,
-        deallocate: bool,
-        fua: bool,
-    },
-    /// Deallocate (trim) the ranges; later reads return zeroes.
-    Deallocate { ranges: Vec<LbaRange> },
-}
-
-impl IoOp {
-    /// Bytes of data the request moves through its buffer.
-    pub fn data_len(&self, block_size: u32) -> usize {
-        match *self {
-            IoOp::Read { nlb, .. } | IoOp::Write { nlb, .. } | IoOp::Compare { nlb, .. } => {
-                nlb as usize * block_size as usize
-            }
-            _ => 0,
-        }
-    }
-}
+pub use unvme_proto::nvm::{IoOp, LbaRange};
 
 /// A run of blocks in one allocation state (see [`BdevQueue::block_status`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

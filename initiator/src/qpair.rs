@@ -33,16 +33,7 @@ use unvme_proto::pdu::{
 use crate::wire::h2c_chunks;
 use crate::{ConnectOptions, Error, Result};
 
-/// Direction of a command's data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataDir {
-    /// No data.
-    None,
-    /// Host to controller (write): in-capsule or by R2T/H2CData.
-    HostToController,
-    /// Controller to host (read): C2HData.
-    ControllerToHost,
-}
+pub use unvme_proto::nvme::DataDir;
 
 /// A finished command with everything the controller said about it.
 #[derive(Debug)]

@@ -5,6 +5,8 @@
 //!   that never panics and never allocates more than the negotiated limits.
 //! - [`nvme`]: submission/completion queue entries, SGL descriptors, opcodes
 //!   and status codes (NVMe Base Specification 2.0, §4 and §3.3).
+//! - [`nvm`]: the NVM command layer: block-device operations ([`nvm::IoOp`])
+//!   to and from SQEs, Dataset Management range lists, admin command builders.
 //! - [`admin`]: admin command data structures (Identify, log pages, features).
 //! - [`discovery`]: the discovery log page (NVMe over Fabrics 1.1, §5.3).
 //! - [`fabrics`]: Connect and property get/set (NVMe over Fabrics, §3).
@@ -15,6 +17,7 @@
 pub mod admin;
 pub mod discovery;
 pub mod fabrics;
+pub mod nvm;
 pub mod nvme;
 pub mod pdu;
 
