@@ -182,6 +182,41 @@ impl TargetConfig {
     }
 }
 
+/// The settings every reactor and connection reads, taken from a
+/// [`TargetConfig`] once at start.
+#[derive(Debug, Clone)]
+pub(crate) struct Params {
+    /// MAXH2CDATA offered in ICResp.
+    pub max_h2c_data: u32,
+    /// In-capsule data an I/O queue accepts.
+    pub in_capsule: u32,
+    /// Largest data transfer of one command (MDTS in bytes).
+    pub max_transfer: u32,
+    /// Largest queue a host may connect (entries).
+    pub max_queue_size: u16,
+    /// I/O queues a controller may have.
+    pub max_io_queues: u16,
+    /// Spin this long without work before sleeping in epoll.
+    pub spin: std::time::Duration,
+    /// Connections one reactor serves.
+    pub max_conns: usize,
+}
+
+impl Params {
+    /// The settings of `c`.
+    pub fn from_config(c: &TargetConfig) -> Self {
+        Params {
+            max_h2c_data: c.max_h2c_data,
+            in_capsule: c.in_capsule_data_size,
+            max_transfer: c.max_transfer_bytes(),
+            max_queue_size: c.max_queue_size,
+            max_io_queues: c.max_io_queues,
+            spin: std::time::Duration::from_micros(c.spin_us),
+            max_conns: c.max_connections_per_reactor,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

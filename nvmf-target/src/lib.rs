@@ -20,11 +20,14 @@
 //! This crate does not parse the command line (see the `unvme` binary) and
 //! does not implement backends (see `unvme-bdev`).
 
-pub mod config;
-mod conn;
-mod passthru;
+mod config;
+mod ctrlr;
+mod namespace;
+mod pool;
+mod queues;
 mod reactor;
-pub mod subsystem;
+mod subsystem;
+mod tcp;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,7 +96,7 @@ impl Target {
             listeners.push(l);
         }
         subsystems.set_listen_addrs(&local_addrs);
-        let params = Arc::new(reactor::Params::from_config(&cfg));
+        let params = Arc::new(config::Params::from_config(&cfg));
         let mut reactors = Vec::new();
         let mut inboxes = Vec::new();
         let mut wakers = Vec::new();

@@ -7,7 +7,6 @@
 //! vectored write. After `spin_us` without work the reactor blocks in
 //! `epoll_wait` (up to 100 ms, for timers), so an idle target sleeps.
 
-use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -15,93 +14,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use unvme_bdev::{BdevQueue, IoBuf, IoCompletion, IoRequest, SubmitError};
+use unvme_bdev::IoCompletion;
 
-use crate::config::TargetConfig;
-use crate::conn::{split_tag, CloseReason, Conn, Ctx};
+use crate::config::Params;
+use crate::pool::BufPool;
+use crate::queues::BdevQueues;
 use crate::subsystem::Subsystems;
+use crate::tcp::{CloseReason, Conn, Ctx};
 use crate::{io_err, Result};
 
 const WAKER: Token = Token(usize::MAX);
 
-/// Settings every reactor reads.
-pub(crate) struct Params {
-    pub max_h2c_data: u32,
-    pub in_capsule: u32,
-    pub max_transfer: u32,
-    pub max_queue_size: u16,
-    pub max_io_queues: u16,
-    pub spin: Duration,
-    pub max_conns: usize,
+/// The bdev tag of slot 0 of connection `conn_idx` in generation `gen`:
+/// connection index in bits 63:32, generation (low 16 bits) in 31:16, and
+/// the slot in 15:0, so a completion finds its command and a completion
+/// for a closed connection's reused index is recognised as stale.
+fn tag_base(conn_idx: usize, gen: u32) -> u64 {
+    ((conn_idx as u64) << 32) | (u64::from(gen & 0xffff) << 16)
 }
 
-impl Params {
-    pub fn from_config(c: &TargetConfig) -> Self {
-        Params {
-            max_h2c_data: c.max_h2c_data,
-            in_capsule: c.in_capsule_data_size,
-            max_transfer: c.max_transfer_bytes(),
-            max_queue_size: c.max_queue_size,
-            max_io_queues: c.max_io_queues,
-            spin: Duration::from_micros(c.spin_us),
-            max_conns: c.max_connections_per_reactor,
-        }
-    }
-}
-
-/// Per-reactor free lists of data buffers by power-of-two size class
-/// (4 KiB … 16 MiB), bounded in total bytes kept.
-pub(crate) struct BufPool {
-    classes: Vec<Vec<IoBuf>>,
-    kept: usize,
-    limit: usize,
-}
-
-impl BufPool {
-    fn new(limit: usize) -> Self {
-        BufPool {
-            classes: (0..13).map(|_| Vec::new()).collect(),
-            kept: 0,
-            limit,
-        }
-    }
-
-    fn class(len: usize) -> usize {
-        let pages = len.max(1).div_ceil(4096).next_power_of_two();
-        pages.trailing_zeros() as usize
-    }
-
-    /// A buffer of exactly `len` bytes (capacity rounded up to its class).
-    pub fn get(&mut self, len: usize) -> IoBuf {
-        let c = Self::class(len);
-        let mut b = match self.classes.get_mut(c).and_then(|v| v.pop()) {
-            Some(b) => {
-                self.kept -= b.capacity();
-                b
-            }
-            None => IoBuf::new(4096usize << c.min(12)),
-        };
-        if b.capacity() < len {
-            b = IoBuf::new(len);
-        }
-        b.set_len(len);
-        b
-    }
-
-    /// Returns a buffer for reuse (dropped if the pool is full; a buffer
-    /// borrowed from a device's memory goes back to its owner).
-    pub fn put(&mut self, b: IoBuf) {
-        if b.owner().is_some() {
-            return;
-        }
-        let cap = b.capacity();
-        let c = Self::class(cap);
-        if self.kept + cap > self.limit || c >= self.classes.len() || (4096usize << c) != cap {
-            return;
-        }
-        self.kept += cap;
-        self.classes[c].push(b);
-    }
+/// Splits a tag into (connection index, generation, slot).
+fn split_tag(tag: u64) -> (usize, u32, u16) {
+    (
+        (tag >> 32) as usize,
+        ((tag >> 16) & 0xffff) as u32,
+        tag as u16,
+    )
 }
 
 pub(crate) struct Reactor {
@@ -113,8 +51,7 @@ pub(crate) struct Reactor {
     inbox: Receiver<std::net::TcpStream>,
     conns: Vec<Option<Conn>>,
     gens: Vec<u32>,
-    queues: Vec<Option<Box<dyn BdevQueue>>>,
-    busy: VecDeque<(usize, IoRequest)>,
+    queues: BdevQueues,
     pool: BufPool,
 }
 
@@ -128,19 +65,17 @@ impl Reactor {
         let poll = Poll::new().map_err(io_err("epoll"))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("waker"))?);
         let (tx, rx) = channel();
-        let nq = subsystems.all_namespaces.len();
         Ok((
             Reactor {
                 id,
                 params,
-                subsystems,
+                subsystems: subsystems.clone(),
                 stop,
                 poll,
                 inbox: rx,
                 conns: Vec::new(),
                 gens: Vec::new(),
-                queues: (0..nq).map(|_| None).collect(),
-                busy: VecDeque::new(),
+                queues: BdevQueues::new(subsystems.clone()),
                 pool: BufPool::new(64 << 20),
             },
             tx,
@@ -180,7 +115,12 @@ impl Reactor {
         }
         self.gens[idx] = self.gens[idx].wrapping_add(1);
         tracing::info!(%peer, reactor = self.id, "connection accepted");
-        self.conns[idx] = Some(Conn::new(stream, peer, &self.params));
+        self.conns[idx] = Some(Conn::new(
+            stream,
+            peer,
+            self.subsystems.clone(),
+            self.params.clone(),
+        ));
     }
 
     fn close(&mut self, idx: usize) {
@@ -209,8 +149,7 @@ impl Reactor {
             }
             // Never sleep while a backend holds I/O: a polled device (VFIO)
             // has no descriptor to wake epoll with.
-            let pending =
-                !self.busy.is_empty() || self.queues.iter().flatten().any(|q| q.outstanding() > 0);
+            let pending = self.queues.pending();
             let spinning = pending || last_work.elapsed() < self.params.spin;
             let timeout = if spinning {
                 Duration::ZERO
@@ -250,37 +189,18 @@ impl Reactor {
                 };
                 if c.readable && c.close.is_none() {
                     let mut ctx = Ctx {
-                        params: &self.params,
-                        subsystems: &self.subsystems,
                         queues: &mut self.queues,
-                        busy: &mut self.busy,
                         pool: &mut self.pool,
-                        conn_idx: idx,
-                        conn_gen: self.gens[idx],
+                        tag_base: tag_base(idx, self.gens[idx]),
                     };
                     if c.on_readable(&mut ctx) > 0 {
                         work = true;
                     }
                 }
             }
-            // Retry submissions a full queue refused.
-            for _ in 0..self.busy.len() {
-                let Some((g, req)) = self.busy.pop_front() else {
-                    break;
-                };
-                if let Some(q) = self.queues[g].as_mut() {
-                    if let Err(SubmitError::Busy(r)) = q.submit(req) {
-                        self.busy.push_front((g, r));
-                        break;
-                    }
-                }
-            }
-            // Collect completions.
-            for q in self.queues.iter_mut().flatten() {
-                if q.outstanding() > 0 {
-                    q.poll(&mut comps);
-                }
-            }
+            // Retry submissions a full queue refused, collect completions.
+            self.queues.retry();
+            self.queues.poll(&mut comps);
             for comp in comps.drain(..) {
                 work = true;
                 let (idx, gen, slot) = split_tag(comp.tag);
@@ -348,11 +268,8 @@ impl Reactor {
             self.close(idx);
         }
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.queues.iter().flatten().any(|q| q.outstanding() > 0) && Instant::now() < deadline
-        {
-            for q in self.queues.iter_mut().flatten() {
-                q.poll(&mut comps);
-            }
+        while self.queues.pending() && Instant::now() < deadline {
+            self.queues.poll(&mut comps);
             comps.clear();
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -1,9 +1,11 @@
-//! Subsystems, namespaces and the controllers hosts create in them.
+//! Subsystems and the controllers hosts create in them: the target's
+//! registry, shared between reactors.
 //!
-//! This is the state shared between reactors. It is read-mostly: the
-//! namespace table is fixed at start, and the per-controller state
-//! ([`CtrlShared`]) is touched by admin commands, Connect and periodic
-//! checks only — never per I/O.
+//! It is read-mostly: the namespace table is fixed at start, and the
+//! per-controller state ([`CtrlShared`]) is touched by admin commands,
+//! Connect and periodic checks only — never per I/O. What a controller
+//! answers from this state is the controller model's (`ctrlr`); this module
+//! only keeps it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,34 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use unvme_bdev::Bdev;
-use unvme_proto::admin::{IdentifyController, IdentifyNamespace, LbaFormat, PowerStateDescriptor};
-use unvme_proto::discovery::{self, DiscoveryLogEntry, DISCOVERY_NQN};
+use unvme_proto::discovery::DISCOVERY_NQN;
 
 use crate::config::TargetConfig;
+use crate::namespace::Namespace;
 use crate::{Error, Result};
 
-/// A namespace: an NSID bound to a backend.
-pub struct Namespace {
-    /// Namespace ID.
-    pub nsid: u32,
-    /// Backend.
-    pub bdev: Arc<dyn Bdev>,
-    /// Index across all subsystems; reactors keep one bdev queue per index.
-    pub gidx: usize,
-    /// Namespace Globally Unique Identifier (zero: none).
-    pub nguid: [u8; 16],
-    /// Namespace UUID (zero: none).
-    pub uuid: [u8; 16],
-    /// IEEE Extended Unique Identifier (zero: none).
-    pub eui64: [u8; 8],
-    /// For a backend with admin pass-through: the device's Identify
-    /// Namespace data last read, for answers while it cannot be asked.
-    pub dev_ident: Mutex<Option<IdentifyNamespace>>,
-}
-
 /// An NVM subsystem (or the discovery subsystem).
-pub struct Subsystem {
+pub(crate) struct Subsystem {
     /// NQN.
     pub nqn: String,
     /// Serial number.
@@ -61,7 +43,7 @@ struct CtrlTable {
 
 /// Mutable controller registers and settings.
 #[derive(Debug)]
-pub struct CtrlRegs {
+pub(crate) struct CtrlRegs {
     /// Controller Configuration.
     pub cc: u32,
     /// Controller Status.
@@ -82,7 +64,7 @@ pub struct CtrlRegs {
 
 /// One controller: created by an admin-queue Connect, shared by that
 /// connection and the controller's I/O queue connections.
-pub struct CtrlShared {
+pub(crate) struct CtrlShared {
     /// Controller ID.
     pub cntlid: u16,
     /// Owning subsystem.
@@ -176,7 +158,7 @@ impl Subsystem {
 }
 
 /// All subsystems of a target, including discovery.
-pub struct Subsystems {
+pub(crate) struct Subsystems {
     /// Subsystems; index 0 is discovery.
     pub list: Vec<Arc<Subsystem>>,
     /// Every namespace, by global index (for reactors' queue tables).
@@ -223,35 +205,7 @@ impl Subsystems {
                 }
                 let gidx = all.len();
                 all.push((si + 1, nsid));
-                let id = stable_id(&s.nqn, nsid);
-                let mut uuid = id;
-                uuid[6] = (uuid[6] & 0x0f) | 0x40; // RFC 4122 version 4 layout
-                uuid[8] = (uuid[8] & 0x3f) | 0x80;
-                let mut ns = Namespace {
-                    nsid,
-                    bdev,
-                    gidx,
-                    nguid: id,
-                    uuid,
-                    eui64: [0; 8],
-                    dev_ident: Mutex::new(None),
-                };
-                if let Some(a) = ns.bdev.nvme_admin() {
-                    // The device's identifiers, read once so they never
-                    // change under a host; the target's only if it has none.
-                    let (ident, ids) = crate::passthru::device_ids(a);
-                    if ids.any() {
-                        (ns.nguid, ns.eui64, ns.uuid) = (ids.nguid, ids.eui64, ids.uuid);
-                    }
-                    tracing::info!(
-                        nsid,
-                        subnqn = %s.nqn,
-                        device_nsid = a.nsid(),
-                        device_ids = ids.any(),
-                        "namespace {nsid}: admin pass-through to its NVMe device (Identify Namespace fields, identifiers, SMART / health log)"
-                    );
-                    ns.dev_ident = Mutex::new(ident);
-                }
+                let ns = Namespace::new(&s.nqn, nsid, bdev, gidx);
                 namespaces.push(ns);
             }
             namespaces.sort_by_key(|n| n.nsid);
@@ -276,6 +230,14 @@ impl Subsystems {
         })
     }
 
+    /// The bound addresses, for discovery log entries.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Records the bound addresses for discovery log entries.
     pub fn set_listen_addrs(&self, addrs: &[SocketAddr]) {
         *self.listen.lock().unwrap_or_else(|p| p.into_inner()) = addrs.to_vec();
@@ -296,145 +258,4 @@ impl Subsystems {
             }
         }
     }
-
-    /// The discovery log page: one entry per NVM subsystem per listener,
-    /// plus the discovery subsystem itself, visible to `hostnqn`.
-    pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
-        let listen = self
-            .listen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut entries = Vec::new();
-        for (portid, addr) in listen.iter().enumerate() {
-            for s in &self.list {
-                if !s.is_discovery && !s.host_allowed(hostnqn) {
-                    continue;
-                }
-                entries.push(DiscoveryLogEntry {
-                    trtype: discovery::TRTYPE_TCP,
-                    adrfam: if addr.is_ipv4() {
-                        discovery::ADRFAM_IPV4
-                    } else {
-                        discovery::ADRFAM_IPV6
-                    },
-                    subtype: if s.is_discovery {
-                        discovery::SUBTYPE_CURRENT_DISCOVERY
-                    } else {
-                        discovery::SUBTYPE_NVME
-                    },
-                    treq: discovery::TREQ_NOT_REQUIRED,
-                    portid: portid as u16 + 1,
-                    cntlid: 0xFFFF,
-                    asqsz: 32,
-                    trsvcid: addr.port().to_string(),
-                    subnqn: s.nqn.clone(),
-                    traddr: addr.ip().to_string(),
-                    ..Default::default()
-                });
-            }
-        }
-        discovery::encode_log(1, &entries)
-    }
-
-    /// Identify Controller data for `ctrl`.
-    pub fn identify_controller(&self, ctrl: &CtrlShared) -> IdentifyController {
-        let s = &ctrl.subsys;
-        let cfg = &self.cfg;
-        let mut id = IdentifyController {
-            vid: 0x1b36, // the vendor id QEMU uses for emulated devices; unvme has none of its own
-            ssvid: 0x1b36,
-            sn: s.serial.clone(),
-            mn: s.model.clone(),
-            fr: env!("CARGO_PKG_VERSION").chars().take(8).collect(),
-            rab: 6,
-            cmic: 0x2, // may have several controllers
-            mdts: mdts_for(s, cfg),
-            cntlid: ctrl.cntlid,
-            ver: unvme_proto::fabrics::NVME_VERSION_2_0,
-            oaes: if s.is_discovery { 0 } else { 1 << 8 },
-            cntrltype: if s.is_discovery { 2 } else { 1 },
-            acl: 3,
-            aerl: 3,
-            frmw: 0x3,
-            // Extended data for Get Log Page; no Commands Supported and
-            // Effects log; SMART per namespace where a device gives it.
-            lpa: 0x4 | u8::from(s.namespaces.iter().any(|n| n.bdev.nvme_admin().is_some())),
-            elpe: 0,
-            sqes: 0x66,
-            cqes: 0x44,
-            maxcmd: cfg.max_queue_size,
-            nn: s.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0),
-            // Compare, Write Zeroes, Dataset Management.
-            oncs: if s.is_discovery { 0 } else { 0x1 | 0x4 | 0x8 },
-            vwc: if s.is_discovery { 0 } else { 0x7 },
-            awun: 0,
-            awupf: 0,
-            // SGLs supported; Offset addressing (in-capsule data) supported. No
-            // keyed SGLs: those are for RDMA.
-            sgls: 0x1 | (1 << 20),
-            subnqn: s.nqn.clone(),
-            ioccsz: (64 + cfg.in_capsule_data_size) / 16,
-            iorcsz: 1,
-            icdoff: 0,
-            fcatt: 0,
-            msdbd: 1,
-            kas: 10, // 100 ms granularity
-            ..Default::default()
-        };
-        id.psd[0] = PowerStateDescriptor {
-            mp: 100,
-            ..Default::default()
-        };
-        id
-    }
-
-    /// Identify Namespace data.
-    pub fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
-        let info = ns.bdev.info();
-        let lbads = info.block_size.trailing_zeros() as u8;
-        let mut id = IdentifyNamespace {
-            nsze: info.num_blocks,
-            ncap: info.num_blocks,
-            nuse: info.num_blocks,
-            nsfeat: 0,
-            nmic: 1,
-            dlfeat: if info.deallocate { 0x1 | 0x8 } else { 0 }, // deallocated blocks read as zeroes; DEAC in Write Zeroes
-            nguid: ns.nguid,
-            eui64: ns.eui64,
-            ..Default::default()
-        };
-        id.set_lba_formats(&[LbaFormat::with_lbads(lbads)]);
-        id.flbas = 0;
-        id
-    }
-}
-
-/// A stable 16-byte identifier derived from the subsystem NQN and NSID, so a
-/// host sees the same NGUID/UUID across target restarts.
-fn stable_id(nqn: &str, nsid: u32) -> [u8; 16] {
-    let a = crc32c::crc32c(nqn.as_bytes());
-    let b = crc32c::crc32c_append(a, &nsid.to_le_bytes());
-    let c = crc32c::crc32c_append(b, b"unvme-ns");
-    let d = crc32c::crc32c_append(c, nqn.as_bytes());
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&a.to_be_bytes());
-    out[4..8].copy_from_slice(&b.to_be_bytes());
-    out[8..12].copy_from_slice(&c.to_be_bytes());
-    out[12..16].copy_from_slice(&d.to_be_bytes());
-    out
-}
-
-/// MDTS for a subsystem: the target's own limit, lowered to the smallest
-/// `max_transfer` any of its namespaces' backends declares.
-fn mdts_for(s: &Subsystem, cfg: &TargetConfig) -> u8 {
-    let mut bytes = cfg.max_transfer_bytes();
-    for n in &s.namespaces {
-        let m = n.bdev.info().max_transfer;
-        if m != 0 {
-            bytes = bytes.min(m);
-        }
-    }
-    let pages = (bytes / 4096).max(1);
-    (31 - pages.leading_zeros()) as u8
 }

@@ -1549,6 +1549,52 @@ impl SmartLog {
     }
 }
 
+/// Firmware Slot Information log page 03h (NVMe Base 2.0, §5.16): 512 bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirmwareSlotLog {
+    /// Active Firmware Info (byte 0): bits 2:0 the slot of the running
+    /// firmware, bits 6:4 the slot activated at the next reset (0: none).
+    pub afi: u8,
+    /// Firmware Revision of slots 1 to 7 (bytes 8*n..8*n+7, ASCII, space
+    /// padded; empty: no firmware in the slot).
+    pub frs: [String; 7],
+}
+
+impl FirmwareSlotLog {
+    /// Encoded size in bytes.
+    pub const SIZE: usize = 512;
+
+    /// Encodes into the first [`Self::SIZE`] bytes of `buf`.
+    ///
+    /// # Panics
+    /// If `buf` is shorter than [`Self::SIZE`].
+    pub fn encode(&self, buf: &mut [u8]) {
+        let b = out("firmware slot log", buf, Self::SIZE);
+        b[0] = self.afi;
+        for (i, r) in self.frs.iter().enumerate() {
+            if !r.is_empty() {
+                le::put_str_pad(b, 8 + 8 * i, 8, r, b' ');
+            }
+        }
+    }
+
+    /// Encodes into a new 512-byte buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = vec![0u8; Self::SIZE];
+        self.encode(&mut v);
+        v
+    }
+
+    /// Decodes the first [`Self::SIZE`] bytes of `buf`.
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        need("firmware slot log", buf, Self::SIZE)?;
+        Ok(Self {
+            afi: buf[0],
+            frs: std::array::from_fn(|i| le::str_field(buf, 8 + 8 * i, 8)),
+        })
+    }
+}
+
 /// Changed Namespace List log page 04h (NVMe Base 2.0, §5.16): 4096 bytes, up to 1024 NSIDs whose attributes changed.
 /// When more than 1024 changed, the page holds FFFFFFFFh followed by zeros.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -2365,5 +2411,26 @@ mod tests {
     fn ns_attr_changed_notice_dword() {
         assert_eq!(AsyncEvent::NS_ATTR_CHANGED.to_dword(), 0x0004_0002);
         assert_eq!(AsyncEvent::DISCOVERY_LOG_CHANGED.to_dword(), 0x0070_F002);
+    }
+
+    #[test]
+    fn firmware_slot_log_round_trips_with_the_revision_in_slot_1() {
+        let l = FirmwareSlotLog {
+            afi: 1,
+            frs: [
+                "0.1.0".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                "z".into(),
+            ],
+        };
+        let b = l.to_bytes();
+        assert_eq!(b[0], 1);
+        assert_eq!(&b[8..16], b"0.1.0   ");
+        assert_eq!(&b[16..24], &[0; 8]);
+        assert_eq!(FirmwareSlotLog::decode(&b).unwrap(), l);
     }
 }

@@ -33,10 +33,11 @@
 //! retryable status); a device error status is passed to the host as is.
 
 use unvme_bdev::{AdminError, NvmeAdmin};
-use unvme_proto::admin::{self, cns, lid, IdentifyNamespace, NsIdDescriptor, SmartLog};
+use unvme_proto::admin::{lid, IdentifyNamespace, NsIdDescriptor, SmartLog};
+use unvme_proto::nvm;
 use unvme_proto::nvme::{sct, Sqe, Status};
 
-use crate::subsystem::Namespace;
+use crate::namespace::{device_identify_ns, Namespace, ALL};
 
 /// NSFEAT bits taken from the device: THINP (NCAP/NUSE meaningful), NSABP
 /// (the atomic fields), UIDREUSE, OPTPERF (NPWG … NOWS). Not DAE: that
@@ -48,102 +49,6 @@ const NSFEAT_OPTPERF: u8 = 0x10;
 /// FLBAS bits the target keeps from the device: the format index (bits 3:0
 /// and 6:5); not bit 4 (metadata at the end of the LBA): it serves none.
 const FLBAS_INDEX: u8 = 0x6F;
-/// NSID of the whole controller.
-const ALL: u32 = 0xFFFF_FFFF;
-
-/// The identifiers of a namespace as its device reports them (zero: none).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct DeviceIds {
-    pub nguid: [u8; 16],
-    pub eui64: [u8; 8],
-    pub uuid: [u8; 16],
-}
-
-impl DeviceIds {
-    /// Whether the device reports any identifier.
-    pub fn any(&self) -> bool {
-        self.nguid != [0; 16] || self.eui64 != [0; 8] || self.uuid != [0; 16]
-    }
-}
-
-fn identify_cmd(cns: u8, nsid: u32) -> Sqe {
-    let [cdw10, cdw11] = admin::Identify {
-        cns,
-        ..Default::default()
-    }
-    .to_cdws();
-    Sqe {
-        opc: admin::opc::IDENTIFY,
-        nsid,
-        cdw10,
-        cdw11,
-        ..Default::default()
-    }
-}
-
-fn smart_cmd(nsid: u32) -> Sqe {
-    let [cdw10, cdw11, cdw12, cdw13] = admin::GetLogPage {
-        lid: lid::SMART,
-        numd: (SmartLog::SIZE / 4 - 1) as u32,
-        ..Default::default()
-    }
-    .to_cdws();
-    Sqe {
-        opc: admin::opc::GET_LOG_PAGE,
-        nsid,
-        cdw10,
-        cdw11,
-        cdw12,
-        cdw13,
-        ..Default::default()
-    }
-}
-
-/// The device's Identify Namespace data for its namespace.
-pub(crate) fn device_identify_ns(a: &dyn NvmeAdmin) -> Result<IdentifyNamespace, AdminError> {
-    let mut page = [0u8; admin::IDENTIFY_DATA_SIZE];
-    a.admin(&identify_cmd(cns::NS, a.nsid()), &mut page)?;
-    IdentifyNamespace::decode(&page)
-        .map_err(|e| AdminError::Unavailable(format!("Identify Namespace: {e}")))
-}
-
-/// Reads the device's Identify Namespace data and identifiers (Identify
-/// Namespace NGUID/EUI64, then the descriptor list for what it adds: the
-/// UUID). Called once, when the target opens the namespace.
-pub(crate) fn device_ids(a: &dyn NvmeAdmin) -> (Option<IdentifyNamespace>, DeviceIds) {
-    let mut ids = DeviceIds::default();
-    let id = match device_identify_ns(a) {
-        Ok(id) => {
-            ids.nguid = id.nguid;
-            ids.eui64 = id.eui64;
-            Some(id)
-        }
-        Err(e) => {
-            tracing::warn!(nsid = a.nsid(), "device Identify Namespace: {e}");
-            None
-        }
-    };
-    let mut page = [0u8; admin::IDENTIFY_DATA_SIZE];
-    match a.admin(&identify_cmd(cns::NS_DESC_LIST, a.nsid()), &mut page) {
-        Ok(_) => {
-            // A malformed list from the device still yields what parsed.
-            for d in admin::decode_ns_id_descs(&page).unwrap_or_default() {
-                match d {
-                    NsIdDescriptor::Nguid(v) if ids.nguid == [0; 16] => ids.nguid = v,
-                    NsIdDescriptor::Eui64(v) if ids.eui64 == [0; 8] => ids.eui64 = v,
-                    NsIdDescriptor::Uuid(v) => ids.uuid = v,
-                    _ => {}
-                }
-            }
-        }
-        // Devices before NVMe 1.3 have no descriptor list.
-        Err(e) => tracing::debug!(
-            nsid = a.nsid(),
-            "device Namespace Identification Descriptors: {e}"
-        ),
-    }
-    (id, ids)
-}
 
 /// Identify Namespace data that shows the device `dev` through the
 /// target's own `own` (see the module documentation for the fields).
@@ -266,6 +171,11 @@ pub(crate) fn own_smart_log() -> Vec<u8> {
     .to_vec()
 }
 
+/// Get Log Page of the device's SMART / Health log for `nsid`.
+fn smart_cmd(nsid: u32) -> Sqe {
+    nvm::get_log_page(lid::SMART, nsid, 0, SmartLog::SIZE as u32)
+}
+
 /// The SMART / Health page (512 bytes) for a Get Log Page with `nsid`, or
 /// the status to answer.
 pub(crate) fn smart_log(namespaces: &[Namespace], nsid: u32) -> Result<Vec<u8>, Status> {
@@ -298,10 +208,12 @@ pub(crate) fn smart_log(namespaces: &[Namespace], nsid: u32) -> Result<Vec<u8>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::namespace::device_ids;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
     use unvme_bdev::{Bdev, BdevInfo, BdevQueue, RamBdev};
     use unvme_proto::admin::LbaFormat;
+    use unvme_proto::admin::{self, cns};
 
     /// A bdev whose "device" answers Identify and SMART from fixed data and
     /// records the NSIDs it was asked for.

@@ -1,0 +1,189 @@
+//! Fabrics commands (NVMe over Fabrics 1.1 §3.3, opcode 7Fh): Connect,
+//! which binds a queue pair to a new or existing controller, Property
+//! Get/Set, the controller registers a fabrics host reaches instead of
+//! MMIO, and Disconnect.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use unvme_proto::fabrics::{self, cc, csts, fctype, prop, ConnectCmd, ConnectData, PropertyCmd};
+use unvme_proto::nvme::{Sqe, Status};
+
+use super::{Completion, Controller, Outcome};
+use crate::subsystem::{CtrlShared, Subsystem};
+
+/// Controller ready timeout reported in CAP.TO, in 500 ms units.
+const CAP_TIMEOUT: u8 = 20;
+
+/// A Connect with invalid parameters: IATTR (bit 0: the parameter is in the
+/// Connect data) and IPO (the parameter's byte offset) in dword 0.
+fn invalid_parameter(in_data: bool, ipo: u16) -> Outcome {
+    Outcome::Complete(Completion {
+        status: Status::CONNECT_INVALID_PARAMETERS,
+        dw0: u32::from(in_data) | (u32::from(ipo) << 16),
+        dw1: 0,
+    })
+}
+
+impl Controller {
+    pub(super) fn fabrics(&mut self, sqe: &Sqe, data: Option<&mut [u8]>) -> Outcome {
+        let admin_connected = self.qid == 0 && self.ctrl.is_some();
+        match sqe.fctype() {
+            fctype::CONNECT => self.connect(sqe, data.as_deref()),
+            fctype::PROPERTY_GET if admin_connected => {
+                match self.prop_get(PropertyCmd::from_sqe(sqe)) {
+                    Some(v) => Outcome::Complete(Completion {
+                        status: Status::SUCCESS,
+                        dw0: v as u32,
+                        dw1: (v >> 32) as u32,
+                    }),
+                    None => Outcome::status(Status::INVALID_FIELD),
+                }
+            }
+            fctype::PROPERTY_SET if admin_connected => {
+                Outcome::status(self.prop_set(PropertyCmd::from_sqe(sqe)))
+            }
+            fctype::DISCONNECT => Outcome::Disconnect,
+            _ => Outcome::status(Status::INVALID_OPCODE),
+        }
+    }
+
+    fn connect(&mut self, sqe: &Sqe, data: Option<&[u8]>) -> Outcome {
+        let c = ConnectCmd::from_sqe(sqe);
+        if self.connected() {
+            return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
+        }
+        let Some(data) = data.and_then(|b| ConnectData::decode(b).ok()) else {
+            return Outcome::status(Status::DATA_SGL_LENGTH_INVALID);
+        };
+        if c.recfmt != 0 {
+            return Outcome::status(Status::CONNECT_INCOMPATIBLE_FORMAT);
+        }
+        let Some(subsys) = self.subsystems.by_nqn(&data.subnqn).cloned() else {
+            tracing::info!(peer = %self.peer, subnqn = %data.subnqn, "connect to unknown subsystem");
+            return invalid_parameter(true, 256);
+        };
+        if !subsys.host_allowed(&data.hostnqn) {
+            tracing::info!(peer = %self.peer, hostnqn = %data.hostnqn, subnqn = %subsys.nqn, "host not allowed");
+            return Outcome::status(Status::CONNECT_INVALID_HOST);
+        }
+        let max_q = self.params.max_queue_size;
+        if c.sqsize == 0 || c.sqsize >= max_q || (c.qid == 0 && c.sqsize < 31) {
+            return Outcome::status(Status::INVALID_QUEUE_SIZE);
+        }
+        if c.qid == 0 {
+            self.connect_admin(c, &data, subsys)
+        } else {
+            self.connect_io(c, &data, subsys)
+        }
+    }
+
+    /// Connect on the admin queue: a new controller (dynamic model).
+    fn connect_admin(
+        &mut self,
+        c: ConnectCmd,
+        data: &ConnectData,
+        subsys: Arc<Subsystem>,
+    ) -> Outcome {
+        if data.cntlid != fabrics::CNTLID_DYNAMIC {
+            return invalid_parameter(true, 16);
+        }
+        let Some(ctrl) = subsys.create_ctrl(
+            &data.hostnqn,
+            data.hostid,
+            c.kato,
+            self.params.max_io_queues,
+        ) else {
+            return Outcome::status(Status::CONNECT_CTRL_BUSY);
+        };
+        tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, subnqn = %subsys.nqn, hostnqn = %data.hostnqn, kato_ms = c.kato, "admin queue connected");
+        self.bind(c, ctrl, subsys)
+    }
+
+    /// Connect on an I/O queue: joins the host's existing controller.
+    fn connect_io(&mut self, c: ConnectCmd, data: &ConnectData, subsys: Arc<Subsystem>) -> Outcome {
+        if subsys.is_discovery {
+            return invalid_parameter(false, 42);
+        }
+        let Some(ctrl) = subsys.ctrl(data.cntlid) else {
+            return invalid_parameter(true, 16);
+        };
+        if ctrl.hostnqn != data.hostnqn || ctrl.hostid != data.hostid {
+            return invalid_parameter(true, 512);
+        }
+        {
+            let mut r = ctrl.regs();
+            if r.csts & csts::RDY == 0 || c.qid > r.io_queues {
+                return invalid_parameter(false, 42);
+            }
+            if r.connected_qids.contains(&c.qid) {
+                // As Linux nvmet: a queue ID still in use (its old
+                // connection may not be torn down yet) is a sequence
+                // error, which hosts retry.
+                return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
+            }
+            r.connected_qids.push(c.qid);
+        }
+        self.epoch = ctrl.epoch.load(Ordering::Acquire);
+        self.bind(c, ctrl, subsys)
+    }
+
+    fn bind(&mut self, c: ConnectCmd, ctrl: Arc<CtrlShared>, subsys: Arc<Subsystem>) -> Outcome {
+        let cntlid = ctrl.cntlid;
+        self.ctrl = Some(ctrl);
+        self.qid = c.qid;
+        self.sqsize = c.sqsize + 1;
+        self.sqflow_off = c.sqflow_disabled();
+        self.subsys = Some(subsys);
+        Outcome::ok(u32::from(cntlid))
+    }
+
+    fn prop_get(&self, p: PropertyCmd) -> Option<u64> {
+        let ctrl = self.ctrl.as_ref()?;
+        let r = ctrl.regs();
+        Some(match (p.ofst, p.size8) {
+            (prop::CAP, true) => fabrics::cap_value(self.params.max_queue_size - 1, CAP_TIMEOUT),
+            (prop::VS, false) => u64::from(fabrics::NVME_VERSION_2_0),
+            (prop::CC, false) => u64::from(r.cc),
+            (prop::CSTS, false) => u64::from(r.csts),
+            _ => return None,
+        })
+    }
+
+    /// Property Set: only CC is writable. EN 0→1 makes the controller ready,
+    /// 1→0 resets it (its I/O queues close), a shutdown notification flushes
+    /// every namespace before SHST reports completion.
+    fn prop_set(&mut self, p: PropertyCmd) -> Status {
+        let Some(ctrl) = self.ctrl.clone() else {
+            return Status::INVALID_FIELD;
+        };
+        if p.ofst != prop::CC || p.size8 {
+            return Status::INVALID_FIELD;
+        }
+        let new = p.value as u32;
+        let mut r = ctrl.regs();
+        let old = r.cc;
+        r.cc = new;
+        if new & cc::EN != 0 && old & cc::EN == 0 {
+            r.csts = csts::RDY;
+            tracing::debug!(cntlid = ctrl.cntlid, "controller enabled");
+        } else if new & cc::EN == 0 && old & cc::EN != 0 {
+            r.csts &= !csts::RDY;
+            r.connected_qids.clear();
+            ctrl.epoch.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(cntlid = ctrl.cntlid, "controller reset");
+        }
+        if new & cc::SHN_MASK != 0 && old & cc::SHN_MASK == 0 {
+            drop(r);
+            for n in &ctrl.subsys.namespaces {
+                if let Err(e) = n.bdev.flush_all() {
+                    tracing::error!(nsid = n.nsid, "flush at shutdown notification failed: {e}");
+                }
+            }
+            let mut r = ctrl.regs();
+            r.csts = (r.csts & !csts::SHST_MASK) | csts::SHST_COMPLETE;
+            tracing::info!(cntlid = ctrl.cntlid, "shutdown notification processed");
+        }
+        Status::SUCCESS
+    }
+}

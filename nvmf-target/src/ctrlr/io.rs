@@ -1,0 +1,58 @@
+//! NVM I/O commands on an I/O queue: the command is decoded by the one NVM
+//! command layer (`unvme_proto::nvm`) and checked against its namespace
+//! (NVM Command Set 1.0 §3: Invalid Namespace, LBA Out of Range, a data
+//! length that does not match NLB), then handed to the backend.
+
+use unvme_proto::nvm::{IoOp, NvmCommand};
+use unvme_proto::nvme::{Sqe, Status};
+
+use super::{Controller, Outcome};
+use crate::subsystem::Subsystem;
+
+impl Controller {
+    pub(super) fn io(&self, sqe: &Sqe, data: Option<&mut [u8]>) -> Outcome {
+        let Some(subsys) = self.subsys.as_deref() else {
+            return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        match validate(subsys, sqe, data.as_deref()) {
+            Ok(Some((gidx, op))) => Outcome::Io { gidx, op },
+            Ok(None) => Outcome::ok(0),
+            Err(st) => Outcome::status(st),
+        }
+    }
+}
+
+/// Validates an NVM I/O command against its namespace and builds the bdev
+/// operation. `data` is the command's data buffer (its length is the
+/// transfer length). `Ok(None)` means "complete successfully without I/O"
+/// (hints, and deallocation on a backend that cannot deallocate).
+fn validate(
+    subsys: &Subsystem,
+    sqe: &Sqe,
+    data: Option<&[u8]>,
+) -> Result<Option<(usize, IoOp)>, Status> {
+    let ns = subsys.namespace(sqe.nsid).ok_or(Status::INVALID_NS)?;
+    let info = ns.bdev.info();
+    let in_range = |lba: u64, nlb: u32| {
+        info.check_range(lba, nlb)
+            .map_err(|_| Status::LBA_OUT_OF_RANGE)
+    };
+    let op = match NvmCommand::decode(sqe, data)? {
+        NvmCommand::Hint { ranges } => {
+            ranges.iter().try_for_each(|r| in_range(r.lba, r.nlb))?;
+            return Ok(None);
+        }
+        NvmCommand::Op(op) => op,
+    };
+    op.try_for_each_range(in_range)?;
+    let len = data.map_or(0, <[u8]>::len);
+    match op {
+        IoOp::Read { nlb, .. } | IoOp::Write { nlb, .. } | IoOp::Compare { nlb, .. }
+            if u64::from(nlb) * u64::from(info.block_size) != len as u64 =>
+        {
+            Err(Status::DATA_SGL_LENGTH_INVALID)
+        }
+        IoOp::Deallocate { .. } if !info.deallocate => Ok(None),
+        op => Ok(Some((ns.gidx, op))),
+    }
+}

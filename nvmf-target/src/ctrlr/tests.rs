@@ -1,0 +1,944 @@
+//! Unit tests of the controller model, with no socket: commands go in as
+//! SQEs and data buffers, outcomes come out (in the manner of SPDK's
+//! `test/unit/lib/nvmf/ctrlr.c`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use unvme_bdev::{IoOp, LbaRange};
+use unvme_proto::admin::{
+    self, cns, fid, lid, opc, ChangedNsList, ErrorLogEntry, FirmwareSlotLog, IdentifyController,
+    IdentifyNamespace, NsIdDescriptor, NumberOfQueues,
+};
+use unvme_proto::discovery::{self, DISCOVERY_NQN};
+use unvme_proto::fabrics::{
+    cc, csts, fctype, prop, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC, OPC_FABRICS,
+};
+use unvme_proto::nvm::{self, encode_dsm_ranges, IoCommand, DSM_AD};
+use unvme_proto::nvme::{io_opc, Sqe, Status};
+
+use super::*;
+use crate::config::{NamespaceConfig, Params, SubsystemConfig, TargetConfig};
+use crate::subsystem::Subsystems;
+
+const NQN: &str = "nqn.2024-11.io.unvme:test";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
+const HOSTID: [u8; 16] = [7; 16];
+/// Blocks of the test namespace (4 MiB of 512-byte blocks).
+const BLOCKS: u64 = 8192;
+
+struct Env {
+    subsystems: Arc<Subsystems>,
+    params: Arc<Params>,
+}
+
+fn env_with(allowed_hosts: Vec<String>) -> Env {
+    let cfg = TargetConfig {
+        subsystems: vec![SubsystemConfig {
+            nqn: NQN.into(),
+            serial: "S1".into(),
+            model: "test".into(),
+            allowed_hosts,
+            namespaces: vec![
+                NamespaceConfig {
+                    bdev: "ram:4M".into(),
+                    nsid: None,
+                },
+                NamespaceConfig {
+                    bdev: "null:1M".into(),
+                    nsid: Some(5),
+                },
+            ],
+        }],
+        listen: vec!["127.0.0.1:4420".parse().unwrap()],
+        ..TargetConfig::default()
+    };
+    let subsystems = Arc::new(Subsystems::from_config(&cfg).expect("RAM target opens"));
+    subsystems.set_listen_addrs(&cfg.listen);
+    Env {
+        subsystems,
+        params: Arc::new(Params::from_config(&cfg)),
+    }
+}
+
+fn env() -> Env {
+    env_with(Vec::new())
+}
+
+impl Env {
+    fn queue(&self) -> Controller {
+        Controller::new(
+            "127.0.0.1:9".parse().unwrap(),
+            self.subsystems.clone(),
+            self.params.clone(),
+        )
+    }
+
+    /// An admin queue connected to `nqn` and, with `enable`, CC.EN set.
+    fn admin(&self, nqn: &str, enable: bool) -> (Controller, u16) {
+        let mut q = self.queue();
+        let cntlid = match connect(&mut q, 0, 31, nqn, CNTLID_DYNAMIC) {
+            Outcome::Complete(c) if c.status.is_success() => c.dw0 as u16,
+            o => panic!("admin connect failed: {o:?}"),
+        };
+        if enable {
+            assert_eq!(prop_set(&mut q, prop::CC, cc::EN), Status::SUCCESS);
+        }
+        (q, cntlid)
+    }
+
+    /// An I/O queue `qid` of controller `cntlid`.
+    fn io(&self, cntlid: u16, qid: u16) -> Controller {
+        let mut q = self.queue();
+        assert_eq!(
+            connect(&mut q, qid, 127, NQN, cntlid),
+            Outcome::ok(u32::from(cntlid))
+        );
+        q
+    }
+}
+
+fn connect_with(q: &mut Controller, c: ConnectCmd, data: &ConnectData) -> Outcome {
+    let mut sqe = Sqe::default();
+    c.to_sqe(&mut sqe);
+    let mut buf = data.encode();
+    assert!(q.admit(&sqe).is_ok(), "Connect is always admitted");
+    q.execute(&sqe, Some(&mut buf))
+}
+
+fn connect(q: &mut Controller, qid: u16, sqsize: u16, nqn: &str, cntlid: u16) -> Outcome {
+    let c = ConnectCmd {
+        qid,
+        sqsize,
+        kato: 30_000,
+        ..ConnectCmd::default()
+    };
+    let d = ConnectData {
+        hostid: HOSTID,
+        cntlid,
+        subnqn: nqn.into(),
+        hostnqn: HOST.into(),
+    };
+    connect_with(q, c, &d)
+}
+
+fn property(set: bool, ofst: u32, size8: bool, value: u64) -> Sqe {
+    let mut sqe = Sqe::default();
+    PropertyCmd { size8, ofst, value }.to_sqe(set, &mut sqe);
+    sqe.opc = OPC_FABRICS;
+    sqe.nsid = u32::from(if set {
+        fctype::PROPERTY_SET
+    } else {
+        fctype::PROPERTY_GET
+    });
+    sqe
+}
+
+fn prop_set(q: &mut Controller, ofst: u32, value: u32) -> Status {
+    match q.execute(&property(true, ofst, false, u64::from(value)), None) {
+        Outcome::Complete(c) => c.status,
+        o => panic!("Property Set answered {o:?}"),
+    }
+}
+
+fn prop_get(q: &mut Controller, ofst: u32, size8: bool) -> Result<u64, Status> {
+    match q.execute(&property(false, ofst, size8, 0), None) {
+        Outcome::Complete(c) if c.status.is_success() => {
+            Ok(u64::from(c.dw0) | (u64::from(c.dw1) << 32))
+        }
+        Outcome::Complete(c) => Err(c.status),
+        o => panic!("Property Get answered {o:?}"),
+    }
+}
+
+fn status(o: Outcome) -> Status {
+    match o {
+        Outcome::Complete(c) => c.status,
+        Outcome::Data(c) => c.status,
+        o => panic!("expected a completion, got {o:?}"),
+    }
+}
+
+/// Runs an admin command that returns `len` bytes; the data on success.
+fn read_admin(q: &mut Controller, sqe: Sqe, len: usize) -> Result<Vec<u8>, Status> {
+    let mut buf = vec![0xEEu8; len];
+    match q.execute(&sqe, Some(&mut buf)) {
+        Outcome::Data(c) => {
+            assert!(c.status.is_success());
+            Ok(buf)
+        }
+        Outcome::Complete(c) => Err(c.status),
+        o => panic!("unexpected {o:?}"),
+    }
+}
+
+fn identify(q: &mut Controller, cns: u8, nsid: u32) -> Result<Vec<u8>, Status> {
+    read_admin(q, nvm::identify(cns, nsid, 0), admin::IDENTIFY_DATA_SIZE)
+}
+
+fn log_page(q: &mut Controller, lid: u8, offset: u64, len: usize) -> Result<Vec<u8>, Status> {
+    read_admin(q, nvm::get_log_page(lid, 0, offset, len as u32), len)
+}
+
+fn features(q: &mut Controller, sqe: Sqe) -> Completion {
+    match q.execute(&sqe, None) {
+        Outcome::Complete(c) => c,
+        o => panic!("features answered {o:?}"),
+    }
+}
+
+fn io_cmd(q: &mut Controller, op: &IoOp, nsid: u32, data: Option<&mut [u8]>) -> Outcome {
+    let c = IoCommand::build(nsid, op, 512).expect("valid op");
+    q.execute(&c.sqe, data)
+}
+
+// ---------------------------------------------------------------------------
+// Connect
+// ---------------------------------------------------------------------------
+
+#[test]
+fn before_connect_only_connect_is_admitted() {
+    let e = env();
+    let mut q = e.queue();
+    let id = nvm::identify(cns::CTRL, 0, 0);
+    assert_eq!(q.admit(&id), Err(Status::COMMAND_SEQUENCE_ERROR));
+    assert_eq!(status(q.execute(&id, None)), Status::COMMAND_SEQUENCE_ERROR);
+    assert_eq!(
+        prop_get(&mut q, prop::CAP, true),
+        Err(Status::INVALID_OPCODE)
+    );
+    assert!(!q.connected());
+    assert_eq!(q.in_capsule_size(), ADMIN_INCAPSULE);
+}
+
+#[test]
+fn admin_connect_creates_a_controller_with_a_fresh_cntlid() {
+    let e = env();
+    let (a, c1) = e.admin(NQN, false);
+    let (_b, c2) = e.admin(NQN, false);
+    assert!(a.connected());
+    assert_eq!((a.qid(), a.sqsize(), a.cntlid()), (0, 32, Some(c1)));
+    assert_ne!(c1, c2, "every admin Connect makes a new controller");
+    assert!(c1 > 0 && c1 < 0xFFF0);
+}
+
+#[test]
+fn connect_to_an_unknown_subsystem_points_at_subnqn() {
+    let e = env();
+    let mut q = e.queue();
+    let o = connect(&mut q, 0, 31, "nqn.2024-11.io.unvme:nope", CNTLID_DYNAMIC);
+    assert_eq!(
+        o,
+        Outcome::Complete(Completion {
+            status: Status::CONNECT_INVALID_PARAMETERS,
+            dw0: 1 | (256 << 16),
+            dw1: 0
+        })
+    );
+    assert!(!q.connected());
+}
+
+#[test]
+fn connect_from_a_host_not_on_the_allow_list_is_refused() {
+    let e = env_with(vec!["nqn.2014-08.org.nvmexpress:uuid:someone-else".into()]);
+    let mut q = e.queue();
+    let o = connect(&mut q, 0, 31, NQN, CNTLID_DYNAMIC);
+    assert_eq!(status(o), Status::CONNECT_INVALID_HOST);
+    let e = env_with(vec![HOST.into()]);
+    let mut q = e.queue();
+    assert!(status(connect(&mut q, 0, 31, NQN, CNTLID_DYNAMIC)).is_success());
+}
+
+#[test]
+fn connect_checks_queue_size_format_and_data() {
+    let e = env();
+    let max = e.params.max_queue_size;
+    for (qid, sqsize) in [(0, 0), (0, 30), (0, max), (0, max + 1)] {
+        let mut q = e.queue();
+        let o = connect(&mut q, qid, sqsize, NQN, CNTLID_DYNAMIC);
+        assert_eq!(status(o), Status::INVALID_QUEUE_SIZE, "sqsize {sqsize}");
+    }
+    let mut q = e.queue();
+    let c = ConnectCmd {
+        recfmt: 1,
+        sqsize: 31,
+        ..ConnectCmd::default()
+    };
+    let d = ConnectData {
+        cntlid: CNTLID_DYNAMIC,
+        subnqn: NQN.into(),
+        hostnqn: HOST.into(),
+        ..ConnectData::default()
+    };
+    assert_eq!(
+        status(connect_with(&mut q, c, &d)),
+        Status::CONNECT_INCOMPATIBLE_FORMAT
+    );
+    let mut sqe = Sqe::default();
+    ConnectCmd {
+        sqsize: 31,
+        ..ConnectCmd::default()
+    }
+    .to_sqe(&mut sqe);
+    assert_eq!(
+        status(q.execute(&sqe, None)),
+        Status::DATA_SGL_LENGTH_INVALID
+    );
+    let mut short = [0u8; 512];
+    assert_eq!(
+        status(q.execute(&sqe, Some(&mut short))),
+        Status::DATA_SGL_LENGTH_INVALID
+    );
+    let o = connect(&mut q, 0, 31, NQN, 5);
+    assert_eq!(
+        o,
+        Outcome::Complete(Completion {
+            status: Status::CONNECT_INVALID_PARAMETERS,
+            dw0: 1 | (16 << 16),
+            dw1: 0
+        }),
+        "a static CNTLID on the admin queue points at CNTLID"
+    );
+}
+
+#[test]
+fn a_second_connect_on_a_connected_queue_is_a_sequence_error() {
+    let e = env();
+    let (mut q, _) = e.admin(NQN, false);
+    let o = connect(&mut q, 0, 31, NQN, CNTLID_DYNAMIC);
+    assert_eq!(status(o), Status::COMMAND_SEQUENCE_ERROR);
+}
+
+#[test]
+fn io_queue_connect_needs_a_ready_controller_of_the_same_host() {
+    let e = env();
+    let (mut a, cntlid) = e.admin(NQN, false);
+    let invalid = |ipo: u32, in_data: u32| {
+        Outcome::Complete(Completion {
+            status: Status::CONNECT_INVALID_PARAMETERS,
+            dw0: in_data | (ipo << 16),
+            dw1: 0,
+        })
+    };
+    let mut q = e.queue();
+    assert_eq!(
+        connect(&mut q, 1, 127, NQN, cntlid),
+        invalid(42, 0),
+        "not enabled"
+    );
+    assert_eq!(prop_set(&mut a, prop::CC, cc::EN), Status::SUCCESS);
+    let mut q = e.queue();
+    assert_eq!(
+        connect(&mut q, 1, 127, NQN, cntlid + 100),
+        invalid(16, 1),
+        "unknown CNTLID"
+    );
+    let mut q = e.queue();
+    let c = ConnectCmd {
+        qid: 1,
+        sqsize: 127,
+        ..ConnectCmd::default()
+    };
+    let other = ConnectData {
+        hostid: HOSTID,
+        cntlid,
+        subnqn: NQN.into(),
+        hostnqn: "nqn.2014-08.org.nvmexpress:uuid:other".into(),
+    };
+    assert_eq!(
+        connect_with(&mut q, c, &other),
+        invalid(512, 1),
+        "another host"
+    );
+    let too_many = e.params.max_io_queues + 1;
+    let mut q = e.queue();
+    assert_eq!(connect(&mut q, too_many, 127, NQN, cntlid), invalid(42, 0));
+    let mut q1 = e.io(cntlid, 1);
+    assert_eq!(q1.qid(), 1);
+    assert_eq!(q1.in_capsule_size(), e.params.in_capsule);
+    let mut dup = e.queue();
+    let o = connect(&mut dup, 1, 127, NQN, cntlid);
+    assert_eq!(status(o), Status::COMMAND_SEQUENCE_ERROR, "QID in use");
+    q1.release();
+    let again = e.io(cntlid, 1);
+    assert!(again.connected(), "a released QID can connect again");
+}
+
+#[test]
+fn the_discovery_controller_has_no_io_queues() {
+    let e = env();
+    let (_a, cntlid) = e.admin(DISCOVERY_NQN, true);
+    let mut q = e.queue();
+    let o = connect(&mut q, 1, 31, DISCOVERY_NQN, cntlid);
+    assert_eq!(status(o), Status::CONNECT_INVALID_PARAMETERS);
+}
+
+// ---------------------------------------------------------------------------
+// Properties, enable, reset, shutdown, keep-alive
+// ---------------------------------------------------------------------------
+
+#[test]
+fn properties_report_cap_vs_and_follow_cc() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, false);
+    let cap = prop_get(&mut a, prop::CAP, true).unwrap();
+    assert_eq!(cap & 0xFFFF, u64::from(e.params.max_queue_size - 1), "MQES");
+    assert_ne!(cap & (1 << 37), 0, "NVM command set");
+    assert_eq!(prop_get(&mut a, prop::VS, false), Ok(0x0002_0000));
+    assert_eq!(prop_get(&mut a, prop::CSTS, false), Ok(0));
+    assert_eq!(
+        prop_get(&mut a, prop::CAP, false),
+        Err(Status::INVALID_FIELD)
+    );
+    assert_eq!(prop_get(&mut a, 0x40, false), Err(Status::INVALID_FIELD));
+    assert_eq!(prop_set(&mut a, prop::CSTS, 1), Status::INVALID_FIELD);
+    let en = cc::EN | (6 << cc::IOSQES_SHIFT) | (4 << cc::IOCQES_SHIFT);
+    assert_eq!(prop_set(&mut a, prop::CC, en), Status::SUCCESS);
+    assert_eq!(prop_get(&mut a, prop::CC, false), Ok(u64::from(en)));
+    assert_eq!(
+        prop_get(&mut a, prop::CSTS, false),
+        Ok(u64::from(csts::RDY))
+    );
+}
+
+#[test]
+fn admin_commands_wait_for_cc_en() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, false);
+    assert_eq!(
+        identify(&mut a, cns::CTRL, 0),
+        Err(Status::COMMAND_SEQUENCE_ERROR)
+    );
+    assert_eq!(prop_set(&mut a, prop::CC, cc::EN), Status::SUCCESS);
+    assert!(identify(&mut a, cns::CTRL, 0).is_ok());
+}
+
+#[test]
+fn a_controller_reset_or_teardown_ends_its_io_queues() {
+    let e = env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let q = e.io(cntlid, 1);
+    let now = Instant::now();
+    assert_eq!(q.tick(now), None);
+    assert_eq!(prop_set(&mut a, prop::CC, 0), Status::SUCCESS);
+    assert_eq!(q.tick(now), Some(Teardown::ControllerGone), "reset");
+    assert_eq!(prop_get(&mut a, prop::CSTS, false), Ok(0));
+    assert_eq!(prop_set(&mut a, prop::CC, cc::EN), Status::SUCCESS);
+    let q2 = e.io(cntlid, 1);
+    assert_eq!(q2.tick(now), None, "a reset frees the QIDs");
+    a.release();
+    assert_eq!(
+        q2.tick(now),
+        Some(Teardown::ControllerGone),
+        "admin queue gone"
+    );
+    let mut late = e.queue();
+    assert_eq!(
+        status(connect(&mut late, 2, 127, NQN, cntlid)),
+        Status::CONNECT_INVALID_PARAMETERS
+    );
+}
+
+#[test]
+fn shutdown_notification_reports_shst_complete() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    assert_eq!(
+        prop_set(&mut a, prop::CC, cc::EN | (1 << cc::SHN_SHIFT)),
+        Status::SUCCESS
+    );
+    let v = prop_get(&mut a, prop::CSTS, false).unwrap() as u32;
+    assert_eq!(v & csts::SHST_MASK, csts::SHST_COMPLETE);
+}
+
+#[test]
+fn keep_alive_expires_after_kato_plus_grace_and_admin_commands_refresh_it() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    let t0 = Instant::now();
+    assert_eq!(a.tick(t0 + Duration::from_secs(30)), None, "within KATO");
+    assert_eq!(
+        a.tick(t0 + Duration::from_secs(36)),
+        Some(Teardown::KeepAliveExpired)
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let ka = Sqe {
+        opc: opc::KEEP_ALIVE,
+        ..Sqe::default()
+    };
+    assert_eq!(a.execute(&ka, None), Outcome::ok(0));
+    assert_eq!(
+        a.tick(t0 + Duration::from_secs(35) + Duration::from_millis(10)),
+        None,
+        "refreshed"
+    );
+    let off = nvm::set_features(fid::KEEP_ALIVE_TIMER, 0, 0, false);
+    assert!(features(&mut a, off).status.is_success());
+    assert_eq!(
+        a.tick(t0 + Duration::from_secs(3600)),
+        None,
+        "KATO 0 disables it"
+    );
+}
+
+#[test]
+fn disconnect_completes_then_closes() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    let sqe = Sqe {
+        opc: OPC_FABRICS,
+        nsid: u32::from(fctype::DISCONNECT),
+        ..Sqe::default()
+    };
+    assert_eq!(a.execute(&sqe, None), Outcome::Disconnect);
+    let unknown = Sqe {
+        opc: OPC_FABRICS,
+        nsid: 0x33,
+        ..Sqe::default()
+    };
+    assert_eq!(status(a.execute(&unknown, None)), Status::INVALID_OPCODE);
+}
+
+// ---------------------------------------------------------------------------
+// Identify
+// ---------------------------------------------------------------------------
+
+#[test]
+fn identify_controller_describes_the_subsystem_and_limits() {
+    let e = env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let id = IdentifyController::decode(&identify(&mut a, cns::CTRL, 0).unwrap()).unwrap();
+    assert_eq!(id.cntlid, cntlid);
+    assert_eq!(id.subnqn, NQN);
+    assert_eq!(id.sn, "S1");
+    assert_eq!(id.nn, 5, "highest NSID");
+    assert_eq!(id.ioccsz, (64 + e.params.in_capsule) / 16);
+    assert_eq!(id.cntrltype, 1, "I/O controller");
+    assert_eq!(id.maxcmd, e.params.max_queue_size);
+    assert_eq!(4096u32 << id.mdts, e.params.max_transfer);
+}
+
+#[test]
+fn identify_namespace_and_lists() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    let ns = IdentifyNamespace::decode(&identify(&mut a, cns::NS, 1).unwrap()).unwrap();
+    assert_eq!((ns.nsze, ns.ncap), (BLOCKS, BLOCKS));
+    assert_eq!(ns.current_lba_format().map(|f| f.lbads), Some(9));
+    let inactive = identify(&mut a, cns::NS, 3).unwrap();
+    assert!(inactive.iter().all(|&b| b == 0), "inactive NSID: zeroes");
+    assert_eq!(identify(&mut a, cns::NS, 0), Err(Status::INVALID_NS));
+    assert_eq!(
+        identify(&mut a, cns::NS, 0xFFFF_FFFF),
+        Err(Status::INVALID_NS)
+    );
+    let list = admin::decode_ns_list(&identify(&mut a, cns::ACTIVE_NS_LIST, 0).unwrap());
+    assert_eq!(list, vec![1, 5]);
+    let list = admin::decode_ns_list(&identify(&mut a, cns::ACTIVE_NS_LIST, 1).unwrap());
+    assert_eq!(list, vec![5], "only NSIDs above the command's");
+    assert_eq!(
+        identify(&mut a, cns::ACTIVE_NS_LIST, 0xFFFF_FFFE),
+        Err(Status::INVALID_NS)
+    );
+    let descs =
+        admin::decode_ns_id_descs(&identify(&mut a, cns::NS_DESC_LIST, 1).unwrap()).unwrap();
+    assert!(descs
+        .iter()
+        .any(|d| matches!(d, NsIdDescriptor::Nguid(v) if *v == ns.nguid)));
+    assert!(descs.iter().any(|d| matches!(d, NsIdDescriptor::Uuid(_))));
+    assert!(descs.contains(&NsIdDescriptor::Csi(0)));
+    assert_eq!(
+        identify(&mut a, cns::NS_DESC_LIST, 2),
+        Err(Status::INVALID_NS)
+    );
+    assert_eq!(identify(&mut a, 0x77, 0), Err(Status::INVALID_FIELD));
+}
+
+#[test]
+fn identify_answers_only_what_the_host_asked_for_and_zeroes_the_rest() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    let short = read_admin(&mut a, nvm::identify(cns::CTRL, 0, 0), 512).unwrap();
+    let full = identify(&mut a, cns::CTRL, 0).unwrap();
+    assert_eq!(short[..], full[..512]);
+    let mut none = [0u8; 0];
+    assert_eq!(
+        a.execute(&nvm::identify(cns::CTRL, 0, 0), Some(&mut none)),
+        Outcome::ok(0)
+    );
+    let big = read_admin(&mut a, nvm::get_log_page(lid::ERROR, 0, 0, 128), 128).unwrap();
+    assert!(
+        big.iter().all(|&b| b == 0),
+        "past the page: zeroes, not stale bytes"
+    );
+}
+
+#[test]
+fn the_discovery_controller_serves_its_log_and_not_namespaces() {
+    let e = env();
+    let (mut d, _) = e.admin(DISCOVERY_NQN, true);
+    let id = IdentifyController::decode(&identify(&mut d, cns::CTRL, 0).unwrap()).unwrap();
+    assert_eq!(id.cntrltype, 2, "discovery controller");
+    assert_eq!(identify(&mut d, cns::NS, 1), Err(Status::INVALID_FIELD));
+    let page = log_page(&mut d, lid::DISCOVERY, 0, 4096).unwrap();
+    let (_, entries) = discovery::decode_log(&page).unwrap();
+    let nqns: Vec<&str> = entries.iter().map(|e| e.subnqn.as_str()).collect();
+    assert!(
+        nqns.contains(&NQN) && nqns.contains(&DISCOVERY_NQN),
+        "{nqns:?}"
+    );
+    assert!(entries
+        .iter()
+        .all(|e| e.trsvcid == "4420" && e.traddr == "127.0.0.1"));
+    assert_eq!(
+        log_page(&mut d, lid::SMART, 0, 512),
+        Err(Status::INVALID_LOG_PAGE)
+    );
+    let (mut a, _) = e.admin(NQN, true);
+    assert_eq!(
+        log_page(&mut a, lid::DISCOVERY, 0, 1024),
+        Err(Status::INVALID_LOG_PAGE)
+    );
+}
+
+#[test]
+fn discovery_hides_subsystems_the_host_may_not_connect_to() {
+    let e = env_with(vec!["nqn.2014-08.org.nvmexpress:uuid:someone-else".into()]);
+    let (mut d, _) = e.admin(DISCOVERY_NQN, true);
+    let page = log_page(&mut d, lid::DISCOVERY, 0, 4096).unwrap();
+    let (_, entries) = discovery::decode_log(&page).unwrap();
+    assert!(!entries.is_empty() && entries.iter().all(|e| e.subnqn != NQN));
+}
+
+// ---------------------------------------------------------------------------
+// Log pages, features, AER, abort
+// ---------------------------------------------------------------------------
+
+#[test]
+fn log_pages_are_built_from_the_proto_structures() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    let err = log_page(&mut a, lid::ERROR, 0, 64).unwrap();
+    assert_eq!(ErrorLogEntry::decode(&err).unwrap().error_count, 0);
+    let ch = log_page(&mut a, lid::CHANGED_NS, 0, 4096).unwrap();
+    assert_eq!(
+        ChangedNsList::decode(&ch).unwrap(),
+        ChangedNsList::Nsids(vec![])
+    );
+    let fw = FirmwareSlotLog::decode(&log_page(&mut a, lid::FW_SLOT, 0, 512).unwrap()).unwrap();
+    assert_eq!((fw.afi, fw.frs[0].as_str()), (1, env!("CARGO_PKG_VERSION")));
+    let smart = log_page(&mut a, lid::SMART, 0, 512).unwrap();
+    assert_eq!(admin::SmartLog::decode(&smart).unwrap().avail_spare, 100);
+    let tail = log_page(&mut a, lid::FW_SLOT, 8, 8).unwrap();
+    assert_eq!(tail, fw.to_bytes()[8..16]);
+    assert_eq!(
+        log_page(&mut a, lid::FW_SLOT, 6, 8),
+        Err(Status::INVALID_FIELD),
+        "unaligned"
+    );
+    assert_eq!(
+        log_page(&mut a, lid::FW_SLOT, 516, 8),
+        Err(Status::INVALID_FIELD),
+        "past the end"
+    );
+    assert_eq!(log_page(&mut a, 0x7E, 0, 8), Err(Status::INVALID_LOG_PAGE));
+}
+
+#[test]
+fn number_of_queues_is_granted_once_before_io_queues_connect() {
+    let e = env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let max = u32::from(e.params.max_io_queues);
+    let ask = |n: u32| {
+        nvm::set_features(
+            fid::NUM_QUEUES,
+            0,
+            NumberOfQueues::from_counts(n, n).to_dword(),
+            false,
+        )
+    };
+    let c = features(&mut a, ask(2));
+    assert_eq!(NumberOfQueues::from_dword(c.dw0).sq_count(), 2);
+    let c = features(&mut a, ask(max + 10));
+    assert_eq!(NumberOfQueues::from_dword(c.dw0).sq_count(), max, "capped");
+    let cur = features(&mut a, nvm::get_features(fid::NUM_QUEUES, 0, 0));
+    assert_eq!(NumberOfQueues::from_dword(cur.dw0).sq_count(), max);
+    let bad = nvm::set_features(fid::NUM_QUEUES, 0, 0xFFFF_FFFF, false);
+    assert_eq!(features(&mut a, bad).status, Status::INVALID_FIELD);
+    let _q = e.io(cntlid, 1);
+    assert_eq!(
+        features(&mut a, ask(1)).status,
+        Status::COMMAND_SEQUENCE_ERROR
+    );
+}
+
+#[test]
+fn features_keep_their_values_and_refuse_what_cannot_change() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    assert!(features(
+        &mut a,
+        nvm::set_features(fid::KEEP_ALIVE_TIMER, 0, 15_000, false)
+    )
+    .status
+    .is_success());
+    assert_eq!(
+        features(&mut a, nvm::get_features(fid::KEEP_ALIVE_TIMER, 0, 0)).dw0,
+        15_000
+    );
+    assert_eq!(
+        features(&mut a, nvm::get_features(fid::VOLATILE_WC, 0, 0)).dw0,
+        1
+    );
+    assert!(
+        features(&mut a, nvm::set_features(fid::VOLATILE_WC, 0, 0, false))
+            .status
+            .is_success()
+    );
+    assert_eq!(
+        features(&mut a, nvm::get_features(fid::VOLATILE_WC, 0, 0)).dw0,
+        0
+    );
+    assert!(features(
+        &mut a,
+        nvm::set_features(fid::ASYNC_EVENT_CONFIG, 0, 0x100, false)
+    )
+    .status
+    .is_success());
+    assert_eq!(
+        features(&mut a, nvm::get_features(fid::ASYNC_EVENT_CONFIG, 0, 0)).dw0,
+        0x100
+    );
+    let save = nvm::set_features(fid::VOLATILE_WC, 0, 1, true);
+    assert_eq!(features(&mut a, save).status, Status::FEATURE_NOT_SAVEABLE);
+    let arb = nvm::set_features(fid::ARBITRATION, 0, 1, false);
+    assert_eq!(features(&mut a, arb).status, Status::FEATURE_NOT_CHANGEABLE);
+    assert_eq!(
+        features(&mut a, nvm::get_features(fid::TEMP_THRESH, 0, 0)).dw0,
+        343
+    );
+    assert_eq!(
+        features(&mut a, nvm::get_features(0xEE, 0, 0)).status,
+        Status::INVALID_FIELD
+    );
+    let (mut d, _) = e.admin(DISCOVERY_NQN, true);
+    let nq = nvm::get_features(fid::NUM_QUEUES, 0, 0);
+    assert_eq!(
+        features(&mut d, nq).status,
+        Status::INVALID_FIELD,
+        "discovery: no I/O queues"
+    );
+}
+
+#[test]
+fn async_event_requests_are_held_up_to_the_limit() {
+    let e = env();
+    let (mut a, _) = e.admin(NQN, true);
+    let aer = Sqe {
+        opc: opc::ASYNC_EVENT_REQUEST,
+        ..Sqe::default()
+    };
+    for _ in 0..MAX_AER {
+        assert_eq!(a.execute(&aer, None), Outcome::Hold);
+    }
+    assert_eq!(status(a.execute(&aer, None)), Status::AER_LIMIT_EXCEEDED);
+    let abort = Sqe {
+        opc: opc::ABORT,
+        ..Sqe::default()
+    };
+    assert_eq!(a.execute(&abort, None), Outcome::ok(1), "not aborted");
+    let unknown = Sqe {
+        opc: 0xC1,
+        ..Sqe::default()
+    };
+    assert_eq!(status(a.execute(&unknown, None)), Status::INVALID_OPCODE);
+}
+
+// ---------------------------------------------------------------------------
+// NVM I/O
+// ---------------------------------------------------------------------------
+
+fn gidx_of(e: &Env, nsid: u32) -> usize {
+    e.subsystems
+        .by_nqn(NQN)
+        .unwrap()
+        .namespace(nsid)
+        .unwrap()
+        .gidx
+}
+
+#[test]
+fn io_commands_become_backend_operations() {
+    let e = env();
+    let (_a, cntlid) = e.admin(NQN, true);
+    let mut q = e.io(cntlid, 1);
+    let g = gidx_of(&e, 1);
+    assert_eq!(q.namespace_index(1), Some(g));
+    assert_eq!(q.namespace_index(9), None);
+    let read = IoOp::Read {
+        lba: BLOCKS - 8,
+        nlb: 8,
+    };
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        io_cmd(&mut q, &read, 1, Some(&mut buf)),
+        Outcome::Io { gidx: g, op: read }
+    );
+    let write = IoOp::Write {
+        lba: 0,
+        nlb: 1,
+        fua: true,
+    };
+    let mut buf = vec![0u8; 512];
+    assert_eq!(
+        io_cmd(&mut q, &write, 1, Some(&mut buf)),
+        Outcome::Io { gidx: g, op: write }
+    );
+    assert_eq!(
+        io_cmd(&mut q, &IoOp::Flush, 1, None),
+        Outcome::Io {
+            gidx: g,
+            op: IoOp::Flush
+        }
+    );
+    let wz = IoOp::WriteZeroes {
+        lba: 10,
+        nlb: 100,
+        deallocate: true,
+        fua: false,
+    };
+    assert_eq!(
+        io_cmd(&mut q, &wz, 1, None),
+        Outcome::Io { gidx: g, op: wz }
+    );
+}
+
+#[test]
+fn io_commands_are_validated_against_the_namespace() {
+    let e = env();
+    let (_a, cntlid) = e.admin(NQN, true);
+    let mut q = e.io(cntlid, 1);
+    let mut buf = vec![0u8; 4096];
+    let past_end = IoOp::Read {
+        lba: BLOCKS - 7,
+        nlb: 8,
+    };
+    assert_eq!(
+        status(io_cmd(&mut q, &past_end, 1, Some(&mut buf))),
+        Status::LBA_OUT_OF_RANGE
+    );
+    let huge = IoOp::Read {
+        lba: u64::MAX,
+        nlb: 8,
+    };
+    assert_eq!(
+        status(io_cmd(&mut q, &huge, 1, Some(&mut buf))),
+        Status::LBA_OUT_OF_RANGE
+    );
+    let read = IoOp::Read { lba: 0, nlb: 8 };
+    assert_eq!(
+        status(io_cmd(&mut q, &read, 2, Some(&mut buf))),
+        Status::INVALID_NS
+    );
+    let mut small = vec![0u8; 2048];
+    assert_eq!(
+        status(io_cmd(&mut q, &read, 1, Some(&mut small))),
+        Status::DATA_SGL_LENGTH_INVALID
+    );
+    assert_eq!(
+        status(io_cmd(&mut q, &read, 1, None)),
+        Status::DATA_SGL_LENGTH_INVALID
+    );
+    let wz = IoOp::WriteZeroes {
+        lba: BLOCKS,
+        nlb: 1,
+        deallocate: false,
+        fua: false,
+    };
+    assert_eq!(
+        status(io_cmd(&mut q, &wz, 1, None)),
+        Status::LBA_OUT_OF_RANGE
+    );
+    let unknown = Sqe {
+        opc: 0x81,
+        nsid: 1,
+        ..Sqe::default()
+    };
+    assert_eq!(status(q.execute(&unknown, None)), Status::INVALID_OPCODE);
+}
+
+#[test]
+fn dataset_management_deallocates_or_only_checks_hints() {
+    let e = env();
+    let (_a, cntlid) = e.admin(NQN, true);
+    let mut q = e.io(cntlid, 1);
+    let ranges = vec![LbaRange { lba: 0, nlb: 8 }, LbaRange { lba: 100, nlb: 1 }];
+    let mut list = vec![0u8; 32];
+    encode_dsm_ranges(&ranges, &mut list);
+    let dealloc = IoOp::Deallocate {
+        ranges: ranges.clone(),
+    };
+    let g = gidx_of(&e, 1);
+    assert_eq!(
+        io_cmd(&mut q, &dealloc, 1, Some(&mut list)),
+        Outcome::Io {
+            gidx: g,
+            op: dealloc.clone()
+        }
+    );
+    let mut hint = IoCommand::build(1, &dealloc, 512).unwrap().sqe;
+    hint.cdw11 &= !DSM_AD;
+    assert_eq!(
+        q.execute(&hint, Some(&mut list)),
+        Outcome::ok(0),
+        "hints: no I/O"
+    );
+    let mut bad = vec![0u8; 32];
+    encode_dsm_ranges(
+        &[
+            LbaRange {
+                lba: BLOCKS,
+                nlb: 1,
+            },
+            LbaRange { lba: 0, nlb: 1 },
+        ],
+        &mut bad,
+    );
+    assert_eq!(
+        status(q.execute(&hint, Some(&mut bad))),
+        Status::LBA_OUT_OF_RANGE,
+        "hint ranges are checked too"
+    );
+    let mut short = vec![0u8; 16];
+    assert_eq!(
+        status(io_cmd(&mut q, &dealloc, 1, Some(&mut short))),
+        Status::DATA_SGL_LENGTH_INVALID
+    );
+    // The null backend at NSID 5 cannot deallocate (its reads would not
+    // return zeroes): success with no I/O.
+    let ns5 = e.subsystems.by_nqn(NQN).unwrap().namespace(5).unwrap();
+    assert!(!ns5.bdev.info().deallocate);
+    let mut list = vec![0u8; 32];
+    encode_dsm_ranges(&ranges, &mut list);
+    assert_eq!(io_cmd(&mut q, &dealloc, 5, Some(&mut list)), Outcome::ok(0));
+}
+
+#[test]
+fn io_commands_never_reach_the_admin_queue_and_admin_never_the_io_queue() {
+    let e = env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let mut buf = vec![0u8; 512];
+    let read = IoOp::Read { lba: 0, nlb: 1 };
+    // Opcode 02h on the admin queue is Get Log Page, not Read: here with
+    // an invalid log page identifier (LID 0), it is refused as such.
+    let o = io_cmd(&mut a, &read, 1, Some(&mut buf));
+    assert_eq!(status(o), Status::INVALID_LOG_PAGE);
+    let mut q = e.io(cntlid, 1);
+    let id = nvm::identify(cns::NS, 1, 0);
+    assert_eq!(
+        status(q.execute(&id, None)),
+        Status::INVALID_OPCODE,
+        "Identify on an I/O queue"
+    );
+    assert_eq!(io_opc::READ, opc::GET_LOG_PAGE);
+}
