@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::TargetProc;
 use unvme_bdev::{Bdev, IoBuf, IoCompletion, IoOp, IoRequest, LbaRange};
 use unvme_initiator::{ConnectOptions, Controller, IoQpair, RemoteNamespace};
+use unvme_proto::nvme::Status;
 use unvme_proto::DEFAULT_SUBNQN;
 
 fn opts(t: &TargetProc, hdr: bool, data: bool, queues: u16) -> ConnectOptions {
@@ -385,22 +386,34 @@ fn semantics(t: &TargetProc) {
             );
         }
     }
-    // Out of range is an error, not a hang.
-    let c = q
-        .run_sync(
-            1,
-            IoRequest {
-                tag: 1,
-                op: IoOp::Read {
-                    lba: info.num_blocks,
-                    nlb: 1,
-                },
-                buf: Some(IoBuf::new(512)),
-                more: Vec::new(),
-            },
-        )
-        .expect("runs");
-    assert!(c.result.is_err());
+    // A read past the end: "LBA Out of Range (80h): the command references
+    // an LBA that exceeds the size of the namespace" (NVMe Base 1.4,
+    // Generic Command Status Values, NVM Command Set), on every backend:
+    // not Capacity Exceeded (81h, Linux nvmet on a file), which is about
+    // NUSE exceeding NCAP.
+    let read_past_end = IoRequest::new(
+        1,
+        IoOp::Read {
+            lba: info.num_blocks,
+            nlb: 1,
+        },
+        Some(IoBuf::new(512)),
+    );
+    q.submit(1, read_past_end).expect("an idle queue has room");
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while q.poll_nvme(&mut out) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a read past the end neither completed nor failed"
+        );
+        q.wait(100);
+    }
+    let c = out.pop().expect("one completion");
+    let st = c.status().expect("the target answered with a CQE");
+    assert!(st.same_code(Status::LBA_OUT_OF_RANGE), "{st}");
+    assert!(st.dnr, "retrying cannot help: DNR is set");
+    assert_eq!(c.result, Err(unvme_bdev::IoError::OutOfRange));
     ctrl.disconnect().expect("disconnect");
 }
 
@@ -496,8 +509,13 @@ fn target_vanishing_mid_io_fails_commands_instead_of_hanging() {
             more: Vec::new(),
         },
     );
-    assert!(
-        res.is_err() || res.unwrap().result.is_err(),
+    // Not refused (the queue has room) but completed at once with
+    // Unavailable, as IoQpair::is_closed promises.
+    assert!(q.is_closed(), "the queue pair knows its connection ended");
+    let c = res.expect("a closed queue still takes commands");
+    assert_eq!(
+        c.result,
+        Err(unvme_bdev::IoError::Unavailable),
         "a dead queue fails new commands"
     );
 }
@@ -559,7 +577,11 @@ fn remote_namespace_fails_fast_while_the_target_is_down_and_reconnects_when_it_r
         IoOp::Read { lba: 7, nlb: 8 },
         Some(IoBuf::new(4096)),
     );
-    assert!(c.result.is_err(), "read with the target down must fail");
+    assert_eq!(
+        c.result,
+        Err(unvme_bdev::IoError::Unavailable),
+        "read with the target down must fail"
+    );
     let c = run(
         &mut q,
         IoOp::Read { lba: 7, nlb: 8 },
@@ -638,7 +660,7 @@ fn remote_namespace_never_blocks_io_while_reconnecting_to_a_silent_target() {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert!(out[0].result.is_err());
+        assert_eq!(out[0].result, Err(unvme_bdev::IoError::Unavailable));
         failed += 1;
     }
     assert!(

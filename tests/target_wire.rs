@@ -409,42 +409,91 @@ fn h2c_data_outside_the_r2t_window_is_data_out_of_range() {
 fn a_truncated_stream_and_a_vanishing_host_leave_the_target_serving() {
     let t = TargetProc::start(&["--ram", "1M"]);
     let a = RawHost::admin(t.addr, DEFAULT_SUBNQN, false, false);
-    {
-        let mut io = RawHost::io(t.addr, DEFAULT_SUBNQN, a.cntlid, 1, false, false);
-        let b = capsule_bytes(&pdu::Framing::default());
-        io.send_raw(&b[..40]);
-        // Host vanishes mid-PDU.
-    }
-    {
-        // Host vanishes mid-R2T write.
-        let mut io = RawHost::io(t.addr, DEFAULT_SUBNQN, a.cntlid, 2, false, false);
-        let s = rw_sqe(io_opc::WRITE, 9, 0, 64, 32768);
-        io.send(
-            &Pdu::CapsuleCmd(CapsuleCmd {
-                sqe: s,
-                data_len: 0,
-            }),
-            &[],
-        );
-        let _ = io.recv_pdu();
-        let dp = DataPdu {
-            cccid: 9,
-            ttag: 0,
-            datao: 0,
-            datal: 8192,
-            last: false,
-            success: false,
-        };
-        let mut h = [0u8; pdu::MAX_HEADER];
-        let n = pdu::encode_header(&Pdu::H2cData(dp), &io.tx, &mut h);
-        io.send_raw(&h[..n]);
-        io.send_raw(&[1u8; 1000]);
-    }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    // Queue IDs 1 and 2 are free again once the target noticed.
-    let mut good = RawHost::io(t.addr, DEFAULT_SUBNQN, a.cntlid, 1, false, false);
+    // Host stops sending mid-PDU.
+    let mut mid_pdu = RawHost::io(t.addr, DEFAULT_SUBNQN, a.cntlid, 1, false, false);
+    let b = capsule_bytes(&pdu::Framing::default());
+    mid_pdu.send_raw(&b[..40]);
+    vanish(&mut mid_pdu);
+    // Host stops sending mid-R2T write.
+    let mut mid_r2t = RawHost::io(t.addr, DEFAULT_SUBNQN, a.cntlid, 2, false, false);
+    let s = rw_sqe(io_opc::WRITE, 9, 0, 64, 32768);
+    mid_r2t.send(
+        &Pdu::CapsuleCmd(CapsuleCmd {
+            sqe: s,
+            data_len: 0,
+        }),
+        &[],
+    );
+    let (r2t, _) = mid_r2t.recv_pdu();
+    assert!(matches!(r2t, Pdu::R2t(_)), "{r2t:?}");
+    let dp = DataPdu {
+        cccid: 9,
+        ttag: 0,
+        datao: 0,
+        datal: 8192,
+        last: false,
+        success: false,
+    };
+    let mut h = [0u8; pdu::MAX_HEADER];
+    let n = pdu::encode_header(&Pdu::H2cData(dp), &mid_r2t.tx, &mut h);
+    mid_r2t.send_raw(&h[..n]);
+    mid_r2t.send_raw(&[1u8; 1000]);
+    vanish(&mut mid_r2t);
+    // Queue IDs 1 and 2 are free again once the target let both go.
+    let mut good = io_when_free(&t, a.cntlid, 1);
     write_read(&mut good, 1, 0, &pattern(8192, 3), false);
+    drop(io_when_free(&t, a.cntlid, 2));
     assert!(t.stop().success(), "target exits cleanly on SIGTERM");
+}
+
+/// The host goes away without a word: it ends its half of the connection
+/// (the target reads end-of-stream where it expected the rest of a PDU)
+/// and waits, within the socket's read timeout (10 s), for the target to
+/// close its half without sending anything.
+fn vanish(h: &mut RawHost) {
+    h.s.shutdown(std::net::Shutdown::Write)
+        .expect("shutdown the host's half");
+    let mut b = [0u8; 64];
+    match std::io::Read::read(&mut h.s, &mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("the target sent {n} bytes to a vanished host"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            panic!("the target kept a vanished host's connection open past the read timeout")
+        }
+        Err(e) => panic!("reading from the target: {e}"),
+    }
+}
+
+/// Connects I/O queue `qid` of controller `cntlid`. A target that has not
+/// yet torn down the queue's old connection answers Command Sequence
+/// Error, on which a host retries (as Linux nvmet, see docs/core.md):
+/// retried on a new connection for up to 10 s, any other status fails.
+fn io_when_free(t: &TargetProc, cntlid: u16, qid: u16) -> RawHost {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut h = RawHost::connect(t.addr);
+        h.ic(false, false);
+        let c = h.fabrics_connect(qid, DEFAULT_SUBNQN, HOSTNQN, cntlid, 32);
+        let st = c.status();
+        if st.is_success() {
+            h.cntlid = cntlid;
+            return h;
+        }
+        assert!(
+            st.same_code(Status::COMMAND_SEQUENCE_ERROR),
+            "connect qid {qid}: {st}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qid {qid} still in use 10 s after its host vanished"
+        );
+    }
 }
 
 #[test]

@@ -482,7 +482,7 @@ impl SyncBackend for FileOps {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::testutil::{self, check_against_model, model_ops, pattern, read, run, write};
+    use crate::conformance::{self, check_against_model, model_ops, pattern, read, run, write};
     use crate::IoOp;
     use proptest::prelude::*;
     use std::path::PathBuf;
@@ -579,11 +579,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn passes_every_conformance_check() {
+        let path = TempPath::new("conformance");
+        let dev = FileBdev::open(&path.0, 4096, Some(4096 * 512))
+            .unwrap()
+            .with_queue_depth(6);
+        let expect = conformance::Expect {
+            segments: true,
+            queue_depth: Some(6),
+            block_status_granularity: Some(16),
+            model_cases: 8,
+            ..Default::default()
+        };
+        conformance::check_all(&dev, &expect);
+    }
+
+    #[test]
     fn segmented_requests_are_bounced_through_one_buffer() {
         let path = TempPath::new("segments");
         let dev = FileBdev::open(&path.0, 4096, Some(4096 * 64)).unwrap();
         assert_eq!(dev.open_queue().unwrap().max_segments(), 1);
-        testutil::segmented_requests_match_one_buffer(&dev);
+        conformance::segmented_requests_match_one_buffer(&dev);
     }
 
     #[test]
@@ -591,7 +607,7 @@ pub(crate) mod tests {
         let path = TempPath::new("sparse");
         let dev = FileBdev::open(&path.0, 4096, Some(4096 * 512)).unwrap();
         // Filesystems allocate in blocks of up to 64 KiB around a write.
-        testutil::block_status_follows_writes_and_deallocation(&dev, 16);
+        conformance::block_status_follows_writes_and_deallocation(&dev, 16);
     }
 
     #[test]
@@ -665,14 +681,14 @@ pub(crate) mod tests {
     #[test]
     fn out_of_range_and_lba_overflow_are_rejected() {
         let path = TempPath::new("range");
-        testutil::rejects_out_of_range(&FileBdev::open(&path.0, 512, Some(16 * 512)).unwrap());
+        conformance::rejects_out_of_range(&FileBdev::open(&path.0, 512, Some(16 * 512)).unwrap());
     }
 
     #[test]
     fn short_or_missing_buffer_is_bad_buffer() {
         let path = TempPath::new("shortbuf");
         let dev = FileBdev::open(&path.0, 4096, Some(16 * 4096)).unwrap();
-        testutil::rejects_short_or_missing_buffer(&dev);
+        conformance::rejects_short_or_missing_buffer(&dev);
     }
 
     #[test]
@@ -680,7 +696,7 @@ pub(crate) mod tests {
         let path = TempPath::new("compare");
         let dev = FileBdev::open(&path.0, 512, Some(512 * 512)).unwrap();
         // Larger than the scratch chunk, so the comparison spans chunks.
-        testutil::compare_reports_match_and_mismatch(&dev, 200);
+        conformance::compare_reports_match_and_mismatch(&dev, 200);
     }
 
     #[test]
@@ -689,7 +705,7 @@ pub(crate) mod tests {
         let dev = FileBdev::open(&path.0, 512, Some(8 * 512))
             .unwrap()
             .with_queue_depth(3);
-        testutil::full_queue_is_busy_until_polled(&dev, 3);
+        conformance::full_queue_is_busy_until_polled(&dev, 3);
     }
 
     #[test]
@@ -697,7 +713,7 @@ pub(crate) mod tests {
         let path = TempPath::new("zeroes");
         let dev = FileBdev::open(&path.0, 512, Some(64 * 512)).unwrap();
         let mut q = dev.open_queue().unwrap();
-        testutil::zeroing_reads_back_zeroes(&mut *q);
+        conformance::zeroing_reads_back_zeroes(&mut *q, dev.info());
     }
 
     #[test]
@@ -707,7 +723,7 @@ pub(crate) mod tests {
         let mut q = SyncQueue::new(FileOps::new(Arc::clone(&dev.inner)), 8);
         q.backend.zero_range_ok = false;
         q.backend.punch_hole_ok = false;
-        testutil::zeroing_reads_back_zeroes(&mut q);
+        conformance::zeroing_reads_back_zeroes(&mut q, dev.info());
     }
 
     proptest! {
@@ -716,7 +732,7 @@ pub(crate) mod tests {
         fn random_operations_match_a_byte_model(ops in model_ops(48)) {
             let path = TempPath::new("model");
             let dev = FileBdev::open(&path.0, 512, Some(48 * 512)).unwrap();
-            check_against_model(&dev, &ops);
+            check_against_model(&dev, 48, &ops);
         }
     }
 }

@@ -13,18 +13,20 @@
 //! This crate is not a scheduler, a cache or a volume manager: it has the
 //! interface and the simple backends (`ram`, `null`, `file`). Remote NVMe/TCP
 //! namespaces (the initiator) and VFIO NVMe SSDs implement the same traits in
-//! their own crates/modules.
+//! their own crates/modules. With the `test-utils` feature, `conformance`
+//! holds the checks every backend must pass, for any crate's tests to run
+//! on its own bdevs.
 
 pub mod buf;
 mod completions;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
 pub mod file;
 pub mod null;
 pub mod ram;
 mod spec;
 pub mod status;
 mod sync_queue;
-#[cfg(test)]
-mod testutil;
 #[cfg(feature = "vfio")]
 pub mod vfio;
 

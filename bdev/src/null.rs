@@ -106,7 +106,7 @@ impl SyncBackend for NullOps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{self, run, write, TAG};
+    use crate::conformance::{self, run, write, TAG};
     use crate::{IoBuf, IoOp, LbaRange};
 
     #[test]
@@ -125,12 +125,12 @@ mod tests {
 
     #[test]
     fn out_of_range_and_lba_overflow_are_rejected() {
-        testutil::rejects_out_of_range(&NullBdev::new("null0", 1024, 512).unwrap());
+        conformance::rejects_out_of_range(&NullBdev::new("null0", 1024, 512).unwrap());
     }
 
     #[test]
     fn short_or_missing_buffer_is_bad_buffer() {
-        testutil::rejects_short_or_missing_buffer(&NullBdev::new("null0", 1024, 4096).unwrap());
+        conformance::rejects_short_or_missing_buffer(&NullBdev::new("null0", 1024, 4096).unwrap());
     }
 
     #[test]
@@ -161,9 +161,22 @@ mod tests {
     }
 
     #[test]
+    fn passes_every_conformance_check_that_applies_to_a_device_without_data() {
+        let dev = NullBdev::new("null0", 1024, 512)
+            .unwrap()
+            .with_queue_depth(5);
+        let expect = conformance::Expect {
+            stores_data: false,
+            queue_depth: Some(5),
+            ..Default::default()
+        };
+        conformance::check_all(&dev, &expect);
+    }
+
+    #[test]
     fn full_queue_is_busy_until_polled() {
         let dev = NullBdev::new("null0", 16, 512).unwrap().with_queue_depth(4);
-        testutil::full_queue_is_busy_until_polled(&dev, 4);
+        conformance::full_queue_is_busy_until_polled(&dev, 4);
     }
 
     #[test]

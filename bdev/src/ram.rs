@@ -350,7 +350,7 @@ impl SyncBackend for RamOps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{self, check_against_model, model_ops, pattern, read, write};
+    use crate::conformance::{self, check_against_model, model_ops, pattern, read, write};
     use proptest::prelude::*;
 
     #[test]
@@ -377,33 +377,48 @@ mod tests {
 
     #[test]
     fn out_of_range_and_lba_overflow_are_rejected() {
-        testutil::rejects_out_of_range(&RamBdev::new("ram0", 16, 512).unwrap());
+        conformance::rejects_out_of_range(&RamBdev::new("ram0", 16, 512).unwrap());
     }
     #[test]
     fn short_or_missing_buffer_is_bad_buffer() {
-        testutil::rejects_short_or_missing_buffer(&RamBdev::new("ram0", 16, 512).unwrap());
+        conformance::rejects_short_or_missing_buffer(&RamBdev::new("ram0", 16, 512).unwrap());
     }
     #[test]
     fn compare_reports_match_and_mismatch() {
-        testutil::compare_reports_match_and_mismatch(&RamBdev::new("ram0", 32, 512).unwrap(), 20);
+        conformance::compare_reports_match_and_mismatch(
+            &RamBdev::new("ram0", 32, 512).unwrap(),
+            20,
+        );
     }
     #[test]
     fn deallocate_and_write_zeroes_read_back_zeroes_around_partial_pages() {
         // Blocks 3..21 cover bytes 1536..10752: one whole page and two partial ones.
         let dev = RamBdev::new("ram0", 64, 512).unwrap();
-        testutil::zeroing_reads_back_zeroes(&mut *dev.open_queue().unwrap());
+        conformance::zeroing_reads_back_zeroes(&mut *dev.open_queue().unwrap(), dev.info());
     }
     #[test]
     fn full_queue_is_busy_until_polled() {
         let dev = RamBdev::new("ram0", 16, 512).unwrap().with_queue_depth(2);
-        testutil::full_queue_is_busy_until_polled(&dev, 2);
+        conformance::full_queue_is_busy_until_polled(&dev, 2);
+    }
+
+    #[test]
+    fn passes_every_conformance_check() {
+        let dev = RamBdev::new("ram0", 4096, 512).unwrap().with_queue_depth(8);
+        let expect = conformance::Expect {
+            segments: true,
+            queue_depth: Some(8),
+            block_status_granularity: Some(8),
+            ..Default::default()
+        };
+        conformance::check_all(&dev, &expect);
     }
 
     #[test]
     fn segmented_requests_go_segment_by_segment() {
         let dev = RamBdev::new("ram0", 64, 4096).unwrap();
         assert!(dev.open_queue().unwrap().max_segments() > 1);
-        testutil::segmented_requests_match_one_buffer(&dev);
+        conformance::segmented_requests_match_one_buffer(&dev);
     }
     #[test]
     fn large_device_commits_no_memory_until_written() {
@@ -456,7 +471,7 @@ mod tests {
         // 512-byte blocks: a 4 KiB page holds 8, so neighbours of written
         // blocks within their page count as data too.
         let dev = RamBdev::new("ram0", 4096, 512).unwrap();
-        testutil::block_status_follows_writes_and_deallocation(&dev, 8);
+        conformance::block_status_follows_writes_and_deallocation(&dev, 8);
     }
 
     #[test]
@@ -473,7 +488,7 @@ mod tests {
         #[test]
         fn random_operations_match_a_byte_model(ops in model_ops(48)) {
             let dev = RamBdev::new("ram0", 48, 512).unwrap();
-            check_against_model(&dev, &ops);
+            check_against_model(&dev, 48, &ops);
         }
     }
 }

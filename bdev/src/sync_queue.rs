@@ -283,7 +283,7 @@ impl<B: SyncBackend> BdevQueue for SyncQueue<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::run;
+    use crate::conformance::run;
     use crate::LbaRange;
 
     fn ext(v: &[(u32, bool)]) -> Vec<crate::Extent> {

@@ -872,6 +872,11 @@ impl IoQpair {
                 return Ok(());
             }
         };
+        if !more.is_empty() && op.data_len(geom.block_size) == 0 {
+            // Data segments on a request that moves no data.
+            fail(&mut self.qp, buf, IoError::BadBuffer);
+            return Ok(());
+        }
         if let IoOp::Deallocate { ranges } = &op {
             let aux = self.qp.aux_buf(slot, cmd.len as usize);
             encode_dsm_ranges(ranges, aux);

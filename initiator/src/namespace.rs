@@ -153,7 +153,8 @@ fn bdev_err(what: &str, e: crate::Error) -> unvme_bdev::Error {
 struct RemoteQueue {
     qp: Option<IoQpair>,
     shared: Arc<NsShared>,
-    /// Requests failed while disconnected, handed out by the next poll.
+    /// Requests failed without reaching the target (disconnected, LBA
+    /// range outside the namespace), handed out by the next poll.
     failed: Vec<IoCompletion>,
     /// The reconnection attempt under way, if any.
     attempt: Option<mpsc::Receiver<Result<IoQpair>>>,
@@ -224,21 +225,44 @@ impl RemoteQueue {
     }
 }
 
+/// Whether every LBA range of `op` lies inside a namespace of `num_blocks`
+/// blocks. Checked before the request is encoded, as every bdev checks it
+/// first ([`BdevInfo::check_request`]): a range past the end is
+/// [`IoError::OutOfRange`] even when it is also too long for one NVMe
+/// command, and a request that cannot succeed costs no round trip.
+fn ranges_inside(op: &IoOp, num_blocks: u64) -> bool {
+    let inside = |lba: u64, nlb: u32| {
+        lba.checked_add(u64::from(nlb))
+            .is_some_and(|end| end <= num_blocks)
+    };
+    match op {
+        IoOp::Read { lba, nlb }
+        | IoOp::Write { lba, nlb, .. }
+        | IoOp::Compare { lba, nlb }
+        | IoOp::WriteZeroes { lba, nlb, .. } => inside(*lba, *nlb),
+        IoOp::Deallocate { ranges } => ranges.iter().all(|r| inside(r.lba, r.nlb)),
+        IoOp::Flush => true,
+    }
+}
+
 impl BdevQueue for RemoteQueue {
     fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
         self.ensure_connected();
-        match self.qp.as_mut() {
-            Some(qp) if !qp.is_closed() => qp.submit(self.shared.nsid, req),
-            _ => {
-                // Bounded: the caller has at most its queue depth in flight.
-                self.failed.push(IoCompletion {
-                    tag: req.tag,
-                    result: Err(IoError::Unavailable),
-                    buf: req.buf,
-                });
-                Ok(())
+        let error = if !ranges_inside(&req.op, self.shared.num_blocks) {
+            IoError::OutOfRange
+        } else {
+            match self.qp.as_mut() {
+                Some(qp) if !qp.is_closed() => return qp.submit(self.shared.nsid, req),
+                _ => IoError::Unavailable,
             }
-        }
+        };
+        // Bounded: the caller has at most its queue depth in flight.
+        self.failed.push(IoCompletion {
+            tag: req.tag,
+            result: Err(error),
+            buf: req.buf,
+        });
+        Ok(())
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {

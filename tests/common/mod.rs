@@ -43,7 +43,7 @@ impl TargetProc {
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) with a pid we own and a valid signal number.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait().expect("wait target");
+        let st = wait_exit(&mut self.child, Duration::from_secs(10));
         std::mem::forget(self);
         st
     }
@@ -54,6 +54,41 @@ impl Drop for TargetProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits for `child` to exit, for at most `limit`, and reaps it: sleeps in
+/// poll(2) on a pidfd, which turns readable when the process exits, and
+/// panics naming the process if it has not by then (a kernel without
+/// pidfd_open, before 5.3, waits without a limit).
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let deadline = std::time::Instant::now() + limit;
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: pidfd_open(2) takes a pid and flags and touches no memory of ours.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw >= 0 {
+        // SAFETY: `raw` is a descriptor pidfd_open just opened for us and nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut p = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one initialised pollfd on the stack, alive for the whole call.
+            let rc = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) };
+            if rc > 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            assert!(
+                rc < 0 && err.kind() == std::io::ErrorKind::Interrupted,
+                "process {pid} did not exit within {limit:?} (poll: {rc}, {err})"
+            );
+        }
+    }
+    child.wait().expect("reap the child")
 }
 
 /// Spawns `unvme ARGS…` (a server that logs `listening la=ADDR` on stderr)
