@@ -26,8 +26,8 @@ use tracing::{debug, trace, warn};
 use unvme_bdev::{IoBuf, IoCompletion, IoError};
 use unvme_proto::nvme::{Cqe, SglDescriptor, Sqe, Status};
 use unvme_proto::pdu::{
-    self, digest, encode_header, CapsuleCmd, DataPdu, Event, FatalError, Framing, IcReq, Limits,
-    Pdu, PduDecoder, Role, TermReq, DGST_DATA, DGST_HDR, MAX_HEADER,
+    self, digest, encode_header, CapsuleCmd, DataPdu, Event, FatalError, Framing, IcReq, IcResp,
+    Limits, Pdu, PduDecoder, Role, TermReq, DGST_DATA, DGST_HDR, MAX_HEADER,
 };
 
 use crate::wire::h2c_chunks;
@@ -142,8 +142,42 @@ pub(crate) fn initialize_connection(
             max_data: u32::MAX,
         },
     );
+    let resp = read_icresp(s, &mut dec)?;
+    check_icresp(&resp)?;
+    let hdgst = resp.dgst & DGST_HDR != 0;
+    let ddgst = resp.dgst & DGST_DATA != 0;
+    if (hdgst && !opts.hdr_digest) || (ddgst && !opts.data_digest) {
+        debug!(
+            dgst = resp.dgst,
+            "controller enabled a digest we did not ask for"
+        );
+    }
+    s.set_read_timeout(None)
+        .map_err(io_err("clearing the read timeout"))?;
+    s.set_nonblocking(true)
+        .map_err(io_err("making the socket non-blocking"))?;
+    let rx = Framing {
+        hdgst,
+        ddgst,
+        pda: 0,
+    };
+    dec.set_framing(rx);
+    let neg = Negotiated {
+        rx,
+        tx: Framing {
+            hdgst,
+            ddgst,
+            pda: resp.cpda,
+        },
+        maxh2cdata: resp.maxh2cdata,
+    };
+    Ok((neg, dec))
+}
+
+/// Reads the controller's ICResp (or its termination request).
+fn read_icresp(s: &mut TcpStream, dec: &mut PduDecoder) -> Result<IcResp> {
     let mut buf = [0u8; pdu::IC_LEN];
-    let resp = 'outer: loop {
+    Ok('outer: loop {
         // The controller sends nothing after the ICResp until we send a
         // command, so reading up to its size cannot take later bytes.
         let got = match s.read(&mut buf) {
@@ -182,7 +216,11 @@ pub(crate) fn initialize_connection(
                 None => {}
             }
         }
-    };
+    })
+}
+
+/// Checks the ICResp fields the host depends on (NVMe/TCP 1.0 §3.6.2.3).
+fn check_icresp(resp: &IcResp) -> Result<()> {
     if resp.pfv != 0 {
         return Err(Error::Handshake(format!("unsupported PFV {}", resp.pfv)));
     }
@@ -195,34 +233,7 @@ pub(crate) fn initialize_connection(
     if resp.cpda > 31 {
         return Err(Error::Handshake(format!("invalid CPDA {}", resp.cpda)));
     }
-    let hdgst = resp.dgst & DGST_HDR != 0;
-    let ddgst = resp.dgst & DGST_DATA != 0;
-    if (hdgst && !opts.hdr_digest) || (ddgst && !opts.data_digest) {
-        debug!(
-            dgst = resp.dgst,
-            "controller enabled a digest we did not ask for"
-        );
-    }
-    s.set_read_timeout(None)
-        .map_err(io_err("clearing the read timeout"))?;
-    s.set_nonblocking(true)
-        .map_err(io_err("making the socket non-blocking"))?;
-    let rx = Framing {
-        hdgst,
-        ddgst,
-        pda: 0,
-    };
-    dec.set_framing(rx);
-    let neg = Negotiated {
-        rx,
-        tx: Framing {
-            hdgst,
-            ddgst,
-            pda: resp.cpda,
-        },
-        maxh2cdata: resp.maxh2cdata,
-    };
-    Ok((neg, dec))
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -138,19 +138,17 @@ impl Reactor {
         }
     }
 
+    /// Runs turns until the stop flag is set, then closes every
+    /// connection and drains the backends briefly.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let mut comps: Vec<IoCompletion> = Vec::with_capacity(256);
         let mut last_work = Instant::now();
         let mut last_tick = Instant::now();
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                break;
-            }
+        while !self.stop.load(Ordering::Relaxed) {
             // Never sleep while a backend holds I/O: a polled device (VFIO)
             // has no descriptor to wake epoll with.
-            let pending = self.queues.pending();
-            let spinning = pending || last_work.elapsed() < self.params.spin;
+            let spinning = self.queues.pending() || last_work.elapsed() < self.params.spin;
             let timeout = if spinning {
                 Duration::ZERO
             } else {
@@ -162,94 +160,15 @@ impl Reactor {
                     break;
                 }
             }
-            let mut work = false;
-            for ev in events.iter() {
-                if ev.token() == WAKER {
-                    while let Ok(s) = self.inbox.try_recv() {
-                        self.adopt(s);
-                    }
-                    continue;
-                }
-                if let Some(Some(c)) = self.conns.get_mut(ev.token().0) {
-                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        c.readable = true;
-                    }
-                    if ev.is_read_closed() || ev.is_error() {
-                        c.read_closed = true;
-                    }
-                    if ev.is_writable() {
-                        c.writable = true;
-                    }
-                }
-            }
-            // Receive and run commands.
-            for idx in 0..self.conns.len() {
-                let Some(c) = self.conns[idx].as_mut() else {
-                    continue;
-                };
-                if c.readable && c.close.is_none() {
-                    let mut ctx = Ctx {
-                        queues: &mut self.queues,
-                        pool: &mut self.pool,
-                        tag_base: tag_base(idx, self.gens[idx]),
-                    };
-                    if c.on_readable(&mut ctx) > 0 {
-                        work = true;
-                    }
-                }
-            }
-            // Retry submissions a full queue refused, collect completions.
-            self.queues.retry();
-            self.queues.poll(&mut comps);
-            for comp in comps.drain(..) {
-                work = true;
-                let (idx, gen, slot) = split_tag(comp.tag);
-                match self.conns.get_mut(idx).and_then(|c| c.as_mut()) {
-                    Some(c) if self.gens[idx] & 0xffff == gen => {
-                        c.io_done(slot, comp.result, comp.buf, &mut self.pool)
-                    }
-                    _ => {
-                        if let Some(b) = comp.buf {
-                            self.pool.put(b);
-                        }
-                    }
-                }
-            }
-            // Send.
+            self.note_events(&events);
+            let mut work = self.receive();
+            work |= self.complete_io(&mut comps);
             let now = Instant::now();
             let tick = now.duration_since(last_tick) >= Duration::from_millis(100);
             if tick {
                 last_tick = now;
             }
-            for idx in 0..self.conns.len() {
-                let Some(c) = self.conns[idx].as_mut() else {
-                    continue;
-                };
-                if c.has_tx() && c.writable {
-                    match c.flush(&mut self.pool) {
-                        Ok(_) => work = true,
-                        Err(e) => {
-                            if c.close.is_none() {
-                                c.close = Some(CloseReason::Io(e));
-                            }
-                            c.close_deadline = None;
-                        }
-                    }
-                }
-                if tick {
-                    c.tick(now);
-                }
-                if c.close.is_some() {
-                    let drained = !c.has_tx() || c.close_deadline.is_none_or(|d| now >= d);
-                    if drained && c.outstanding_io == 0
-                        || c.close_deadline.is_some_and(|d| now >= d)
-                    {
-                        self.close(idx);
-                    } else if c.close_deadline.is_none() {
-                        c.close_deadline = Some(now + Duration::from_secs(1));
-                    }
-                }
-            }
+            work |= self.send_and_reap(now, tick);
             if work {
                 last_work = Instant::now();
             } else if spinning {
@@ -260,7 +179,113 @@ impl Reactor {
                 std::thread::yield_now();
             }
         }
-        // Shutdown: close connections, drain outstanding bdev I/O briefly.
+        self.shut_down(&mut comps);
+    }
+
+    /// Adopts handed-over connections and marks sockets readable/writable.
+    fn note_events(&mut self, events: &Events) {
+        for ev in events.iter() {
+            if ev.token() == WAKER {
+                while let Ok(s) = self.inbox.try_recv() {
+                    self.adopt(s);
+                }
+                continue;
+            }
+            if let Some(Some(c)) = self.conns.get_mut(ev.token().0) {
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    c.readable = true;
+                }
+                if ev.is_read_closed() || ev.is_error() {
+                    c.read_closed = true;
+                }
+                if ev.is_writable() {
+                    c.writable = true;
+                }
+            }
+        }
+    }
+
+    /// Reads and runs the commands of every readable connection. Returns
+    /// whether anything arrived.
+    fn receive(&mut self) -> bool {
+        let mut work = false;
+        for idx in 0..self.conns.len() {
+            let Some(c) = self.conns[idx].as_mut() else {
+                continue;
+            };
+            if c.readable && c.close.is_none() {
+                let mut ctx = Ctx {
+                    queues: &mut self.queues,
+                    pool: &mut self.pool,
+                    tag_base: tag_base(idx, self.gens[idx]),
+                };
+                work |= c.on_readable(&mut ctx) > 0;
+            }
+        }
+        work
+    }
+
+    /// Retries refused submissions and hands every backend completion to
+    /// its connection (a stale one's buffer goes back to the pool).
+    /// Returns whether anything completed.
+    fn complete_io(&mut self, comps: &mut Vec<IoCompletion>) -> bool {
+        self.queues.retry();
+        self.queues.poll(comps);
+        let work = !comps.is_empty();
+        for comp in comps.drain(..) {
+            let (idx, gen, slot) = split_tag(comp.tag);
+            match self.conns.get_mut(idx).and_then(|c| c.as_mut()) {
+                Some(c) if self.gens[idx] & 0xffff == gen => {
+                    c.io_done(slot, comp.result, comp.buf, &mut self.pool)
+                }
+                _ => {
+                    if let Some(b) = comp.buf {
+                        self.pool.put(b);
+                    }
+                }
+            }
+        }
+        work
+    }
+
+    /// Flushes every connection's responses, runs the periodic checks on
+    /// `tick`, and closes connections that are done. Returns whether
+    /// anything was sent.
+    fn send_and_reap(&mut self, now: Instant, tick: bool) -> bool {
+        let mut work = false;
+        for idx in 0..self.conns.len() {
+            let Some(c) = self.conns[idx].as_mut() else {
+                continue;
+            };
+            if c.has_tx() && c.writable {
+                match c.flush(&mut self.pool) {
+                    Ok(_) => work = true,
+                    Err(e) => {
+                        if c.close.is_none() {
+                            c.close = Some(CloseReason::Io(e));
+                        }
+                        c.close_deadline = None;
+                    }
+                }
+            }
+            if tick {
+                c.tick(now);
+            }
+            if c.close.is_some() {
+                let drained = !c.has_tx() || c.close_deadline.is_none_or(|d| now >= d);
+                if drained && c.outstanding_io == 0 || c.close_deadline.is_some_and(|d| now >= d) {
+                    self.close(idx);
+                } else if c.close_deadline.is_none() {
+                    c.close_deadline = Some(now + Duration::from_secs(1));
+                }
+            }
+        }
+        work
+    }
+
+    /// Shutdown: closes every connection, then drains outstanding bdev
+    /// I/O for up to two seconds.
+    fn shut_down(&mut self, comps: &mut Vec<IoCompletion>) {
         for idx in 0..self.conns.len() {
             if let Some(c) = self.conns[idx].as_mut() {
                 c.close.get_or_insert(CloseReason::Shutdown);
@@ -269,7 +294,7 @@ impl Reactor {
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.queues.pending() && Instant::now() < deadline {
-            self.queues.poll(&mut comps);
+            self.queues.poll(comps);
             comps.clear();
             std::thread::sleep(Duration::from_millis(1));
         }

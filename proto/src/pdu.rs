@@ -604,17 +604,9 @@ impl PduDecoder {
         }
     }
 
-    /// Validates the common header; returns the header bytes to collect
-    /// (PSH and header digest; TermReq data is delivered as data).
-    fn check_common_header(&mut self) -> Result<usize, FatalError> {
-        let h = &self.hdr;
-        let (t, fl, hlen, pdo, plen) = (
-            h[0],
-            h[1],
-            usize::from(h[2]),
-            usize::from(h[3]),
-            le::u32(h, 4) as usize,
-        );
+    /// Checks that a PDU of type `t` may come now, in this role; returns
+    /// its header length.
+    fn check_type(&self, t: u8) -> Result<usize, FatalError> {
         let allowed = match self.role {
             Role::Controller => matches!(
                 t,
@@ -651,6 +643,89 @@ impl PduDecoder {
                 msg: "second IC PDU",
             });
         }
+        Ok(want_hlen)
+    }
+
+    /// Checks the data framing of a data-carrying PDU (PLEN, PDO, digest
+    /// flag, negotiated limits) and records the data length.
+    fn check_data(
+        &mut self,
+        t: u8,
+        fl: u8,
+        pdo: usize,
+        plen: usize,
+        header_total: usize,
+    ) -> Result<(), FatalError> {
+        let dd = self.framing.ddgst;
+        let max = if t == pdu_type::CAPSULE_CMD {
+            self.limits.max_incapsule
+        } else {
+            self.limits.max_data
+        } as usize;
+        // Largest PDU of this type: header, up to 128 bytes of padding, data, digest.
+        if plen > header_total + 128 + max + DIGEST_LEN {
+            return Err(if t == pdu_type::CAPSULE_CMD {
+                FatalError::field(4, "PLEN exceeds the in-capsule data size")
+            } else {
+                FatalError {
+                    fes: fes::DATA_LIMIT_EXCEEDED,
+                    fei: 0,
+                    msg: "data PDU larger than the negotiated maximum",
+                }
+            });
+        }
+        if (fl & flags::DDGSTF != 0) != dd {
+            return Err(FatalError::field(
+                1,
+                "DDGSTF does not match the negotiated data digest",
+            ));
+        }
+        if pdo < header_total || pdo >= plen {
+            return Err(FatalError::field(3, "PDO outside the PDU"));
+        }
+        if self.framing.pda != 0 && pdo % ((usize::from(self.framing.pda) + 1) * 4) != 0 {
+            return Err(FatalError::field(
+                3,
+                "PDO violates the negotiated data alignment",
+            ));
+        }
+        let dlen = plen - pdo;
+        let data = dlen
+            .checked_sub(if dd { DIGEST_LEN } else { 0 })
+            .filter(|&d| d > 0);
+        let Some(data) = data else {
+            return Err(FatalError::field(4, "PLEN leaves no room for data"));
+        };
+        if data > max {
+            return Err(if t == pdu_type::CAPSULE_CMD {
+                FatalError::field(4, "in-capsule data larger than the controller accepts")
+            } else {
+                FatalError {
+                    fes: fes::DATA_LIMIT_EXCEEDED,
+                    fei: 0,
+                    msg: "data PDU larger than the negotiated maximum",
+                }
+            });
+        }
+        self.data_total = data;
+        self.ddgst_this = dd;
+        Ok(())
+    }
+
+    /// Validates the common header; returns the header bytes to collect
+    /// (PSH and header digest; TermReq data is delivered as data).
+    fn check_common_header(&mut self) -> Result<usize, FatalError> {
+        let h = &self.hdr;
+        let (t, fl, hlen, pdo, plen) = (
+            h[0],
+            h[1],
+            usize::from(h[2]),
+            usize::from(h[3]),
+            le::u32(h, 4) as usize,
+        );
+        let want_hlen = self.check_type(t)?;
+        let is_ic = matches!(t, pdu_type::ICREQ | pdu_type::ICRESP);
+        let is_term = matches!(t, pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ);
         if hlen != want_hlen {
             return Err(FatalError::field(2, "wrong HLEN for PDU type"));
         }
@@ -709,66 +784,14 @@ impl PduDecoder {
             self.ddgst_this = false;
             return Ok(header_total);
         }
-        let dd = self.framing.ddgst;
-        let max = if t == pdu_type::CAPSULE_CMD {
-            self.limits.max_incapsule
-        } else {
-            self.limits.max_data
-        } as usize;
-        // Largest PDU of this type: header, up to 128 bytes of padding, data, digest.
-        if plen > header_total + 128 + max + DIGEST_LEN {
-            return Err(if t == pdu_type::CAPSULE_CMD {
-                FatalError::field(4, "PLEN exceeds the in-capsule data size")
-            } else {
-                FatalError {
-                    fes: fes::DATA_LIMIT_EXCEEDED,
-                    fei: 0,
-                    msg: "data PDU larger than the negotiated maximum",
-                }
-            });
-        }
-        if (fl & flags::DDGSTF != 0) != dd {
-            return Err(FatalError::field(
-                1,
-                "DDGSTF does not match the negotiated data digest",
-            ));
-        }
-        if pdo < header_total || pdo >= plen {
-            return Err(FatalError::field(3, "PDO outside the PDU"));
-        }
-        if self.framing.pda != 0 && pdo % ((usize::from(self.framing.pda) + 1) * 4) != 0 {
-            return Err(FatalError::field(
-                3,
-                "PDO violates the negotiated data alignment",
-            ));
-        }
-        let dlen = plen - pdo;
-        let data = dlen
-            .checked_sub(if dd { DIGEST_LEN } else { 0 })
-            .filter(|&d| d > 0);
-        let Some(data) = data else {
-            return Err(FatalError::field(4, "PLEN leaves no room for data"));
-        };
-        if data > max {
-            return Err(if t == pdu_type::CAPSULE_CMD {
-                FatalError::field(4, "in-capsule data larger than the controller accepts")
-            } else {
-                FatalError {
-                    fes: fes::DATA_LIMIT_EXCEEDED,
-                    fei: 0,
-                    msg: "data PDU larger than the negotiated maximum",
-                }
-            });
-        }
-        self.data_total = data;
-        self.ddgst_this = dd;
+        self.check_data(t, fl, pdo, plen, header_total)?;
         // Padding between the header digest and PDO is skipped in Pad state.
         Ok(header_total)
     }
 
     fn finish_header<'a>(&mut self) -> Result<Event<'a>, FatalError> {
         let h = &self.hdr;
-        let (t, fl, hlen, pdo) = (h[0], h[1], usize::from(h[2]), usize::from(h[3]));
+        let (t, hlen, pdo) = (h[0], usize::from(h[2]), usize::from(h[3]));
         if self.framing.hdgst && has_hdgst(t) {
             let want = digest(&[&h[..hlen]]);
             if h[hlen..hlen + DIGEST_LEN] != want {
@@ -780,81 +803,10 @@ impl PduDecoder {
             }
         }
         let data = self.data_total;
-        let pdu = match t {
-            pdu_type::ICREQ => {
-                self.ic_done = true;
-                Pdu::IcReq(IcReq {
-                    pfv: le::u16(h, 8),
-                    hpda: h[10],
-                    dgst: h[11],
-                    maxr2t: le::u32(h, 12),
-                })
-            }
-            pdu_type::ICRESP => {
-                self.ic_done = true;
-                Pdu::IcResp(IcResp {
-                    pfv: le::u16(h, 8),
-                    cpda: h[10],
-                    dgst: h[11],
-                    maxh2cdata: le::u32(h, 12),
-                })
-            }
-            pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ => {
-                let tr = TermReq {
-                    fes: le::u16(h, 8),
-                    fei: le::u32(h, 10),
-                    data_len: data as u32,
-                };
-                if t == pdu_type::H2C_TERM_REQ {
-                    Pdu::H2cTermReq(tr)
-                } else {
-                    Pdu::C2hTermReq(tr)
-                }
-            }
-            pdu_type::CAPSULE_CMD => {
-                let sqe = Sqe::decode(&h[8..72]).map_err(|_| FatalError::field(8, "short SQE"))?;
-                Pdu::CapsuleCmd(CapsuleCmd {
-                    sqe,
-                    data_len: data as u32,
-                })
-            }
-            pdu_type::CAPSULE_RESP => {
-                let cqe = Cqe::decode(&h[8..24]).map_err(|_| FatalError::field(8, "short CQE"))?;
-                Pdu::CapsuleResp(CapsuleResp { cqe })
-            }
-            pdu_type::H2C_DATA | pdu_type::C2H_DATA => {
-                let d = DataPdu {
-                    cccid: le::u16(h, 8),
-                    ttag: if t == pdu_type::H2C_DATA {
-                        le::u16(h, 10)
-                    } else {
-                        0
-                    },
-                    datao: le::u32(h, 12),
-                    datal: le::u32(h, 16),
-                    last: fl & flags::LAST_PDU != 0,
-                    success: fl & flags::SUCCESS != 0,
-                };
-                if d.datal as usize != data {
-                    return Err(FatalError::field(16, "DATAL does not match PLEN"));
-                }
-                if t == pdu_type::C2H_DATA && d.success && !d.last {
-                    return Err(FatalError::field(1, "SUCCESS without LAST_PDU"));
-                }
-                if t == pdu_type::H2C_DATA {
-                    Pdu::H2cData(d)
-                } else {
-                    Pdu::C2hData(d)
-                }
-            }
-            pdu_type::R2T => Pdu::R2t(R2t {
-                cccid: le::u16(h, 8),
-                ttag: le::u16(h, 10),
-                r2to: le::u32(h, 12),
-                r2tl: le::u32(h, 16),
-            }),
-            _ => return Err(FatalError::field(0, "unknown PDU type")),
-        };
+        let pdu = decode_psh(h, data)?;
+        if matches!(pdu, Pdu::IcReq(_) | Pdu::IcResp(_)) {
+            self.ic_done = true;
+        }
         if data == 0 {
             self.finish_pdu();
         } else {
@@ -875,6 +827,81 @@ impl PduDecoder {
         }
         Ok(Event::Pdu(pdu))
     }
+}
+
+/// Decodes the PDU-specific header of the complete header `h` (common
+/// header checked; `data` is the PDU's data length).
+fn decode_psh(h: &[u8], data: usize) -> Result<Pdu, FatalError> {
+    let (t, fl) = (h[0], h[1]);
+    Ok(match t {
+        pdu_type::ICREQ => Pdu::IcReq(IcReq {
+            pfv: le::u16(h, 8),
+            hpda: h[10],
+            dgst: h[11],
+            maxr2t: le::u32(h, 12),
+        }),
+        pdu_type::ICRESP => Pdu::IcResp(IcResp {
+            pfv: le::u16(h, 8),
+            cpda: h[10],
+            dgst: h[11],
+            maxh2cdata: le::u32(h, 12),
+        }),
+        pdu_type::H2C_TERM_REQ | pdu_type::C2H_TERM_REQ => {
+            let tr = TermReq {
+                fes: le::u16(h, 8),
+                fei: le::u32(h, 10),
+                data_len: data as u32,
+            };
+            if t == pdu_type::H2C_TERM_REQ {
+                Pdu::H2cTermReq(tr)
+            } else {
+                Pdu::C2hTermReq(tr)
+            }
+        }
+        pdu_type::CAPSULE_CMD => {
+            let sqe = Sqe::decode(&h[8..72]).map_err(|_| FatalError::field(8, "short SQE"))?;
+            Pdu::CapsuleCmd(CapsuleCmd {
+                sqe,
+                data_len: data as u32,
+            })
+        }
+        pdu_type::CAPSULE_RESP => {
+            let cqe = Cqe::decode(&h[8..24]).map_err(|_| FatalError::field(8, "short CQE"))?;
+            Pdu::CapsuleResp(CapsuleResp { cqe })
+        }
+        pdu_type::H2C_DATA | pdu_type::C2H_DATA => {
+            let d = DataPdu {
+                cccid: le::u16(h, 8),
+                ttag: if t == pdu_type::H2C_DATA {
+                    le::u16(h, 10)
+                } else {
+                    0
+                },
+                datao: le::u32(h, 12),
+                datal: le::u32(h, 16),
+                last: fl & flags::LAST_PDU != 0,
+                success: fl & flags::SUCCESS != 0,
+            };
+            if d.datal as usize != data {
+                return Err(FatalError::field(16, "DATAL does not match PLEN"));
+            }
+            if t == pdu_type::C2H_DATA && d.success && !d.last {
+                return Err(FatalError::field(1, "SUCCESS without LAST_PDU"));
+            }
+            if t == pdu_type::H2C_DATA {
+                Pdu::H2cData(d)
+            } else {
+                Pdu::C2hData(d)
+            }
+        }
+        pdu_type::R2T => Pdu::R2t(R2t {
+            cccid: le::u16(h, 8),
+            ttag: le::u16(h, 10),
+            r2to: le::u32(h, 12),
+            r2tl: le::u32(h, 16),
+        }),
+        _ => return Err(FatalError::field(0, "unknown PDU type")),
+    })
 }
 
 #[cfg(test)]
