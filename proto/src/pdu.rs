@@ -683,7 +683,7 @@ impl PduDecoder {
         if pdo < header_total || pdo >= plen {
             return Err(FatalError::field(3, "PDO outside the PDU"));
         }
-        if self.framing.pda != 0 && pdo % ((usize::from(self.framing.pda) + 1) * 4) != 0 {
+        if self.framing.pda != 0 && !pdo.is_multiple_of((usize::from(self.framing.pda) + 1) * 4) {
             return Err(FatalError::field(
                 3,
                 "PDO violates the negotiated data alignment",
