@@ -224,7 +224,7 @@ fn check_icresp(resp: &IcResp) -> Result<()> {
     if resp.pfv != 0 {
         return Err(Error::Handshake(format!("unsupported PFV {}", resp.pfv)));
     }
-    if resp.maxh2cdata < 4096 || resp.maxh2cdata % 4 != 0 {
+    if resp.maxh2cdata < 4096 || !resp.maxh2cdata.is_multiple_of(4) {
         return Err(Error::Handshake(format!(
             "invalid MAXH2CDATA {}",
             resp.maxh2cdata
