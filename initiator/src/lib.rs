@@ -18,6 +18,8 @@
 //! log page and admin command dwords are [`unvme_proto`]'s; this crate
 //! only drives them.
 
+#![deny(missing_docs)]
+
 mod controller;
 mod namespace;
 mod options;

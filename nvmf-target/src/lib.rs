@@ -20,6 +20,8 @@
 //! This crate does not parse the command line (see the `unvme` binary) and
 //! does not implement backends (see `unvme-bdev`).
 
+#![deny(missing_docs)]
+
 mod config;
 mod ctrlr;
 mod namespace;

@@ -14,6 +14,8 @@
 //! This crate knows nothing about sockets, threads or backends; the target
 //! and the initiator drive it.
 
+#![deny(missing_docs)]
+
 pub mod admin;
 pub mod discovery;
 pub mod fabrics;
