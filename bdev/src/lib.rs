@@ -56,6 +56,15 @@ pub enum Error {
     /// A configuration value that cannot describe a device.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A backend's own error (a remote controller, a device driver).
+    #[error("{what}: {source}")]
+    Backend {
+        /// What we were doing.
+        what: String,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Result alias for [`Error`].

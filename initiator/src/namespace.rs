@@ -135,10 +135,10 @@ impl RemoteNamespace {
     }
 }
 
-fn bdev_err(what: &str, e: crate::Error) -> unvme_bdev::Error {
-    unvme_bdev::Error::Io {
+fn bdev_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> unvme_bdev::Error {
+    unvme_bdev::Error::Backend {
         what: what.to_string(),
-        source: std::io::Error::other(e.to_string()),
+        source: Box::new(e),
     }
 }
 
@@ -327,9 +327,6 @@ impl Bdev for RemoteNamespace {
                 },
             )
             .map_err(|e| bdev_err("flush", e))?;
-        c.result.map_err(|e| unvme_bdev::Error::Io {
-            what: "flush".into(),
-            source: std::io::Error::other(e.to_string()),
-        })
+        c.result.map_err(|e| bdev_err("flush", e))
     }
 }

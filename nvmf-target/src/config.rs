@@ -98,7 +98,7 @@ impl Default for TargetConfig {
 impl TargetConfig {
     /// Reads a TOML file.
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+        toml::from_str(text).map_err(Error::Toml)
     }
 
     /// The configuration `unvme target` uses with no arguments: a 1 GiB RAM

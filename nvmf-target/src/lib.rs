@@ -62,6 +62,9 @@ pub enum Error {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The configuration file is not valid TOML for a target.
+    #[error("invalid configuration file: {0}")]
+    Toml(#[source] toml::de::Error),
 }
 
 /// Result alias for [`Error`].
