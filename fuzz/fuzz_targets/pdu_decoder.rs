@@ -18,8 +18,18 @@ struct Input {
 }
 
 fuzz_target!(|inp: Input| {
-    let role = if inp.host { Role::Host } else { Role::Controller };
-    let mut dec = PduDecoder::new(role, Limits { max_incapsule: 8192, max_data: 65536 });
+    let role = if inp.host {
+        Role::Host
+    } else {
+        Role::Controller
+    };
+    let mut dec = PduDecoder::new(
+        role,
+        Limits {
+            max_incapsule: 8192,
+            max_data: 65536,
+        },
+    );
     let mut framed = false;
     for piece in inp.data.chunks(usize::from(inp.chunk).max(1)) {
         let mut off = 0;
@@ -32,7 +42,11 @@ fuzz_target!(|inp: Input| {
                     if let Some(Event::Pdu(_)) = ev {
                         if !framed {
                             framed = true;
-                            dec.set_framing(Framing { hdgst: inp.hdgst, ddgst: inp.ddgst, pda: inp.pda % 32 });
+                            dec.set_framing(Framing {
+                                hdgst: inp.hdgst,
+                                ddgst: inp.ddgst,
+                                pda: inp.pda % 32,
+                            });
                         }
                     }
                     if ev.is_none() && n == 0 {

@@ -24,6 +24,9 @@
 
 mod config;
 mod ctrlr;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod namespace;
 mod pool;
 mod queues;
