@@ -127,4 +127,9 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
             Outcome::Complete(_) | Outcome::Disconnect => {}
         }
     }
+    // Queues go away as their connections would: the admin queue takes
+    // its controller out of the subsystem (which holds it until then).
+    for q in [&mut io, &mut fresh, &mut admin] {
+        q.release();
+    }
 }
