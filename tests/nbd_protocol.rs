@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Child;
 use std::time::Duration;
 
-use unvme_nbd::proto::{
+use unvme_nbd::{
     cmd, cmdflag, errno, info, opt, rep, reply, tflag, InfoRequest, MetaContextRequest, NbdRequest,
     OptionHeader, OptionReply, ReplyHeader, BASE_ALLOCATION,
 };

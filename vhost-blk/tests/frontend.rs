@@ -9,8 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use unvme_vhost_blk::spec::{req_type, DiscardWriteZeroes, Status};
-use unvme_vhost_blk::DeviceOptions;
+use unvme_vhost_blk::{req_type, DeviceOptions, DiscardWriteZeroes, Status};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoOp, IoRequest, SubmitError};
-use unvme_vhost_blk::inflight::{queue_region_size, region_size, InflightRegion};
-use unvme_vhost_blk::spec::{req_type, Status};
-use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
+use unvme_vhost_blk::{
+    queue_region_size, region_size, req_type, DeviceOptions, InflightRegion, Server, ServerConfig,
+    Status,
+};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;

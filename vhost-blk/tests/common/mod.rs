@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use unvme_bdev::{Bdev, RamBdev};
-use unvme_vhost_blk::spec::{features as f, OutHdr};
+use unvme_vhost_blk::{features as f, OutHdr};
 use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
