@@ -152,7 +152,7 @@ impl DeviceProc {
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("device stdout");
         let mut dev = DeviceProc { child, stdin };
-        // Lines of the harness and the device, until READY or EOF.
+        // Lines of the harness and the device, to the channel.
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             // Read to the end, so the device never writes into a closed pipe.
