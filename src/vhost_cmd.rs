@@ -112,7 +112,7 @@ pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         block_size = info.block_size,
         queues = a.num_queues,
         serial = a.serial.as_deref().or(serial_log.as_deref()).unwrap_or(&info.name),
-        features = format_args!("{:#x}", server.geometry().features),
+        features = format_args!("{:#x}", server.geometry().features()),
         "vhost-user-blk device"
     );
     let stop = Arc::new(AtomicBool::new(false));

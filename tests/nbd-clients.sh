@@ -88,6 +88,8 @@ step() {
 start() {
     local name=$1 logf="$WORK/$1.log" i
     shift
+    # Created before the server starts, so the first grep finds a file.
+    : >"$logf"
     UNVME_LOG=info "$@" >"$logf" 2>&1 &
     PIDS+=($!)
     for ((i = 0; i < 200; i++)); do

@@ -284,30 +284,28 @@ pub fn negotiate<S, T, F>(
 ) -> Result<Option<(Session, T)>>
 where
     S: Read + Write,
-    F: FnMut(usize) -> std::result::Result<T, String>,
+    F: FnMut(usize) -> std::result::Result<T, unvme_bdev::Error>,
 {
     write_all(s, &proto::greeting())?;
     let mut cf = [0u8; 4];
     read_exact(s, &mut cf)?;
     let client_flags = u32::from_be_bytes(cf);
     let Some(mut n) = Negotiation::new(exports, client_flags) else {
-        return Err(Error::Handshake(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(Error::UnknownClientFlags(client_flags));
     };
     let mut out = Vec::with_capacity(4096);
     let mut data = Vec::new();
     loop {
         let mut hb = [0u8; proto::OPTION_HEADER_LEN];
         read_exact(s, &mut hb)?;
-        let h = OptionHeader::decode(&hb).map_err(|e| Error::Handshake(e.to_string()))?;
+        let h = OptionHeader::decode(&hb).map_err(Error::BadOptionMagic)?;
         out.clear();
         if h.length > MAX_OPTION_DATA {
             if h.length > MAX_SKIPPED_OPTION_DATA || h.option == opt::EXPORT_NAME {
-                return Err(Error::Handshake(format!(
-                    "option {} with {} bytes of data",
-                    h.option, h.length
-                )));
+                return Err(Error::OptionTooLong {
+                    option: h.option,
+                    length: h.length,
+                });
             }
             let skipped = std::io::copy(
                 &mut Read::by_ref(s).take(u64::from(h.length)),
@@ -343,7 +341,7 @@ where
                     write_all(s, &out)?;
                     return Ok(Some((sess, t)));
                 }
-                Err(msg) => return Err(Error::Handshake(msg)),
+                Err(e) => return Err(Error::OpenExport(e)),
             },
             OptionOutcome::Go(sess) => match open(sess.export) {
                 Ok(t) => {
@@ -351,8 +349,9 @@ where
                     write_all(s, &out)?;
                     return Ok(Some((sess, t)));
                 }
-                Err(msg) => {
+                Err(e) => {
                     out.clear();
+                    let msg = format!("cannot open the device: {e}");
                     put_option_reply(&mut out, opt::GO, rep::ERR_SHUTDOWN, msg.as_bytes());
                     write_all(s, &out)?;
                 }

@@ -369,9 +369,8 @@ fn serve<S: Stream + Timeouts>(mut s: S, peer: &str, sh: &Shared) {
         return;
     }
     let opened = handshake::negotiate(&mut s, &sh.metas, |x| {
-        sh.exports[x].bdev.open_queue().map_err(|e| {
+        sh.exports[x].bdev.open_queue().inspect_err(|e| {
             warn!(export = %sh.exports[x].name, error = %e, "cannot open a device queue");
-            format!("cannot open the device: {e}")
         })
     });
     let (sess, q) = match opened {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use unvme_vhost_blk::spec::{features as f, req_type, OutHdr};
+use unvme_vhost_blk::{features as f, req_type, OutHdr};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };

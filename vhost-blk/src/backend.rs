@@ -65,7 +65,8 @@ pub struct DeviceOptions {
     /// GET_ID serial (truncated to 20 bytes); default: the device name.
     pub serial: Option<String>,
     /// Hand guest memory to the device queue as request data buffers when
-    /// a request's segments allow (see [`crate::worker`]); off: copy all.
+    /// a request's segments allow (see the crate documentation); off: copy
+    /// all.
     pub zero_copy: bool,
 }
 
@@ -88,16 +89,22 @@ impl Default for DeviceOptions {
 #[derive(Clone, Debug)]
 pub struct Geometry {
     /// Virtio feature bits offered.
-    pub features: u64,
+    pub(crate) features: u64,
     /// Configuration space (with the initial `writeback`).
-    pub config: BlkConfig,
+    pub(crate) config: BlkConfig,
     /// What the parser enforces.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 impl Geometry {
+    /// The virtio feature bits offered to the frontend (virtio-blk's,
+    /// the ring's and `VHOST_USER_F_PROTOCOL_FEATURES`).
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
     /// Derives the features, configuration and limits for `info`.
-    pub fn new(info: &BdevInfo, opts: &DeviceOptions) -> Result<Self> {
+    pub(crate) fn new(info: &BdevInfo, opts: &DeviceOptions) -> Result<Self> {
         let bs = info.block_size;
         if !bs.is_power_of_two() || u64::from(bs) < SECTOR_SIZE {
             return Err(Error::Config(format!("block size {bs} is not supported")));
@@ -231,11 +238,6 @@ impl BlkBackend {
             mem_gen: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         })
-    }
-
-    /// The derived features, configuration and limits.
-    pub fn geometry(&self) -> &Geometry {
-        &self.geo
     }
 
     /// Makes queue threads spinning in `--poll` mode return (the connection

@@ -103,16 +103,13 @@ fn refuse_msg(msg: impl std::fmt::Display) -> VhostUserError {
 impl BlkHandler {
     /// A handler over `backend`, with one (sleeping) thread per virtqueue.
     pub fn new(backend: Arc<BlkBackend>) -> Result<Self> {
-        let os = |what: &str| {
-            let what = what.to_string();
-            move |source| Error::Io { what, source }
-        };
+        let os = |what: &'static str| move |source| Error::Io { what, source };
         let mut vrings = Vec::new();
         let mut queues = Vec::new();
         for q in 0..backend.num_queues() {
             let max = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
             let vring = VringRwLock::new(backend.memory().clone(), max)
-                .map_err(|e| Error::VhostUser(format!("virtqueue {q}: {e}")))?;
+                .map_err(|source| Error::Virtqueue { queue: q, source })?;
             let ctl = Arc::new(QueueCtl {
                 epoll: Epoll::new().map_err(os("epoll_create"))?,
                 wake: EventFd::new(EFD_NONBLOCK).map_err(os("eventfd"))?,
@@ -171,12 +168,6 @@ impl BlkHandler {
                 }
             }
         }
-    }
-
-    /// The inflight region in use (the last GET_INFLIGHT_FD or
-    /// SET_INFLIGHT_FD), if any.
-    pub fn inflight(&self) -> Option<&Arc<InflightRegion>> {
-        self.inflight.as_ref()
     }
 
     fn refuse<T>(&mut self, what: &str, msg: impl std::fmt::Display) -> VhostUserResult<T> {
@@ -644,7 +635,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "GET_INFLIGHT_FD failed");
-                Err(refuse_msg(e))
+                // The region error stays the cause of the handler error.
+                Err(VhostUserError::ReqHandlerError(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    e,
+                )))
             }
         }
     }

@@ -257,11 +257,13 @@ impl InflightRegion {
     }
 
     /// Queues the region covers.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn num_queues(&self) -> u16 {
         self.num_queues
     }
 
     /// Descriptor states per queue.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn queue_size(&self) -> u16 {
         self.queue_size
     }

@@ -7,14 +7,23 @@
 //! virtqueue is served by one thread that owns one device queue — for a
 //! remote NVMe/TCP namespace, one queue pair — with many requests in flight.
 //!
-//! Layers: [`spec`] has the virtio-blk wire formats; [`request`] turns a
-//! descriptor chain into a block request (or a status for bad input);
-//! [`worker`] runs one virtqueue against one `BdevQueue`; [`backend`] holds
-//! the device (features, configuration space, memory, workers) and runs a
-//! queue; [`handler`] answers the vhost-user messages and owns the queue
-//! threads; [`inflight`] is the shared in-flight region and [`chain`] walks
-//! a chain from its head; [`server`] listens on the socket and serves one
-//! frontend connection after another.
+//! Layers (private modules; the crate root re-exports what a user needs):
+//! `spec` has the virtio-blk wire formats; `request` turns a descriptor
+//! chain into a block request (or a status for bad input); `worker` runs
+//! one virtqueue against one `BdevQueue`; `backend` holds the device
+//! (features, configuration space, memory, workers) and runs a queue;
+//! `handler` answers the vhost-user messages and owns the queue threads;
+//! `inflight` is the shared in-flight region and `chain` walks a chain from
+//! its head; `server` listens on the socket and serves one frontend
+//! connection after another. A user starts a [`Server`] with a
+//! [`ServerConfig`]; a frontend written against the device (a test, a
+//! benchmark driver) speaks the wire formats re-exported here
+//! ([`OutHdr`], [`req_type`], [`Status`], [`features`], …).
+//!
+//! With the `test-utils` feature the inflight region's layout is exported
+//! too (`InflightRegion` and its per-queue view, `QueueInflight`), so a
+//! test can play QEMU's part: inspect what the device records and craft the
+//! state a dead device would have left.
 //!
 //! A restarted device serves a reconnecting QEMU (`-chardev
 //! socket,reconnect-ms=…`) without losing or repeating requests:
@@ -29,7 +38,7 @@
 //! Data is not copied: the device queue gets the guest's pages themselves
 //! as the request's buffers (one run of host memory as one buffer,
 //! scattered pages as the request's segments), so a remote namespace sends
-//! and receives them on the NVMe/TCP socket directly (see [`worker`]). Only
+//! and receives them on the NVMe/TCP socket directly (see `worker`). Only
 //! a device queue that takes one buffer per request (a file under O_DIRECT)
 //! gets scattered data gathered into a buffer.
 //!
@@ -39,17 +48,23 @@
 //!
 //! [`Bdev`]: unvme_bdev::Bdev
 
-pub mod backend;
-pub mod chain;
-pub mod handler;
-pub mod inflight;
-pub mod request;
-pub mod server;
-pub mod spec;
-pub mod worker;
+#![deny(missing_docs)]
 
-pub use backend::{BlkBackend, DeviceOptions, Geometry};
+mod backend;
+mod chain;
+mod handler;
+mod inflight;
+mod request;
+mod server;
+mod spec;
+mod worker;
+
+pub use backend::{DeviceOptions, Geometry};
 pub use server::{Server, ServerConfig};
+pub use spec::{features, req_type, DiscardWriteZeroes, OutHdr, Status};
+
+#[cfg(feature = "test-utils")]
+pub use inflight::{queue_region_size, region_size, InflightError, InflightRegion, QueueInflight};
 
 /// Errors setting up or running the vhost-user-blk device (per-request
 /// failures are virtio-blk statuses, not errors).
@@ -61,14 +76,35 @@ pub enum Error {
     /// The block device failed (opening a queue).
     #[error("block device: {0}")]
     Bdev(#[source] unvme_bdev::Error),
-    /// The vhost-user connection failed (socket, protocol, threads).
-    #[error("vhost-user: {0}")]
-    VhostUser(String),
+    /// The vhost-user socket cannot be listened on.
+    #[error("vhost-user: listen on {}: {source}", socket.display())]
+    Listen {
+        /// The socket path.
+        socket: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// Accepting a frontend connection failed.
+    #[error("vhost-user: accept: {0}")]
+    Accept(#[source] vhost::vhost_user::Error),
+    /// A virtqueue's ring state cannot be created.
+    #[error("vhost-user: virtqueue {queue}: {source}")]
+    Virtqueue {
+        /// The queue index.
+        queue: usize,
+        /// The underlying error.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The thread serving the socket panicked.
+    #[error("vhost-user: listener thread panicked")]
+    ListenerPanicked,
     /// An operating-system error.
     #[error("{what}: {source}")]
     Io {
         /// What we were doing.
-        what: String,
+        what: &'static str,
         /// The underlying error.
         #[source]
         source: std::io::Error,

@@ -51,8 +51,10 @@ impl Server {
     /// Binds the socket and starts serving connections on a thread.
     pub fn start(cfg: ServerConfig) -> Result<Server> {
         let geometry = Geometry::new(cfg.bdev.info(), &cfg.device)?;
-        let mut listener = Listener::new(&cfg.socket, true)
-            .map_err(|e| Error::VhostUser(format!("listen on {}: {e}", cfg.socket.display())))?;
+        let mut listener = Listener::new(&cfg.socket, true).map_err(|source| Error::Listen {
+            socket: cfg.socket.clone(),
+            source,
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let current = Arc::new(Mutex::new(None));
         let socket = cfg.socket.clone();
@@ -61,7 +63,7 @@ impl Server {
             .name("vhost-blk-listen".into())
             .spawn(move || serve(&cfg, &mut listener, &stop2, &current2))
             .map_err(|e| Error::Io {
-                what: "spawning the listener thread".into(),
+                what: "spawning the listener thread",
                 source: e,
             })?;
         tracing::info!(socket = %socket.display(), "vhost-user-blk listening");
@@ -97,9 +99,7 @@ impl Server {
         // at once and the loop then sees `stop`.
         let _ = UnixStream::connect(&self.socket);
         let r = match self.thread.take() {
-            Some(t) => t
-                .join()
-                .unwrap_or_else(|_| Err(Error::VhostUser("listener thread panicked".into()))),
+            Some(t) => t.join().unwrap_or(Err(Error::ListenerPanicked)),
             None => Ok(()),
         };
         let _ = std::fs::remove_file(&self.socket);
@@ -119,7 +119,7 @@ fn serve(
         let stream = match listener.accept() {
             Ok(Some(s)) => s,
             Ok(None) => continue,
-            Err(e) => return Err(Error::VhostUser(format!("accept: {e}"))),
+            Err(e) => return Err(Error::Accept(e)),
         };
         if stop.load(Ordering::SeqCst) {
             // Our own wake-up connection from `Server::shutdown`.

@@ -32,7 +32,7 @@
 //! The rest (no lender, a one-segment queue such as a file under O_DIRECT,
 //! a segment across two memory regions) is copied through a per-request
 //! buffer from a small per-queue pool (gather before a write, scatter after
-//! a read). [`Worker::data_path`] counts both; the count is logged when the
+//! a read). The worker's `data_path` counts both; the count is logged when the
 //! worker goes.
 
 use std::collections::VecDeque;
@@ -117,7 +117,7 @@ impl GuestLender {
 
 impl BufOwner for GuestLender {}
 
-/// How request data moved so far (see [`Worker::data_path`]).
+/// How request data moved so far (kept by each [`Worker`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DataPath {
     /// Requests whose data the device queue used in guest memory.
@@ -228,6 +228,7 @@ impl Worker {
     }
 
     /// How request data moved so far.
+    #[cfg(test)]
     pub fn data_path(&self) -> DataPath {
         self.data_path
     }

@@ -8,26 +8,43 @@
 mod common;
 
 use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::*;
 use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoOp, IoRequest, SubmitError};
-use unvme_vhost_blk::inflight::{queue_region_size, region_size, InflightRegion};
-use unvme_vhost_blk::spec::{req_type, Status};
-use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
+use unvme_vhost_blk::{
+    queue_region_size, region_size, req_type, DeviceOptions, InflightRegion, Server, ServerConfig,
+    Status,
+};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-/// Sectors (512-byte blocks) whose writes the child's device holds forever.
+/// Sectors (512-byte blocks) whose writes the first device process holds
+/// forever.
 const HELD: [u64; 2] = [0, 16];
-const CHILD_ENV: &str = "UNVME_VB_INFLIGHT_CHILD";
+/// Names this process's role. Unset: the test itself. Set, the process is
+/// a device the test spawned (the test binary run again, filtered to
+/// [`KILL_TEST`]): `ROLE|SOCKET|FILE`, the role being [`GATED`] or
+/// [`PLAIN`].
+const ROLE_ENV: &str = "UNVME_VB_INFLIGHT_ROLE";
+/// The test that spawns device processes, and whose body they run.
+const KILL_TEST: &str =
+    "requests_in_flight_when_the_device_is_killed_are_resubmitted_by_the_next_one";
+/// A device process over the file that holds writes to [`HELD`].
+const GATED: &str = "gated";
+/// A device process over the file, nothing held.
+const PLAIN: &str = "plain";
+/// What a device process prints on stdout once its socket listens.
+const READY: &str = "unvme-vb-device-listening";
 
 /// A device that never completes writes to some blocks (a stalled backend);
 /// everything else goes to `inner`.
@@ -73,63 +90,123 @@ impl BdevQueue for GatedQueue {
     }
 }
 
-/// Not a test of its own: the body of the device process that
-/// `requests_in_flight_when_the_device_is_killed_are_resubmitted_by_the_next_one`
-/// starts and kills. Does nothing unless started that way.
-#[test]
-fn child_device_process() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
-        return;
+/// The body of a device process: serves `SOCKET` from `FILE` until its
+/// stdin closes (the test ends it that way, or by SIGKILL; a test that
+/// died closes it too), then shuts the server down and exits 0.
+fn device_process(role: &str) -> ! {
+    let mut parts = role.splitn(3, '|');
+    let (kind, sock, file) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(k), Some(s), Some(f)) => (k, s, f),
+        _ => panic!("{ROLE_ENV}={role}: want ROLE|SOCKET|FILE"),
     };
-    let (sock, file) = spec.split_once('|').expect("SOCKET|FILE");
     let inner = unvme_bdev::from_spec(&format!("file:{file}")).expect("file device");
-    let bdev: Arc<dyn Bdev> = Arc::new(Gated {
-        inner,
-        hold: HELD.to_vec(),
-    });
-    let _server = Server::start(ServerConfig {
+    let bdev: Arc<dyn Bdev> = match kind {
+        GATED => Arc::new(Gated {
+            inner,
+            hold: HELD.to_vec(),
+        }),
+        PLAIN => inner,
+        _ => panic!("{ROLE_ENV}: unknown role {kind}"),
+    };
+    let server = Server::start(ServerConfig {
         socket: sock.into(),
         bdev,
         device: DeviceOptions::default(),
     })
     .expect("server");
-    // Until SIGKILLed; bounded in case the test that started us died.
-    std::thread::sleep(Duration::from_secs(60));
+    // Server::start returns with the socket listening: a connect from now
+    // on reaches it. Written past the harness's output capture.
+    let mut out = std::io::stdout();
+    writeln!(out, "{READY}")
+        .and_then(|()| out.flush())
+        .expect("stdout");
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    server.shutdown().expect("device shutdown");
+    std::process::exit(0);
 }
 
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct ChildGuard(Child);
+/// A device process (see [`device_process`]); killed on drop, so a
+/// failing test leaves no process behind.
+struct DeviceProc {
+    child: Child,
+    /// Closing it tells the device to shut down and exit.
+    stdin: Option<ChildStdin>,
+}
 
-impl Drop for ChildGuard {
+impl DeviceProc {
+    /// Starts a `kind` device on `sock` over `file` and waits (20 s at
+    /// most) until it says it listens.
+    fn spawn(kind: &str, sock: &Path, file: &Path) -> DeviceProc {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([KILL_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(
+                ROLE_ENV,
+                format!("{kind}|{}|{}", sock.display(), file.display()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the device process");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("device stdout");
+        let mut dev = DeviceProc { child, stdin };
+        // Lines of the harness and the device, to the channel.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Read to the end, so the device never writes into a closed pipe.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                // The harness's "test NAME ... " has no newline yet.
+                Ok(line) if line.ends_with(READY) => return dev,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{kind} device process did not listen within 20 s")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "{kind} device process ended before it listened: {:?}",
+                    dev.child.wait()
+                ),
+            }
+        }
+    }
+
+    /// SIGKILL, then reaps it; returns how it ended.
+    fn kill(&mut self) -> ExitStatus {
+        self.child.kill().expect("kill the device process");
+        self.child.wait().expect("reap the device process")
+    }
+
+    /// Closes its stdin and waits (20 s at most) for it to shut down.
+    fn stop(&mut self) -> ExitStatus {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait for the device process") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "device process did not exit after its stdin closed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for DeviceProc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-}
-
-fn spawn_child(sock: &Path, file: &Path) -> ChildGuard {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_device_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, format!("{}|{}", sock.display(), file.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the device process");
-    let g = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "device process did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    g
 }
 
 fn disk_file(tag: &str, bytes: u64) -> (PathBuf, File) {
@@ -221,9 +298,13 @@ fn get_inflight_fd_hands_out_a_region_sized_for_the_queues_that_tracks_requests(
 
 #[test]
 fn requests_in_flight_when_the_device_is_killed_are_resubmitted_by_the_next_one() {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        // This process is one of the devices the test below spawned.
+        device_process(&role);
+    }
     let sock = socket_path("inflight-kill");
     let (path, disk) = disk_file("inflight-kill", 4 << 20);
-    let mut child = spawn_child(&sock, &path);
+    let mut first = DeviceProc::spawn(GATED, &sock, &path);
     let mut g = Guest::connect_with(&sock, Setup::inflight(1));
 
     // Four writes; the device holds those to sectors 0 and 16 (A, C) and
@@ -251,16 +332,11 @@ fn requests_in_flight_when_the_device_is_killed_are_resubmitted_by_the_next_one(
     disk.write_all_at(&marker, 8 * 512).expect("marker");
     disk.write_all_at(&marker, 24 * 512).expect("marker");
 
-    // SIGKILL mid-flight; a fresh device on the same socket and disk.
-    child.0.kill().expect("kill");
-    child.0.wait().expect("reap");
-    let bdev = unvme_bdev::from_spec(&format!("file:{}", path.display())).expect("file device");
-    let server = Server::start(ServerConfig {
-        socket: sock.clone(),
-        bdev,
-        device: DeviceOptions::default(),
-    })
-    .expect("restarted device");
+    // SIGKILL mid-flight; a fresh device process on the same socket and
+    // disk.
+    let st = first.kill();
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "first device: {st:?}");
+    let mut second = DeviceProc::spawn(PLAIN, &sock, &path);
     // QEMU reconnects: same region, rings restarted at the used index (2).
     g.reconnect(&sock);
     g.wait_used_idx(0, 4);
@@ -288,7 +364,8 @@ fn requests_in_flight_when_the_device_is_killed_are_resubmitted_by_the_next_one(
     g.set_used_event(0, 4);
     assert_eq!(read_sectors(&mut g, 0, 4096), pattern(4096, 1));
     drop(g);
-    server.shutdown().expect("shutdown");
+    let st = second.stop();
+    assert!(st.success(), "restarted device: {st:?}");
     let _ = std::fs::remove_file(&path);
 }
 
@@ -303,9 +380,8 @@ fn an_interrupted_batch_is_repaired_and_the_rest_resubmitted_oldest_first() {
     let mut g = Guest::connect_with(&sock, setup);
     assert_eq!(read_sectors(&mut g, 0, 512), vec![0u8; 512]);
     g.fe.get_vring_base(0).expect("stop the ring");
+    // Returns once the device has closed the connection.
     g.disconnect();
-    // Leave the device time to drop the connection.
-    std::thread::sleep(Duration::from_millis(50));
     let used0 = g.used_idx(0);
     assert_eq!(used0, 1);
 
@@ -362,14 +438,16 @@ fn an_interrupted_batch_is_repaired_and_the_rest_resubmitted_oldest_first() {
     assert_eq!(g.mem.read_obj::<u8>(sy).expect("status"), Status::Ok as u8);
     assert!((0..QSIZE).all(|i| qi.inflight(i) == 0));
     assert_eq!(qi.used_idx(), 4);
-    // Nothing more completes: Z was not executed again.
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(g.used_idx(0), 4);
+    // Nothing more completes: Z was not executed again. New chains are
+    // taken only after every resubmitted one, so the next two requests'
+    // completions are the next two used entries, and Z's block was never
+    // written.
     g.rings[0].submitted = 4;
     let _ = g.rings[0].call.read();
     g.set_used_event(0, 4);
+    assert_eq!(read_sectors(&mut g, 72, 512), vec![0u8; 512], "Z executed");
     assert_eq!(read_sectors(&mut g, 64, 512), pattern(512, 7));
-    assert_eq!(read_sectors(&mut g, 72, 512), vec![0u8; 512]);
+    assert_eq!(g.used_idx(0), 6, "completions beyond the new requests");
     drop(g);
     server.shutdown().expect("shutdown");
 }

@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use unvme_bdev::{Bdev, RamBdev};
-use unvme_vhost_blk::spec::{features as f, OutHdr};
+use unvme_vhost_blk::{features as f, OutHdr};
 use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
@@ -115,11 +117,23 @@ pub struct Guest {
     pub setup: Setup,
     /// The inflight region the device handed out, kept as QEMU keeps it.
     pub inflight: Option<(VhostUserInflight, File)>,
+    /// A second handle on `fe`'s connection, to see the device close it.
+    pub conn: UnixStream,
 }
 
 /// Connects and negotiates features the way QEMU does.
 pub fn negotiate(sock: &PathBuf, queues: usize) -> Frontend {
-    let mut fe = Frontend::connect(sock, queues as u64).expect("connect");
+    negotiate_conn(sock, queues).0
+}
+
+/// [`negotiate`], also returning a second handle on the connection.
+///
+/// The device's socket listens once `Server::start` has returned (a device
+/// process says so before the test connects), so one connect suffices.
+pub fn negotiate_conn(sock: &PathBuf, queues: usize) -> (Frontend, UnixStream) {
+    let stream = UnixStream::connect(sock).expect("connect to the device socket");
+    let conn = stream.try_clone().expect("dup the connection");
+    let mut fe = Frontend::from_stream(stream, queues as u64);
     let features = fe.get_features().expect("features");
     assert_ne!(features & f::VERSION_1, 0);
     fe.set_owner().expect("set_owner");
@@ -134,7 +148,27 @@ pub fn negotiate(sock: &PathBuf, queues: usize) -> Frontend {
     // Every request acknowledged, so a refused one fails here.
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     assert_eq!(fe.get_queue_num().expect("queue num"), queues as u64);
-    fe
+    (fe, conn)
+}
+
+/// Waits (10 s at most) until the peer has closed `conn`, discarding
+/// anything it still sends.
+pub fn wait_closed(conn: &mut UnixStream) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the device did not close the connection");
+        conn.set_read_timeout(Some(left)).expect("read timeout");
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("waiting for the device to close the connection: {e}"),
+        }
+    }
 }
 
 impl Guest {
@@ -147,13 +181,15 @@ impl Guest {
     }
 
     pub fn connect_with(sock: &PathBuf, setup: Setup) -> Guest {
+        let (fe, conn) = negotiate_conn(sock, setup.queues);
         let mut g = Guest {
             mem: shared_memory(),
-            fe: negotiate(sock, setup.queues),
+            fe,
             rings: Vec::new(),
             next_buf: 0x100_0000,
             setup,
             inflight: None,
+            conn,
         };
         if setup.inflight {
             let req = VhostUserInflight {
@@ -214,7 +250,7 @@ impl Guest {
     /// — at the used index — handing back the inflight region first.
     pub fn reconnect(&mut self, sock: &PathBuf) {
         self.disconnect();
-        self.fe = negotiate(sock, self.setup.queues);
+        (self.fe, self.conn) = negotiate_conn(sock, self.setup.queues);
         if let Some((msg, file)) = &self.inflight {
             self.fe
                 .set_inflight_fd(msg, file.as_raw_fd())
@@ -229,14 +265,19 @@ impl Guest {
         }
     }
 
-    /// Closes the connection (the frontend goes away); memory and rings
-    /// stay.
+    /// Closes the connection (the frontend goes away) and waits until the
+    /// device has closed its end too (a dead device: at once); memory and
+    /// rings stay.
     pub fn disconnect(&mut self) {
         let (dead, _) = UnixStream::pair().expect("socket pair");
         drop(std::mem::replace(
             &mut self.fe,
             Frontend::from_stream(dead, self.setup.queues as u64),
         ));
+        // `conn` still holds the connection open: end our direction, so the
+        // device reads EOF, and see it close.
+        let _ = self.conn.shutdown(Shutdown::Write);
+        wait_closed(&mut self.conn);
     }
 
     pub fn buf(&mut self, len: usize) -> GuestAddress {
@@ -321,6 +362,21 @@ impl Guest {
                 return;
             }
             assert!(Instant::now() < deadline, "ring {q}: used {idx}, want {n}");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Waits (10 s at most) for an interrupt on ring `q`; returns how many
+    /// the device signalled since the call eventfd was last read.
+    pub fn wait_call(&self, q: usize) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.rings[q].call.read() {
+                Ok(n) => return n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("ring {q}: reading the call eventfd: {e}"),
+            }
+            assert!(Instant::now() < deadline, "ring {q}: no interrupt");
             std::thread::sleep(Duration::from_micros(100));
         }
     }
