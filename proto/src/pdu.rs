@@ -664,15 +664,7 @@ impl PduDecoder {
         } as usize;
         // Largest PDU of this type: header, up to 128 bytes of padding, data, digest.
         if plen > header_total + 128 + max + DIGEST_LEN {
-            return Err(if t == pdu_type::CAPSULE_CMD {
-                FatalError::field(4, "PLEN exceeds the in-capsule data size")
-            } else {
-                FatalError {
-                    fes: fes::DATA_LIMIT_EXCEEDED,
-                    fei: 0,
-                    msg: "data PDU larger than the negotiated maximum",
-                }
-            });
+            return Err(too_much_data(t, "PLEN exceeds the in-capsule data size"));
         }
         if (fl & flags::DDGSTF != 0) != dd {
             return Err(FatalError::field(
@@ -697,15 +689,10 @@ impl PduDecoder {
             return Err(FatalError::field(4, "PLEN leaves no room for data"));
         };
         if data > max {
-            return Err(if t == pdu_type::CAPSULE_CMD {
-                FatalError::field(4, "in-capsule data larger than the controller accepts")
-            } else {
-                FatalError {
-                    fes: fes::DATA_LIMIT_EXCEEDED,
-                    fei: 0,
-                    msg: "data PDU larger than the negotiated maximum",
-                }
-            });
+            return Err(too_much_data(
+                t,
+                "in-capsule data larger than the controller accepts",
+            ));
         }
         self.data_total = data;
         self.ddgst_this = dd;
@@ -826,6 +813,20 @@ impl PduDecoder {
             // Keep `have` so last_header() still shows this header; reset on finish.
         }
         Ok(Event::Pdu(pdu))
+    }
+}
+
+/// The error for more data than allowed: for a capsule an invalid PLEN
+/// (`capsule_msg`), for a data PDU Data Transfer Limit Exceeded.
+fn too_much_data(t: u8, capsule_msg: &'static str) -> FatalError {
+    if t == pdu_type::CAPSULE_CMD {
+        FatalError::field(4, capsule_msg)
+    } else {
+        FatalError {
+            fes: fes::DATA_LIMIT_EXCEEDED,
+            fei: 0,
+            msg: "data PDU larger than the negotiated maximum",
+        }
     }
 }
 
