@@ -13,6 +13,7 @@
 //! Pure code: no I/O, no allocation beyond a Dataset Management range list.
 
 use crate::admin::{opc, sel, GetFeatures, GetLogPage, Identify, SetFeatures};
+use crate::fabrics::{fctype, OPC_FABRICS};
 use crate::nvme::{io_opc, DataDir, Sqe, Status};
 
 /// Most ranges in one Dataset Management command (NR is 8 bits, 0's based).
@@ -123,6 +124,27 @@ impl IoOp {
             | IoOp::WriteZeroes { lba, nlb, .. } => f(*lba, *nlb),
             IoOp::Flush => Ok(()),
             IoOp::Deallocate { ranges } => ranges.iter().try_for_each(|r| f(r.lba, r.nlb)),
+        }
+    }
+}
+
+impl Sqe {
+    /// The direction of this command's data, from opcode bits 1:0 (01b host
+    /// to controller, 10b controller to host) or, for a Fabrics command,
+    /// from its FCTYPE (Connect and Authentication Send carry data to the
+    /// controller, Authentication Receive from it).
+    pub fn data_dir(&self) -> DataDir {
+        if self.opc == OPC_FABRICS {
+            return match self.fctype() {
+                fctype::CONNECT | fctype::AUTH_SEND => DataDir::HostToController,
+                fctype::AUTH_RECV => DataDir::ControllerToHost,
+                _ => DataDir::None,
+            };
+        }
+        match self.opc & 0x3 {
+            1 => DataDir::HostToController,
+            2 => DataDir::ControllerToHost,
+            _ => DataDir::None,
         }
     }
 }

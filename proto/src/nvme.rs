@@ -157,7 +157,8 @@ impl Sqe {
 }
 
 /// Direction of a command's data (NVMe Base 2.0 §5: opcode bits 1:0 for
-/// admin and I/O commands; Fabrics commands by their FCTYPE).
+/// admin and I/O commands; Fabrics commands by their FCTYPE); see
+/// `Sqe::data_dir` (in [`crate::nvm`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataDir {
     /// No data.
@@ -166,28 +167,6 @@ pub enum DataDir {
     HostToController,
     /// Controller to host (read): C2HData.
     ControllerToHost,
-}
-
-impl Sqe {
-    /// The direction of this command's data, from opcode bits 1:0 (01b host
-    /// to controller, 10b controller to host) or, for a Fabrics command,
-    /// from its FCTYPE (Connect and Authentication Send carry data to the
-    /// controller, Authentication Receive from it).
-    pub fn data_dir(&self) -> DataDir {
-        use crate::fabrics::{fctype, OPC_FABRICS};
-        if self.opc == OPC_FABRICS {
-            return match self.fctype() {
-                fctype::CONNECT | fctype::AUTH_SEND => DataDir::HostToController,
-                fctype::AUTH_RECV => DataDir::ControllerToHost,
-                _ => DataDir::None,
-            };
-        }
-        match self.opc & 0x3 {
-            1 => DataDir::HostToController,
-            2 => DataDir::ControllerToHost,
-            _ => DataDir::None,
-        }
-    }
 }
 
 /// SGL descriptor type/subtype byte values used on NVMe/TCP
