@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// One namespace: its backend spec (`ram:1G`, `null:1T`, `file:/path[:BS]`,
 /// see `unvme_bdev::from_spec`) and optional NSID (default: next free).

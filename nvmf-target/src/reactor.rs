@@ -17,11 +17,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use unvme_bdev::IoCompletion;
 
 use crate::config::Params;
+use crate::error::{io_err, Result};
 use crate::pool::BufPool;
 use crate::queues::BdevQueues;
 use crate::subsystem::Subsystems;
 use crate::tcp::{CloseReason, Conn, Ctx};
-use crate::{io_err, Result};
 
 const WAKER: Token = Token(usize::MAX);
 

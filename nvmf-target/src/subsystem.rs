@@ -16,8 +16,8 @@ use std::time::Instant;
 use unvme_proto::discovery::DISCOVERY_NQN;
 
 use crate::config::TargetConfig;
+use crate::error::{Error, Result};
 use crate::namespace::Namespace;
-use crate::{Error, Result};
 
 /// An NVM subsystem (or the discovery subsystem).
 pub(crate) struct Subsystem {
