@@ -232,14 +232,18 @@ impl Controller {
         if sqe.opc == OPC_FABRICS {
             return self.fabrics(sqe, data);
         }
+        if self.ctrl.is_none() {
+            return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
+        }
+        if self.qid != 0 {
+            // I/O queues exist only while the controller is ready (Connect
+            // checks it, and a reset closes them), so no lock here, and no
+            // reference count touched either.
+            return self.io(sqe, data);
+        }
         let Some(ctrl) = self.ctrl.clone() else {
             return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
         };
-        if self.qid != 0 {
-            // I/O queues exist only while the controller is ready (Connect
-            // checks it, and a reset closes them), so no lock here.
-            return self.io(sqe, data);
-        }
         {
             let mut r = ctrl.regs();
             r.last_keep_alive = Instant::now();
