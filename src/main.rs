@@ -6,6 +6,8 @@ mod nbd_cmd;
 mod perf;
 mod target_cmd;
 mod tools;
+#[cfg(feature = "vfio")]
+mod vfio_env;
 mod vhost_cmd;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +50,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    #[cfg(feature = "vfio")]
+    vfio_env::register();
     let result = match cli.command {
         Command::Target(a) => target_cmd::run(a),
         Command::Perf(a) => perf::run(a),

@@ -28,6 +28,7 @@ pub struct TargetArgs {
     file: Vec<String>,
     /// NVMe controller bound to vfio-pci, served through the user-space
     /// VFIO driver: DDDD:BB:DD.F[:NSID] (repeatable; adds `vfio:ADDR`).
+    #[cfg(feature = "vfio")]
     #[arg(long, value_name = "PCI_ADDR")]
     vfio: Vec<String>,
     /// Namespace by backend spec (ram:SIZE[:BS], null:SIZE[:BS], file:PATH…) (repeatable).
@@ -90,6 +91,7 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     specs.extend(a.ram.iter().map(|s| format!("ram:{s}")));
     specs.extend(a.null.iter().map(|s| format!("null:{s}")));
     specs.extend(a.file.iter().map(|s| format!("file:{s}")));
+    #[cfg(feature = "vfio")]
     specs.extend(a.vfio.iter().map(|s| format!("vfio:{s}")));
     specs.extend(a.ns.iter().cloned());
     if !specs.is_empty() {

@@ -336,7 +336,7 @@ pub fn identify(a: IdentifyArgs) -> Result<(), BoxErr> {
 /// `unvme identify --vfio ADDR`: Identify data of a local device.
 #[cfg(feature = "vfio")]
 fn identify_vfio(addr: &str, a: &IdentifyArgs) -> Result<(), BoxErr> {
-    let d = unvme_bdev::vfio::identify_device(addr, a.nsid)?;
+    let d = unvme_nvme_vfio::identify_device(addr, a.nsid)?;
     if a.json {
         let j = json!({
             "controller": ctrl_json(&d.controller, d.max_transfer),

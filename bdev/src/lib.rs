@@ -12,8 +12,10 @@
 //!
 //! This crate is not a scheduler, a cache or a volume manager: it has the
 //! interface and the simple backends (`ram`, `null`, `file`). Remote NVMe/TCP
-//! namespaces (the initiator) and VFIO NVMe SSDs implement the same traits in
-//! their own crates/modules. With the `test-utils` feature, `conformance`
+//! namespaces (`unvme-initiator`) and VFIO NVMe SSDs (`unvme-nvme-vfio`)
+//! implement the same traits in their own crates; a crate whose backend
+//! should be reachable through [`from_spec`] (`vfio:…`) adds its spec kind
+//! with [`register_backend`]. With the `test-utils` feature, `conformance`
 //! holds the checks every backend must pass, for any crate's tests to run
 //! on its own bdevs.
 
@@ -27,14 +29,12 @@ pub mod ram;
 mod spec;
 pub mod status;
 mod sync_queue;
-#[cfg(feature = "vfio")]
-pub mod vfio;
 
 pub use buf::{BufOwner, IoBuf};
 pub use file::FileBdev;
 pub use null::NullBdev;
 pub use ram::RamBdev;
-pub use spec::{from_spec, parse_size};
+pub use spec::{from_spec, parse_size, register_backend, SpecOpener};
 
 /// Requests a queue of the built-in backends accepts before
 /// [`BdevQueue::submit`] answers [`SubmitError::Busy`]; each backend has a

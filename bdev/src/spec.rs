@@ -1,10 +1,12 @@
 //! Backend specifications as given on the command line: `ram:1G`,
 //! `null:4T:4096`, `file:/var/lib/disk.img:4096:create=10G`.
 //!
-//! Only the built-in backends are described here; remote namespaces and VFIO
-//! devices are configured by their own crates.
+//! Only the built-in backends are described here. Backends of other crates
+//! (a VFIO NVMe SSD, `vfio:0000:00:04.0`) add their kind of specification
+//! at start-up with [`register_backend`], so this crate depends on none of
+//! them; the binary decides which it links and registers.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::{Bdev, Error, FileBdev, NullBdev, RamBdev, Result};
 
@@ -66,12 +68,44 @@ fn blocks_of(spec: &str, size: u64, block_size: u32) -> Result<u64> {
     Ok(size / u64::from(block_size))
 }
 
+/// Opens a backend of another crate from the text after `KIND:` (`rest`);
+/// the whole specification (`spec`) is the device's name.
+pub type SpecOpener = Arc<dyn Fn(&str, &str) -> Result<Arc<dyn Bdev>> + Send + Sync>;
+
+/// Backend kinds registered by other crates.
+static BACKENDS: RwLock<Vec<(String, SpecOpener)>> = RwLock::new(Vec::new());
+
+/// Makes [`from_spec`] open specifications `KIND:…` with `open` (which gets
+/// the whole specification and the text after `KIND:`). Registering a kind
+/// again replaces its opener; the built-in kinds (`ram`, `null`, `file`)
+/// cannot be replaced and are refused with [`Error::Config`].
+pub fn register_backend(kind: &str, open: SpecOpener) -> Result<()> {
+    if matches!(kind, "ram" | "null" | "file") || kind.is_empty() || kind.contains(':') {
+        return Err(Error::Config(format!(
+            "backend kind {kind:?} cannot be registered"
+        )));
+    }
+    let mut all = BACKENDS.write().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(k, _)| k != kind);
+    all.push((kind.to_string(), open));
+    Ok(())
+}
+
+/// The opener registered for `kind`, if any.
+fn registered(kind: &str) -> Option<SpecOpener> {
+    let all = BACKENDS.read().unwrap_or_else(|e| e.into_inner());
+    all.iter().find(|(k, _)| k == kind).map(|(_, o)| o.clone())
+}
+
 /// Opens a backend from its specification:
 ///
 /// - `ram:SIZE[:BS]`: a [`RamBdev`] of SIZE bytes;
 /// - `null:SIZE[:BS]`: a [`NullBdev`] of SIZE bytes;
 /// - `file:PATH[:BS][:create=SIZE]`: a [`FileBdev`] on PATH, created or
 ///   extended to SIZE bytes if `create=` is given.
+///
+/// - `KIND:…` for a kind another crate added with [`register_backend`]
+///   (`vfio:DDDD:BB:DD.F[:NSID]` when the binary links the VFIO driver).
 ///
 /// SIZE is as [`parse_size`] reads it; BS, the block size, defaults to 512.
 /// A PATH may contain `:`, but a trailing `:` component that starts with a
@@ -135,15 +169,15 @@ pub fn from_spec(spec: &str) -> Result<Arc<dyn Bdev>> {
             let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
             Ok(Arc::new(FileBdev::open(path, block_size, create_size)?))
         }
-        #[cfg(feature = "vfio")]
-        "vfio" => crate::vfio::from_spec(spec, rest),
-        #[cfg(not(feature = "vfio"))]
-        "vfio" => Err(Error::Config(format!(
-            "{spec:?}: this build has no VFIO support (cargo feature `vfio`)"
-        ))),
-        other => Err(Error::Config(format!(
-            "{spec:?}: unknown backend {other:?} (use ram, null or file)"
-        ))),
+        other => match registered(other) {
+            Some(open) => open(spec, rest),
+            None if other == "vfio" => Err(Error::Config(format!(
+                "{spec:?}: this build has no VFIO support (the unvme binary's cargo feature `vfio`)"
+            ))),
+            None => Err(Error::Config(format!(
+                "{spec:?}: unknown backend {other:?} (use ram, null or file)"
+            ))),
+        },
     }
 }
 
@@ -237,6 +271,28 @@ mod tests {
         drop(dev);
         let dev = from_spec(&format!("file:{}", path.0.display())).unwrap();
         assert_eq!((dev.info().num_blocks, dev.info().block_size), (2048, 512));
+    }
+
+    #[test]
+    fn registered_kinds_are_opened_by_their_opener_and_builtins_stay() {
+        let open: SpecOpener = Arc::new(|spec: &str, rest: &str| {
+            let size = parse_size(rest)?;
+            Ok(Arc::new(RamBdev::new(spec, size / 512, 512)?) as Arc<dyn Bdev>)
+        });
+        config_err(from_spec("test-kind:64K"));
+        register_backend("test-kind", open.clone()).unwrap();
+        let dev = from_spec("test-kind:64K").unwrap();
+        assert_eq!(
+            (dev.info().name.as_str(), dev.info().num_blocks),
+            ("test-kind:64K", 128)
+        );
+        config_err(from_spec("test-kind:64Q"));
+        for builtin in ["ram", "null", "file", "", "a:b"] {
+            config_err(register_backend(builtin, open.clone()));
+        }
+        assert_eq!(from_spec("ram:1M").unwrap().info().num_blocks, 2048);
+        let msg = config_err(from_spec("vfio:0000:00:04.0"));
+        assert!(msg.contains("no VFIO support"), "{msg}");
     }
 
     #[test]

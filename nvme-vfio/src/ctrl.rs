@@ -26,8 +26,8 @@
 //!
 //! **Fault injection** for testing the reset where no controller can be
 //! made to fail (QEMU's emulated NVMe has no way to raise CFS):
-//! `UNVME_VFIO_INJECT_DISABLE_MS=N` makes the driver itself clear CC.EN on
-//! the live controller N ms after it was opened. The controller then really
+//! [`VfioOptions::inject_disable_after`] makes the driver itself clear CC.EN
+//! on the live controller that long after it was opened. The controller then really
 //! goes not-ready and drops its queues, and the driver finds out as it would
 //! about any failure (CSTS.RDY = 0 at the next health check).
 
@@ -41,7 +41,7 @@ use unvme_proto::nvme::{Cqe, Sqe, CQE_SIZE, SQE_SIZE};
 use super::dma::{DmaRegion, PAGE, PRPS_PER_PAGE};
 use super::regs::{self, Cap, CqRing, SqRing};
 use super::sys::{probe_pci, VfioDevice};
-use super::Error;
+use super::{Error, VfioOptions};
 
 /// Admin queue entries (both queues), bounded by CAP.MQES.
 const ADMIN_ENTRIES: u32 = 32;
@@ -64,8 +64,6 @@ pub(crate) const RESET_BACKOFF: [Duration; 2] =
 pub(crate) const RESET_BUDGET: usize = 5;
 /// See [`RESET_BUDGET`].
 pub(crate) const RESET_WINDOW: Duration = Duration::from_secs(60);
-/// The fault-injection variable (see the module documentation).
-pub(crate) const INJECT_DISABLE_ENV: &str = "UNVME_VFIO_INJECT_DISABLE_MS";
 
 /// What the controller is doing, as its queues see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,16 +179,16 @@ impl ResetBudget {
 
 /// Reads the CQE at byte `off` of `region` if its phase tag says it is new.
 pub(crate) fn read_cqe(region: &DmaRegion, off: usize, cq: &CqRing) -> Option<Cqe> {
-    let dw3 = region.read_volatile_u32(off + 12);
+    let dw3 = region.read_u32(off + 12);
     if !cq.is_new((dw3 >> 16) as u16) {
         return None;
     }
     // The phase tag is written last by the device: read the rest after it.
     fence(Ordering::Acquire);
-    let dw2 = region.read_volatile_u32(off + 8);
+    let dw2 = region.read_u32(off + 8);
     Some(Cqe {
-        dw0: region.read_volatile_u32(off),
-        dw1: region.read_volatile_u32(off + 4),
+        dw0: region.read_u32(off),
+        dw1: region.read_u32(off + 4),
         sqhd: dw2 as u16,
         sqid: (dw2 >> 16) as u16,
         cid: dw3 as u16,
@@ -222,6 +220,10 @@ pub(crate) struct Controller {
     pub addr: String,
     /// Decoded CAP.
     pub cap: Cap,
+    /// CAP as read at open.
+    pub cap_raw: u64,
+    /// The settings it was opened with.
+    pub opts: VfioOptions,
     /// VS register.
     pub vs: u32,
     /// Identify Controller data.
@@ -260,7 +262,7 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// Opens `addr` and brings the controller up: reset, admin queue,
     /// enable, Identify Controller, Set Features Number of Queues.
-    pub fn open(addr: &str) -> Result<Self, Error> {
+    pub fn open(addr: &str, opts: &VfioOptions) -> Result<Self, Error> {
         let pci = probe_pci(addr)?;
         let dev = VfioDevice::open(&pci)?;
         dev.enable_bus_master()?;
@@ -304,6 +306,8 @@ impl Controller {
         let mut ctrl = Controller {
             addr: addr.into(),
             cap,
+            cap_raw,
+            opts: opts.clone(),
             vs,
             id: IdentifyController::default(),
             max_transfer: DRIVER_MAX_TRANSFER,
@@ -521,7 +525,7 @@ impl Controller {
         disable(&self.dev, &self.cap)?;
         // A fresh admin queue in the same memory: the reset forgot the old
         // one, so the rings start over at slot 0 with phase 1.
-        q.region.slice_mut(ADMIN_SQ_OFF, 2 * PAGE).fill(0);
+        q.region.zero(ADMIN_SQ_OFF, 2 * PAGE);
         let entries = ADMIN_ENTRIES.min(self.cap.max_queue_entries) as u16;
         q.sq = SqRing::new(entries);
         q.cq = CqRing::new(entries);
@@ -603,10 +607,12 @@ impl Controller {
         sqe.cid = cid;
         if data.is_some() {
             set_prps(sqe, q.region.iova(ADMIN_DATA_OFF), 0);
-            q.region.slice_mut(ADMIN_DATA_OFF, PAGE).fill(0);
+            q.region.zero(ADMIN_DATA_OFF, PAGE);
         }
         let slot = usize::from(q.sq.push());
-        sqe.encode(q.region.slice_mut(ADMIN_SQ_OFF + slot * SQE_SIZE, SQE_SIZE));
+        let mut entry = [0u8; SQE_SIZE];
+        sqe.encode(&mut entry);
+        q.region.write_slice(ADMIN_SQ_OFF + slot * SQE_SIZE, &entry);
         fence(Ordering::SeqCst);
         let bar = &self.dev.bar0;
         bar.write32(self.cap.sq_doorbell(0), u32::from(q.sq.tail()));
@@ -631,7 +637,7 @@ impl Controller {
                     });
                 }
                 if let Some(d) = data {
-                    d.copy_from_slice(q.region.slice(ADMIN_DATA_OFF, PAGE));
+                    q.region.read_slice(ADMIN_DATA_OFF, &mut d[..]);
                 }
                 return Ok(cqe);
             }
@@ -673,7 +679,7 @@ impl Controller {
         }
         let bar = &self.dev.bar0;
         let cc = bar.read32(regs::CC);
-        tracing::warn!(addr = %self.addr, "vfio {}: fault injection ({INJECT_DISABLE_ENV}): clearing CC.EN on the live controller", self.addr);
+        tracing::warn!(addr = %self.addr, "vfio {}: fault injection: clearing CC.EN on the live controller", self.addr);
         bar.write32(regs::CC, cc & !regs::CC_EN);
     }
 
@@ -800,29 +806,26 @@ impl Drop for Controller {
     }
 }
 
-/// Reads [`INJECT_DISABLE_ENV`] and, if it holds a number of milliseconds,
-/// has a thread clear CC.EN on `ctrl` that long from now (once). The thread
+/// If the options ask for it ([`VfioOptions::inject_disable_after`]), has
+/// a thread clear CC.EN on `ctrl` that long from now (once). The thread
 /// holds only a weak reference: it never keeps the controller open.
 fn arm_fault_injection(ctrl: &Arc<Controller>) {
-    let Ok(v) = std::env::var(INJECT_DISABLE_ENV) else {
+    let Some(after) = ctrl.opts.inject_disable_after else {
         return;
     };
-    let Ok(ms) = v.trim().parse::<u64>() else {
-        tracing::warn!("ignoring {INJECT_DISABLE_ENV}={v:?}: not a number of milliseconds");
-        return;
-    };
-    tracing::warn!(addr = %ctrl.addr, "vfio {}: fault injection armed: CC.EN will be cleared in {ms} ms ({INJECT_DISABLE_ENV})", ctrl.addr);
+    let ms = after.as_millis() as u64;
+    tracing::warn!(addr = %ctrl.addr, "vfio {}: fault injection armed: CC.EN will be cleared in {ms} ms", ctrl.addr);
     let weak = Arc::downgrade(ctrl);
     let spawned = std::thread::Builder::new()
         .name("vfio-inject".into())
         .spawn(move || {
-            std::thread::sleep(Duration::from_millis(ms));
+            std::thread::sleep(after);
             if let Some(c) = weak.upgrade() {
                 c.inject_disable();
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!("{INJECT_DISABLE_ENV}: cannot start the injection thread: {e}");
+        tracing::warn!("fault injection: cannot start the injection thread: {e}");
     }
 }
 

@@ -10,10 +10,15 @@
 //! built from a page list; a pool buffer is one contiguous IOVA range, so
 //! its PRPs follow from its start address ([`contiguous_pages`]).
 //!
+//! The memory the device reads and writes is reached only through
+//! [`DmaRegion`]'s volatile accessors (copies in and out, single words),
+//! never as a `&[u8]`: the device may change it at any moment.
+//!
 //! The pool is per device rather than per queue: its buffers are handed to
 //! the NVMe/TCP target, which may drop them on any thread, and a device's
 //! queues all see the same IOMMU space, so one bounded pool
-//! (`UNVME_VFIO_DMA_POOL`, default 64 MiB; `0` disables zero-copy) serves
+//! ([`VfioOptions::dma_pool_size`](crate::VfioOptions::dma_pool_size),
+//! default 64 MiB; `0` disables zero-copy) serves
 //! every namespace and reactor with lock-free free lists, and its memory
 //! is taken only when a queue first asks for a buffer.
 
@@ -25,7 +30,7 @@ use crossbeam_queue::ArrayQueue;
 
 use super::sys::Container;
 use super::Error;
-use crate::{BufOwner, IoBuf};
+use unvme_bdev::{BufOwner, IoBuf};
 
 /// The page size of the driver: CC.MPS = 0 (4 KiB).
 pub(crate) const PAGE: usize = 4096;
@@ -69,7 +74,8 @@ impl DmaRegion {
         if !huge {
             lock(ptr, len);
         }
-        let iova = match container.map_dma(ptr.as_ptr(), len) {
+        // SAFETY: `ptr..ptr+len` is a mapping of ours that stays mapped until `Drop`, which unmaps it from the IOMMU (`unmap_dma`) before unmapping it from the process.
+        let iova = match unsafe { container.map_dma(ptr.as_ptr(), len) } {
             Ok(iova) => iova,
             Err(e) => {
                 unmap(ptr, len);
@@ -118,42 +124,113 @@ impl DmaRegion {
         self.iova + off as u64
     }
 
-    /// The bytes `off..off+len` (checked) as a slice, for copies in and out.
-    ///
-    /// The caller must own that part of the region (no device access in
-    /// flight to it), which the queue guarantees by slot ownership.
-    pub fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
+    /// Asserts that `off..off+len` lies inside the region.
+    fn check(&self, off: usize, len: usize) {
         assert!(
             off.checked_add(len).is_some_and(|e| e <= self.len),
             "DMA region range out of bounds"
         );
-        // SAFETY: the range lies inside the mapping (checked above), the memory is initialised (zeroed by mmap), and `&mut self` excludes other Rust accesses for the slice's lifetime.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len) }
+    }
+
+    /// Copies `src` into the region at `off` (checked): write data, SQEs,
+    /// PRP lists, DSM range lists. `&mut self` keeps other writers of this
+    /// program out; the caller owns that part of the region (no device
+    /// command in flight reads it), which the queue guarantees by slot
+    /// ownership.
+    pub fn write_slice(&mut self, off: usize, src: &[u8]) {
+        self.check(off, src.len());
+        // SAFETY: the destination lies inside the live mapping (checked above), which no Rust reference covers, so it cannot overlap `src`.
+        unsafe { copy_to_dma(self.ptr.as_ptr().add(off), src) }
+    }
+
+    /// Copies the region's bytes at `off` (checked) into `dst`: read data
+    /// and Identify pages of completed commands, which the device no longer
+    /// writes.
+    pub fn read_slice(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len());
+        // SAFETY: the source lies inside the live mapping (checked above), which no Rust reference covers, so it cannot overlap `dst`.
+        unsafe { copy_from_dma(self.ptr.as_ptr().add(off), dst) }
+    }
+
+    /// Sets `len` bytes at `off` (checked) to zero: a completion queue
+    /// before the device is given it, the admin data page.
+    pub fn zero(&mut self, off: usize, len: usize) {
+        self.check(off, len);
+        // SAFETY: inside the live mapping (checked above); byte writes have no alignment needs.
+        unsafe { zero_dma(self.ptr.as_ptr().add(off), len) }
+    }
+
+    /// Volatile read of the aligned little-endian 32-bit word at `off`
+    /// (checked): CQE dwords, which the device writes behind the
+    /// compiler's back.
+    pub fn read_u32(&self, off: usize) -> u32 {
+        assert!(off.is_multiple_of(4), "DMA region word misaligned");
+        self.check(off, 4);
+        // SAFETY: 4-aligned (the mapping is page-aligned and `off` is a multiple of 4) and inside the mapping (checked).
+        u32::from_le(unsafe { read_dma_u32(self.ptr.as_ptr().add(off).cast()) })
+    }
+
+    /// Volatile write of the aligned little-endian 64-bit word at `off`
+    /// (checked): PRP list entries.
+    pub fn write_u64(&mut self, off: usize, v: u64) {
+        assert!(off.is_multiple_of(8), "DMA region word misaligned");
+        self.check(off, 8);
+        // SAFETY: 8-aligned (the mapping is page-aligned and `off` is a multiple of 8) and inside the mapping (checked).
+        unsafe { write_dma_u64(self.ptr.as_ptr().add(off).cast(), v.to_le()) }
     }
 }
 
-impl DmaRegion {
-    /// The bytes `off..off+len` (checked) as a shared slice, for copying out
-    /// data the device has finished writing (a completed command's pages).
-    pub fn slice(&self, off: usize, len: usize) -> &[u8] {
-        assert!(
-            off.checked_add(len).is_some_and(|e| e <= self.len),
-            "DMA region range out of bounds"
-        );
-        // SAFETY: in bounds (checked), initialised, and the caller reads only memory no device command in flight targets, so nothing writes it while the slice lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) }
-    }
+// The accesses to device-visible memory, after vm-memory's
+// `volatile_memory.rs`: the memory is never seen as a Rust slice (the
+// device may write it at any time, which a `&[u8]` would forbid); single
+// words are read and written volatile, blocks copied with
+// `copy_nonoverlapping` into or out of ordinary memory.
 
-    /// Volatile read of the aligned 32-bit word at `off` (checked): CQE
-    /// dwords, which the device writes behind the compiler's back.
-    pub fn read_volatile_u32(&self, off: usize) -> u32 {
-        assert!(
-            off.is_multiple_of(4) && off.checked_add(4).is_some_and(|e| e <= self.len),
-            "DMA region word out of bounds"
-        );
-        // SAFETY: 4-aligned and inside the mapping (checked); a volatile read is sound even while the device writes the word.
-        unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off).cast::<u32>()) }
-    }
+/// Copies `src` to `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` bytes and must not overlap
+/// `src`.
+unsafe fn copy_to_dma(dst: *mut u8, src: &[u8]) {
+    // SAFETY: the caller guarantees `dst` is writable for `src.len()` bytes and disjoint from `src`.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) }
+}
+
+/// Copies `dst.len()` bytes from `src` into `dst`.
+///
+/// # Safety
+/// `src` must be valid for reads of `dst.len()` bytes and must not overlap
+/// `dst`.
+unsafe fn copy_from_dma(src: *const u8, dst: &mut [u8]) {
+    // SAFETY: the caller guarantees `src` is readable for `dst.len()` bytes and disjoint from `dst`.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) }
+}
+
+/// Writes `len` zero bytes at `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+unsafe fn zero_dma(dst: *mut u8, len: usize) {
+    // SAFETY: the caller guarantees `dst` is writable for `len` bytes.
+    unsafe { std::ptr::write_bytes(dst, 0, len) }
+}
+
+/// Volatile read of the `u32` at `src`.
+///
+/// # Safety
+/// `src` must be valid for reads and 4-byte aligned.
+unsafe fn read_dma_u32(src: *const u32) -> u32 {
+    // SAFETY: the caller guarantees a valid, aligned `src`; a volatile read is sound while the device writes the word.
+    unsafe { std::ptr::read_volatile(src) }
+}
+
+/// Volatile write of `v` at `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writes and 8-byte aligned.
+unsafe fn write_dma_u64(dst: *mut u64, v: u64) {
+    // SAFETY: the caller guarantees a valid, aligned `dst`.
+    unsafe { std::ptr::write_volatile(dst, v) }
 }
 
 impl Drop for DmaRegion {
@@ -301,25 +378,6 @@ impl PagePool {
     /// Returns the pages in `pages` (emptied).
     pub fn give(&mut self, pages: &mut Vec<u32>) {
         self.free.append(pages);
-    }
-}
-
-/// Default size of a device's [`DmaPool`]; `UNVME_VFIO_DMA_POOL` overrides it.
-pub(crate) const DEFAULT_POOL_SIZE: usize = 64 << 20;
-
-/// The pool size from `UNVME_VFIO_DMA_POOL` (a size such as `64M`; `0`
-/// turns zero-copy off, so every request takes the copy path), else
-/// [`DEFAULT_POOL_SIZE`]. A value that does not parse is logged and ignored.
-pub(crate) fn pool_size_from_env() -> usize {
-    match std::env::var("UNVME_VFIO_DMA_POOL") {
-        Err(_) => DEFAULT_POOL_SIZE,
-        Ok(v) => match crate::parse_size(&v) {
-            Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
-            Err(e) => {
-                tracing::warn!("UNVME_VFIO_DMA_POOL ignored: {e}");
-                DEFAULT_POOL_SIZE
-            }
-        },
     }
 }
 

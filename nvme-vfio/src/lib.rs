@@ -1,6 +1,8 @@
-//! `vfio`: a user-space PCIe NVMe driver as a block device — the NVMe SSD
-//! is driven from this process through VFIO, polled, with no kernel block
-//! layer in the path (spec `vfio:DDDD:BB:DD.F[:NSID]`).
+//! `unvme-nvme-vfio`: a user-space PCIe NVMe driver as a block device
+//! ([`unvme_bdev::Bdev`]) — the NVMe SSD is driven from this process
+//! through VFIO, polled, with no kernel block layer in the path (spec
+//! `vfio:DDDD:BB:DD.F[:NSID]`, once [`register`] has added the kind to
+//! [`unvme_bdev::from_spec`]).
 //!
 //! What it does: opens the device's IOMMU group and a type1 container
 //! ([`sys`]), maps BAR0, resets and enables the controller with an admin
@@ -8,22 +10,33 @@
 //! SQ/CQ pair with its own DMA memory ([`queue`], [`dma`]): no lock on the
 //! I/O path, doorbells once per batch, completions by phase tag. Data
 //! buffers come from a per-device pool of IOMMU-mapped memory
-//! (`BdevQueue::alloc_buf`), so write data goes socket → DMA buffer → SSD
-//! and read data back with no copy; other buffers are copied through the
-//! queue's own DMA pages ([`queue`]).
+//! (`BdevQueue::alloc_buf`, sized by [`VfioOptions::dma_pool_size`]), so
+//! write data goes socket → DMA buffer → SSD and read data back with no
+//! copy; other buffers are copied through the queue's own DMA pages
+//! ([`queue`]). Controller bring-up (enable, Identify, number of queues) is
+//! [`unvme_proto::bringup`]'s, shared with the NVMe/TCP initiator; this
+//! crate adds the PCIe parts: admin queue memory, MMIO, I/O queue creation.
 //!
 //! A controller that fails (CSTS.CFS, CSTS.RDY dropping, a command past its
 //! deadline) is reset by a thread of its own, a bounded number of times
 //! ([`ctrl`]): the requests its queues had outstanding fail with an
-//! [`IoError`](crate::IoError) (an NVMe/TCP host retries them), new ones
+//! [`IoError`](unvme_bdev::IoError) (an NVMe/TCP host retries them), new ones
 //! wait while it resets, and each queue re-creates its SQ/CQ pair on the
 //! reset controller at its next use. A device that vanished (registers read
 //! all ones) or that no reset brings back stays failed: every request ends
-//! in an error, never a hang. `UNVME_VFIO_INJECT_DISABLE_MS=N` clears CC.EN
-//! on the live controller N ms after it opens, to exercise that path on
-//! hardware (or an emulation) that cannot be made to fail.
+//! in an error, never a hang. [`VfioOptions::inject_disable_after`] clears
+//! CC.EN on the live controller that long after it opens, to exercise that
+//! path on hardware (or an emulation) that cannot be made to fail.
 //!
-//! Admin pass-through ([`NvmeAdmin`](crate::NvmeAdmin)): Identify and Get
+//! This library reads no environment variables: the caller passes every
+//! setting in [`VfioOptions`] (the `unvme` binary fills them from
+//! `UNVME_VFIO_DMA_POOL` and `UNVME_VFIO_INJECT_DISABLE_MS`).
+//!
+//! Every `unsafe` that touches the kernel or the device lives in [`sys`]
+//! (ioctls, BAR0 MMIO, `unsafe fn` DMA mapping) and [`dma`] (the memory the
+//! device reads and writes, reached only through volatile accessors).
+//!
+//! Admin pass-through ([`NvmeAdmin`](unvme_bdev::NvmeAdmin)): Identify and Get
 //! Log Page commands for the bdev's namespace or the whole controller are
 //! run on the device's admin queue, so a target can show the real SSD's
 //! Identify Namespace fields, identifiers and SMART / health log. Nothing
@@ -41,6 +54,8 @@
 //! namespace hot-plug (a namespace resized or deleted on the device is not
 //! noticed).
 
+#![deny(missing_docs)]
+
 mod ctrl;
 mod dma;
 mod queue;
@@ -49,13 +64,41 @@ mod sys;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
+use unvme_bdev::{AdminError, Bdev, BdevInfo, BdevQueue, IoOp, IoRequest, NvmeAdmin};
 use unvme_proto::admin::{self, cns, lid, IdentifyController, IdentifyNamespace};
 use unvme_proto::nvme::{Sqe, Status};
 
-use crate::{AdminError, Bdev, BdevInfo, BdevQueue, IoOp, IoRequest, NvmeAdmin};
 use ctrl::Controller;
 use queue::{NsCaps, VfioQueue};
+
+/// Default size of a device's DMA buffer pool ([`VfioOptions::dma_pool_size`]).
+pub const DEFAULT_DMA_POOL_SIZE: usize = 64 << 20;
+
+/// Settings of the driver, given by the caller (the library reads no
+/// environment). They apply when a controller is opened; later opens of
+/// namespaces of an already open controller share it and its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfioOptions {
+    /// Bytes of IOMMU-mapped memory per device for the zero-copy data
+    /// buffers ([`BdevQueue::alloc_buf`]); 0 turns zero-copy off, so every
+    /// request's data is copied through the queue's own DMA pages.
+    pub dma_pool_size: usize,
+    /// Fault injection: clear CC.EN on the live controller this long after
+    /// it was opened (once), so the reset path runs where no controller can
+    /// be made to fail. `None`, the default, injects nothing.
+    pub inject_disable_after: Option<Duration>,
+}
+
+impl Default for VfioOptions {
+    fn default() -> Self {
+        VfioOptions {
+            dma_pool_size: DEFAULT_DMA_POOL_SIZE,
+            inject_disable_after: None,
+        }
+    }
+}
 
 /// Errors of the VFIO NVMe backend.
 #[derive(thiserror::Error, Debug)]
@@ -177,13 +220,16 @@ pub enum Error {
     },
 }
 
-impl From<Error> for crate::Error {
+/// Result alias for [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for unvme_bdev::Error {
     fn from(e: Error) -> Self {
         match e {
-            Error::Spec(m) => crate::Error::Config(m),
-            other => crate::Error::Io {
+            Error::Spec(m) => unvme_bdev::Error::Config(m),
+            other => unvme_bdev::Error::Backend {
                 what: "vfio".into(),
-                source: std::io::Error::other(other),
+                source: Box::new(other),
             },
         }
     }
@@ -192,7 +238,7 @@ impl From<Error> for crate::Error {
 /// Parses the part of a `vfio:` spec after `vfio:`: `DDDD:BB:DD.F[:NSID]`
 /// or `BB:DD.F[:NSID]` (domain 0000). Returns the canonical address
 /// (lower-case, with domain) and the NSID if given.
-pub fn parse_spec(rest: &str) -> Result<(String, Option<u32>), Error> {
+pub fn parse_spec(rest: &str) -> Result<(String, Option<u32>)> {
     let bad = |why: &str| {
         Error::Spec(format!(
             "vfio:{rest}: {why} (expected vfio:DDDD:BB:DD.F[:NSID], e.g. vfio:0000:00:04.0)"
@@ -240,7 +286,7 @@ pub fn parse_spec(rest: &str) -> Result<(String, Option<u32>), Error> {
 /// device share it: a VFIO group can be opened only once.
 static CONTROLLERS: Mutex<Vec<(String, Weak<Controller>)>> = Mutex::new(Vec::new());
 
-fn controller(addr: &str) -> Result<Arc<Controller>, Error> {
+fn controller(addr: &str, opts: &VfioOptions) -> Result<Arc<Controller>> {
     let mut all = CONTROLLERS
         .lock()
         .map_err(|_| Error::Device("controller registry poisoned".into()))?;
@@ -252,7 +298,7 @@ fn controller(addr: &str) -> Result<Arc<Controller>, Error> {
     {
         return Ok(c);
     }
-    let c = Arc::new(Controller::open(addr)?);
+    let c = Arc::new(Controller::open(addr, opts)?);
     Controller::adopt(&c);
     all.push((addr.to_string(), Arc::downgrade(&c)));
     Ok(c)
@@ -280,9 +326,11 @@ impl std::fmt::Debug for VfioBdev {
 
 impl VfioBdev {
     /// Opens namespace `nsid` (default: the first active one) of the NVMe
-    /// controller at PCI address `addr`, which must be bound to vfio-pci.
-    pub fn open(addr: &str, nsid: Option<u32>, name: &str) -> Result<Self, Error> {
-        let ctrl = controller(addr)?;
+    /// controller at PCI address `addr`, which must be bound to vfio-pci,
+    /// and names the bdev `name`. `opts` applies if this opens the
+    /// controller (not when another namespace of it is open already).
+    pub fn open(addr: &str, nsid: Option<u32>, name: &str, opts: &VfioOptions) -> Result<Self> {
+        let ctrl = controller(addr, opts)?;
         let active = ctrl.active_namespaces()?;
         let nsid = match nsid {
             Some(n) if active.contains(&n) => n,
@@ -343,7 +391,7 @@ impl VfioBdev {
 /// 03h, 05h) or of the controller (CNS 01h, 06h), Get Log Page of the
 /// Error, SMART / Health and Firmware Slot logs for that namespace or the
 /// whole controller — with at most one page of data.
-pub(crate) fn passthru_allowed(sqe: &Sqe, nsid: u32) -> bool {
+fn passthru_allowed(sqe: &Sqe, nsid: u32) -> bool {
     let whole = sqe.nsid == 0 || sqe.nsid == u32::MAX;
     match sqe.opc {
         admin::opc::IDENTIFY => match admin::Identify::from_cdws(sqe.cdw10, sqe.cdw11).cns {
@@ -369,7 +417,7 @@ impl NvmeAdmin for VfioBdev {
 
     /// Runs the command on the controller's admin queue (serialised with
     /// queue creation and resets; answers at once while a reset runs).
-    fn admin(&self, sqe: &Sqe, data: &mut [u8]) -> Result<u32, AdminError> {
+    fn admin(&self, sqe: &Sqe, data: &mut [u8]) -> std::result::Result<u32, AdminError> {
         if data.len() > dma::PAGE || !passthru_allowed(sqe, self.ns.nsid) {
             return Err(AdminError::Refused);
         }
@@ -411,7 +459,7 @@ impl Bdev for VfioBdev {
         Some(self)
     }
 
-    fn open_queue(&self) -> crate::Result<Box<dyn BdevQueue>> {
+    fn open_queue(&self) -> unvme_bdev::Result<Box<dyn BdevQueue>> {
         Ok(Box::new(VfioQueue::open(
             self.ctrl.clone(),
             self.info.clone(),
@@ -420,7 +468,7 @@ impl Bdev for VfioBdev {
     }
 
     /// Flush through a short-lived queue, bounded by the command timeout.
-    fn flush_all(&self) -> crate::Result<()> {
+    fn flush_all(&self) -> unvme_bdev::Result<()> {
         match self.ctrl.epoch().state {
             ctrl::State::Ready => {}
             ctrl::State::Resetting => return Err(Error::Resetting.into()),
@@ -453,10 +501,19 @@ impl Bdev for VfioBdev {
     }
 }
 
-/// Opens a `vfio:` spec (`rest` is the part after `vfio:`).
-pub(crate) fn from_spec(spec: &str, rest: &str) -> crate::Result<Arc<dyn Bdev>> {
+/// Opens a `vfio:` spec (`rest` is the part after `vfio:`; the whole
+/// `spec` names the bdev).
+pub fn open_spec(spec: &str, rest: &str, opts: &VfioOptions) -> unvme_bdev::Result<Arc<dyn Bdev>> {
     let (addr, nsid) = parse_spec(rest)?;
-    Ok(Arc::new(VfioBdev::open(&addr, nsid, spec)?))
+    Ok(Arc::new(VfioBdev::open(&addr, nsid, spec, opts)?))
+}
+
+/// Makes [`unvme_bdev::from_spec`] open `vfio:` specifications with this
+/// driver and `opts` (see [`unvme_bdev::register_backend`]).
+pub fn register(opts: VfioOptions) {
+    let open: unvme_bdev::SpecOpener =
+        Arc::new(move |spec: &str, rest: &str| open_spec(spec, rest, &opts));
+    unvme_bdev::register_backend("vfio", open).expect("`vfio` is not a built-in backend kind");
 }
 
 /// What `unvme identify --vfio` shows of a local device.
@@ -466,7 +523,7 @@ pub struct DeviceIdentity {
     pub controller: IdentifyController,
     /// MDTS in bytes (0: no limit), before this driver's own cap.
     pub max_transfer: u32,
-    /// CAP register.
+    /// CAP register (as read when the controller was opened).
     pub cap: u64,
     /// VS register.
     pub vs: u32,
@@ -476,9 +533,9 @@ pub struct DeviceIdentity {
 
 /// Opens the controller at `addr` (bound to vfio-pci), reads its Identify
 /// data (namespace `nsid`, or every active one) and releases it again.
-pub fn identify_device(addr: &str, nsid: Option<u32>) -> Result<DeviceIdentity, Error> {
+pub fn identify_device(addr: &str, nsid: Option<u32>) -> Result<DeviceIdentity> {
     let (addr, _) = parse_spec(addr)?;
-    let ctrl = controller(&addr)?;
+    let ctrl = controller(&addr, &VfioOptions::default())?;
     let nsids = match nsid {
         Some(n) => vec![n],
         None => ctrl.active_namespaces()?,
@@ -486,11 +543,11 @@ pub fn identify_device(addr: &str, nsid: Option<u32>) -> Result<DeviceIdentity, 
     let namespaces = nsids
         .into_iter()
         .map(|n| Ok((n, ctrl.identify_namespace(n)?)))
-        .collect::<Result<Vec<_>, Error>>()?;
+        .collect::<Result<Vec<_>>>()?;
     Ok(DeviceIdentity {
         controller: ctrl.id.clone(),
         max_transfer: ctrl.id.max_transfer(ctrl.cap.mpsmin),
-        cap: ctrl.dev.bar0.read64(regs::CAP),
+        cap: ctrl.cap_raw,
         vs: ctrl.vs,
         namespaces,
     })
@@ -604,7 +661,7 @@ mod tests {
 
     #[test]
     fn an_absent_device_is_named_in_the_error() {
-        let e = match crate::from_spec("vfio:0000:ff:1f.7") {
+        let e = match open_spec("vfio:0000:ff:1f.7", "0000:ff:1f.7", &VfioOptions::default()) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("opened a device that should not exist"),
         };

@@ -26,7 +26,8 @@
 //!   nothing is copied back.
 //! - **Copy**, for any other buffer (the caller's heap, another device's
 //!   memory, or every buffer once the pool has run dry or was disabled with
-//!   `UNVME_VFIO_DMA_POOL=0`): the command takes pages of the arena, not
+//!   a [`dma_pool_size`](crate::VfioOptions::dma_pool_size) of 0): the
+//!   command takes pages of the arena, not
 //!   necessarily adjacent (the PRP list gathers them); write data is copied
 //!   in at submit and read data copied back at completion.
 //!
@@ -54,12 +55,11 @@ use unvme_proto::nvme::{io_opc, Sqe, Status, CQE_SIZE, SQE_SIZE};
 
 use super::ctrl::{read_cqe, set_prps, Controller, Epoch, Failure, State};
 use super::dma::{
-    build_prps, contiguous_pages, pool_size_from_env, DmaPool, DmaRegion, PagePool, PoolDevice,
-    PAGE, PRPS_PER_PAGE,
+    build_prps, contiguous_pages, DmaPool, DmaRegion, PagePool, PoolDevice, PAGE, PRPS_PER_PAGE,
 };
 use super::regs::{CqRing, SqRing};
 use super::Error;
-use crate::{BdevInfo, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
+use unvme_bdev::{BdevInfo, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
 
 /// SQEs written before the doorbell is rung without waiting for a poll.
 pub(crate) const DOORBELL_BATCH: usize = 32;
@@ -316,9 +316,8 @@ impl VfioQueue {
                 )
                 .unwrap_or((0, 0));
                 if npages > 2 {
-                    let dst = self.region.slice_mut(list_off, (npages - 1) * 8);
-                    for (d, e) in dst.chunks_exact_mut(8).zip(&list) {
-                        d.copy_from_slice(&u64::from_le(*e).to_le_bytes());
+                    for (i, e) in list[..npages - 1].iter().enumerate() {
+                        self.region.write_u64(list_off + i * 8, u64::from_le(*e));
                     }
                 }
                 set_prps(&mut sqe, prp1, prp2);
@@ -338,11 +337,11 @@ impl VfioQueue {
                 sqe.opc = io_opc::DSM;
                 // The range list goes in the slot's PRP list page (unused by DSM).
                 let off = self.prp_off + usize::from(cid) * PAGE;
-                let dst = self.region.slice_mut(off, ranges.len() * 16);
-                for (d, r) in dst.chunks_exact_mut(16).zip(ranges) {
-                    d[..4].copy_from_slice(&0u32.to_le_bytes()); // context attributes
+                for (i, r) in ranges.iter().enumerate() {
+                    let mut d = [0u8; 16]; // context attributes 0
                     d[4..8].copy_from_slice(&r.nlb.to_le_bytes());
                     d[8..].copy_from_slice(&r.lba.to_le_bytes());
+                    self.region.write_slice(off + i * 16, &d);
                 }
                 sqe.cdw10 = ranges.len().saturating_sub(1) as u32; // NR, 0's based
                 sqe.cdw11 = 1 << 2; // AD: deallocate
@@ -374,8 +373,7 @@ impl VfioQueue {
                     let n = PAGE.min(len - start);
                     let src = buf_off + start;
                     self.region
-                        .slice_mut(self.data_off + p as usize * PAGE, n)
-                        .copy_from_slice(&buf[src..src + n]);
+                        .write_slice(self.data_off + p as usize * PAGE, &buf[src..src + n]);
                 }
             }
         }
@@ -485,7 +483,7 @@ impl VfioQueue {
     /// number of requests it finished (0 or 1).
     fn complete(&mut self, idx: usize, status: Status, out: &mut Vec<IoCompletion>) -> usize {
         let p = usize::from(self.slots[idx].parent);
-        let mut result = crate::status::from_nvme(status);
+        let mut result = unvme_bdev::status::from_nvme(status);
         if result.is_ok() && self.slots[idx].is_read && !self.slots[idx].zero_copy {
             let (off, len) = (self.slots[idx].buf_off, self.slots[idx].len);
             let mut buf = self.slots[p].buf.take();
@@ -494,8 +492,9 @@ impl VfioQueue {
                     for (i, &pg) in self.slots[idx].pages.iter().enumerate() {
                         let start = i * PAGE;
                         let n = PAGE.min(len - start);
-                        b[off + start..off + start + n].copy_from_slice(
-                            self.region.slice(self.data_off + pg as usize * PAGE, n),
+                        self.region.read_slice(
+                            self.data_off + pg as usize * PAGE,
+                            &mut b[off + start..off + start + n],
                         );
                     }
                 }
@@ -575,7 +574,7 @@ fn device_pool(ctrl: &Arc<Controller>, max_buf: usize) -> Arc<DmaPool> {
     {
         return p;
     }
-    let pool = DmaPool::new(ctrl.clone(), pool_size_from_env(), max_buf);
+    let pool = DmaPool::new(ctrl.clone(), ctrl.opts.dma_pool_size, max_buf);
     all.push((Arc::downgrade(ctrl), Arc::downgrade(&pool)));
     pool
 }
@@ -667,7 +666,9 @@ impl BdevQueue for VfioQueue {
             }
             let sqe = self.build(cid, &op, req.buf.as_ref(), off, dma);
             let at = usize::from(self.sq.push()) * SQE_SIZE;
-            sqe.encode(self.region.slice_mut(at, SQE_SIZE));
+            let mut entry = [0u8; SQE_SIZE];
+            sqe.encode(&mut entry);
+            self.region.write_slice(at, &entry);
             let slot = &mut self.slots[idx];
             slot.state = SlotState::Busy;
             slot.parent = parent;
@@ -829,7 +830,7 @@ impl VfioQueue {
                 self.cq = CqRing::new(self.entries);
                 self.pending = 0;
                 let cq_bytes = usize::from(self.entries) * CQE_SIZE;
-                self.region.slice_mut(self.cq_off, cq_bytes).fill(0);
+                self.region.zero(self.cq_off, cq_bytes);
                 let (cq, sq) = (self.region.iova(self.cq_off), self.region.iova(0));
                 match ctrl.create_io_queues(self.qid, cq, sq) {
                     Ok(()) => {

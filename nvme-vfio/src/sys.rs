@@ -139,9 +139,16 @@ impl Container {
     /// Maps `len` bytes at `vaddr` into the IOMMU for device reads and
     /// writes and returns the IOVA chosen for them. The kernel pins the pages.
     ///
-    /// `vaddr..vaddr+len` must stay mapped in this process until
-    /// [`Container::unmap_dma`] is called for the returned IOVA.
-    pub fn map_dma(&self, vaddr: *mut u8, len: usize) -> Result<u64, Error> {
+    /// # Safety
+    ///
+    /// From the call on, the device may read and write `vaddr..vaddr+len`
+    /// at any time, behind the compiler's back. So the range must be memory
+    /// this process mapped for the purpose (not the backing of any Rust
+    /// object that assumes exclusive access), must stay mapped until
+    /// [`Container::unmap_dma`] has been called for the returned IOVA, and
+    /// must be accessed meanwhile only through raw, volatile-safe accesses
+    /// (see [`super::dma::DmaRegion`]).
+    pub unsafe fn map_dma(&self, vaddr: *mut u8, len: usize) -> Result<u64, Error> {
         let iova = {
             let mut next = self
                 .next_iova
