@@ -165,54 +165,15 @@ impl PropertyCmd {
     }
 }
 
-/// Controller property offsets (NVMe Base 2.0 Figure 33).
+/// Controller property offsets (NVMe Base 2.0 Figure 33) for Property
+/// Get / Set: [`crate::regs`]'s, re-exported here.
 pub mod prop {
-    /// Controller Capabilities (8 bytes).
-    pub const CAP: u32 = 0x00;
-    /// Version.
-    pub const VS: u32 = 0x08;
-    /// Controller Configuration.
-    pub const CC: u32 = 0x14;
-    /// Controller Status.
-    pub const CSTS: u32 = 0x1C;
-    /// NVM Subsystem Reset.
-    pub const NSSR: u32 = 0x20;
+    pub use crate::regs::{CAP, CC, CSTS, NSSR, VS};
 }
 
-/// CC register fields (NVMe Base 2.0 Figure 41).
-pub mod cc {
-    /// Enable.
-    pub const EN: u32 = 1;
-    /// Shutdown Notification field shift (bits 15:14).
-    pub const SHN_SHIFT: u32 = 14;
-    /// Shutdown Notification mask.
-    pub const SHN_MASK: u32 = 0x3 << SHN_SHIFT;
-    /// I/O Submission Queue Entry Size shift (bits 19:16).
-    pub const IOSQES_SHIFT: u32 = 16;
-    /// I/O Completion Queue Entry Size shift (bits 23:20).
-    pub const IOCQES_SHIFT: u32 = 20;
-}
-
-/// CSTS register fields (NVMe Base 2.0 Figure 42).
-pub mod csts {
-    /// Ready.
-    pub const RDY: u32 = 1;
-    /// Controller Fatal Status.
-    pub const CFS: u32 = 1 << 1;
-    /// Shutdown Status: shutdown processing complete (bits 3:2 = 10b).
-    pub const SHST_COMPLETE: u32 = 0x2 << 2;
-    /// Shutdown Status mask.
-    pub const SHST_MASK: u32 = 0x3 << 2;
-}
-
-/// Builds a CAP value: MQES (0's based), CQR, TO (500 ms units), DSTRD 0,
-/// CSS NVM, MPSMIN/MPSMAX 4 KiB.
-pub fn cap_value(mqes: u16, timeout_500ms: u8) -> u64 {
-    u64::from(mqes) | (1 << 16) | (u64::from(timeout_500ms) << 24) | (1 << 37)
-}
-
-/// NVMe version value for 2.0.0 (VS register / Identify VER).
-pub const NVME_VERSION_2_0: u32 = 0x0002_0000;
+/// CC and CSTS bits, the served CAP value and the version: defined in
+/// [`crate::regs`], re-exported for the Fabrics users.
+pub use crate::regs::{cap_value, cc, csts, NVME_VERSION_2_0};
 
 #[cfg(test)]
 mod tests {

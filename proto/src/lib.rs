@@ -10,6 +10,11 @@
 //! - [`admin`]: admin command data structures (Identify, log pages, features).
 //! - [`discovery`]: the discovery log page (NVMe over Fabrics 1.1, §5.3).
 //! - [`fabrics`]: Connect and property get/set (NVMe over Fabrics, §3).
+//! - [`regs`]: the controller registers (offsets, CAP, CC, CSTS; NVMe Base
+//!   2.0 §3.1.4), the same for PCIe MMIO and Fabrics properties.
+//! - [`bringup`]: controller bring-up (enable, Identify, number of queues,
+//!   disable, shutdown) written once over a small trait that a PCIe and a
+//!   Fabrics host each implement.
 //!
 //! This crate knows nothing about sockets, threads or backends; the target
 //! and the initiator drive it.
@@ -17,11 +22,13 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod bringup;
 pub mod discovery;
 pub mod fabrics;
 pub mod nvm;
 pub mod nvme;
 pub mod pdu;
+pub mod regs;
 
 /// Errors from decoding wire data.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
