@@ -35,12 +35,14 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
-use unvme_proto::admin::{self, cns, fid, IdentifyController, IdentifyNamespace, NumberOfQueues};
+use unvme_proto::admin::{self, cns, IdentifyController, IdentifyNamespace};
+use unvme_proto::bringup::{self, BringUpError, BroughtUp, ControllerAccess};
 use unvme_proto::nvme::{Cqe, Sqe, CQE_SIZE, SQE_SIZE};
+use unvme_proto::regs::{self, cc, csts, Cap};
 
 use super::dma::{DmaRegion, PAGE, PRPS_PER_PAGE};
-use super::regs::{self, Cap, CqRing, SqRing};
-use super::sys::{probe_pci, VfioDevice};
+use super::ring::{CqRing, SqRing};
+use super::sys::{probe_pci, Mmio, VfioDevice};
 use super::{Error, VfioOptions};
 
 /// Admin queue entries (both queues), bounded by CAP.MQES.
@@ -214,6 +216,206 @@ const ADMIN_SQ_OFF: usize = 0;
 const ADMIN_CQ_OFF: usize = PAGE;
 const ADMIN_DATA_OFF: usize = 2 * PAGE;
 
+impl AdminQueue {
+    /// Starts the rings over in zeroed memory (slot 0, phase 1), for a
+    /// controller that is about to be given this queue.
+    fn restart(&mut self, entries: u16) {
+        self.region.zero(ADMIN_SQ_OFF, 2 * PAGE);
+        self.sq = SqRing::new(entries);
+        self.cq = CqRing::new(entries);
+    }
+}
+
+/// The command timeout: CAP.TO, at least [`MIN_CMD_TIMEOUT`].
+fn cmd_timeout(cap: &Cap) -> Duration {
+    cap.ready_timeout().max(MIN_CMD_TIMEOUT)
+}
+
+/// CSTS checks while an admin command of bring-up or a reset runs: a
+/// vanished device or a fatal status ends the wait (nothing else, as the
+/// controller's state is the reset's own business then).
+fn raw_health(bar: &Mmio) -> Result<(), Error> {
+    let s = bar.read32(regs::CSTS);
+    if regs::gone(s) {
+        Err(Error::Gone)
+    } else if s & csts::CFS != 0 {
+        Err(Error::Fatal)
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs one admin command on `q` to completion. `data`, if given (at most
+/// a page), receives the command's controller-to-host data (PRP1 = the
+/// admin data page). Fails on a non-success status, on whatever `health`
+/// (polled while waiting) reports, and after `timeout` with
+/// [`Error::AdminTimeout`].
+fn run_admin(
+    bar: &Mmio,
+    cap: &Cap,
+    timeout: Duration,
+    q: &mut AdminQueue,
+    sqe: &mut Sqe,
+    data: Option<&mut [u8]>,
+    health: &mut dyn FnMut() -> Result<(), Error>,
+) -> Result<Cqe, Error> {
+    let cid = q.next_cid;
+    q.next_cid = q.next_cid.wrapping_add(1);
+    sqe.cid = cid;
+    if data.is_some() {
+        set_prps(sqe, q.region.iova(ADMIN_DATA_OFF), 0);
+        q.region.zero(ADMIN_DATA_OFF, PAGE);
+    }
+    let slot = usize::from(q.sq.push());
+    let mut entry = [0u8; SQE_SIZE];
+    sqe.encode(&mut entry);
+    q.region.write_slice(ADMIN_SQ_OFF + slot * SQE_SIZE, &entry);
+    fence(Ordering::SeqCst);
+    bar.ring(cap.sq_doorbell(0), u32::from(q.sq.tail()));
+    let deadline = Instant::now() + timeout;
+    let mut spins = 0u32;
+    loop {
+        let off = ADMIN_CQ_OFF + usize::from(q.cq.head()) * CQE_SIZE;
+        if let Some(cqe) = read_cqe(&q.region, off, &q.cq) {
+            q.cq.advance();
+            bar.ring(cap.cq_doorbell(0), u32::from(q.cq.head()));
+            if cqe.cid != cid {
+                tracing::warn!(cid = cqe.cid, want = cid, "stray admin completion");
+                continue;
+            }
+            let status = cqe.status();
+            if !status.is_success() {
+                return Err(Error::AdminStatus {
+                    opc: sqe.opc,
+                    sct: status.sct,
+                    sc: status.sc,
+                    dnr: status.dnr,
+                });
+            }
+            if let Some(d) = data {
+                let n = d.len().min(PAGE);
+                q.region.read_slice(ADMIN_DATA_OFF, &mut d[..n]);
+            }
+            return Ok(cqe);
+        }
+        spins += 1;
+        if spins < 1000 {
+            std::hint::spin_loop();
+            continue;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+        health()?;
+        if Instant::now() > deadline {
+            return Err(Error::AdminTimeout {
+                opc: sqe.opc,
+                ms: timeout.as_millis() as u64,
+            });
+        }
+    }
+}
+
+/// The PCIe side of [`unvme_proto::bringup`]: registers in BAR0, admin
+/// commands on the admin queue in DMA memory.
+struct Pcie<'a> {
+    dev: &'a VfioDevice,
+    q: &'a mut AdminQueue,
+    /// Known once CAP is read ([`ControllerAccess::before_enable`]).
+    cap: Cap,
+    timeout: Duration,
+}
+
+impl<'a> Pcie<'a> {
+    fn new(dev: &'a VfioDevice, q: &'a mut AdminQueue, cap: Cap) -> Self {
+        Pcie {
+            dev,
+            q,
+            cap,
+            timeout: cmd_timeout(&cap),
+        }
+    }
+}
+
+impl ControllerAccess for Pcie<'_> {
+    type Error = Error;
+
+    fn read32(&mut self, off: u32) -> Result<u32, Error> {
+        Ok(self.dev.bar0.read32(off))
+    }
+
+    fn read64(&mut self, off: u32) -> Result<u64, Error> {
+        Ok(self.dev.bar0.read64(off))
+    }
+
+    fn write32(&mut self, off: u32, value: u32) -> Result<(), Error> {
+        self.dev.bar0.write32(off, value);
+        Ok(())
+    }
+
+    fn admin(&mut self, mut sqe: Sqe, data: Option<&mut [u8]>) -> Result<Cqe, Error> {
+        let bar = &self.dev.bar0;
+        run_admin(
+            bar,
+            &self.cap,
+            self.timeout,
+            self.q,
+            &mut sqe,
+            data,
+            &mut || raw_health(bar),
+        )
+    }
+
+    fn wait(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+
+    /// Checks what this driver needs (NVM command set, 4 KiB pages),
+    /// disables the controller and gives it a fresh admin queue.
+    fn before_enable(&mut self, cap: &Cap) -> Result<(), Error> {
+        if !cap.css_nvm() {
+            return Err(Error::Unsupported(
+                "controller does not support the NVM command set".into(),
+            ));
+        }
+        if cap.mpsmin != 0 {
+            return Err(Error::Unsupported(format!(
+                "controller's smallest memory page is {} KiB; this driver uses 4 KiB",
+                4u32 << cap.mpsmin
+            )));
+        }
+        self.cap = *cap;
+        self.timeout = cmd_timeout(cap);
+        bringup::disable(self, cap)?;
+        let entries = ADMIN_ENTRIES.min(cap.max_queue_entries()) as u16;
+        self.q.restart(entries);
+        let bar = &self.dev.bar0;
+        bar.write32(regs::AQA, regs::aqa_value(entries, entries));
+        bar.write64(regs::ASQ, self.q.region.iova(ADMIN_SQ_OFF));
+        bar.write64(regs::ACQ, self.q.region.iova(ADMIN_CQ_OFF));
+        Ok(())
+    }
+}
+
+impl From<BringUpError> for Error {
+    fn from(e: BringUpError) -> Self {
+        match e {
+            BringUpError::Gone => Error::Gone,
+            BringUpError::Fatal => Error::Fatal,
+            BringUpError::Timeout { step, ms, csts } => Error::ReadyTimeout { step, ms, csts },
+            BringUpError::Decode { source } => Error::Decode {
+                what: "Identify Controller",
+                source,
+            },
+        }
+    }
+}
+
+/// Brings the controller behind `dev` up with the admin queue `q`:
+/// disable, admin queue, enable, Identify Controller, Number of Queues.
+fn bring_up(dev: &VfioDevice, q: &mut AdminQueue) -> Result<BroughtUp, Error> {
+    let mut pcie = Pcie::new(dev, q, Cap::default());
+    bringup::bring_up(&mut pcie, |_| WANT_IO_QUEUES)
+}
+
 /// One NVMe controller driven through VFIO.
 pub(crate) struct Controller {
     /// The PCI address.
@@ -266,53 +468,46 @@ impl Controller {
         let pci = probe_pci(addr)?;
         let dev = VfioDevice::open(&pci)?;
         dev.enable_bus_master()?;
-        let bar = &dev.bar0;
-        let cap_raw = bar.read64(regs::CAP);
-        if cap_raw == u64::MAX {
-            return Err(Error::Gone);
-        }
-        let cap = Cap::decode(cap_raw);
-        if !cap.css_nvm {
-            return Err(Error::Unsupported(
-                "controller does not support the NVM command set".into(),
-            ));
-        }
-        if cap.mpsmin != 0 {
-            return Err(Error::Unsupported(format!(
-                "controller's smallest memory page is {} KiB; this driver uses 4 KiB",
-                4u32 << cap.mpsmin
-            )));
-        }
-        let vs = bar.read32(regs::VS);
-        disable(&dev, &cap)?;
-
-        let admin_entries = ADMIN_ENTRIES.min(cap.max_queue_entries) as u16;
-        let region = DmaRegion::new(&dev.container, 3 * PAGE)?;
-        let aqa = u32::from(admin_entries - 1) | (u32::from(admin_entries - 1) << 16);
-        bar.write32(regs::AQA, aqa);
-        bar.write64(regs::ASQ, region.iova(ADMIN_SQ_OFF));
-        bar.write64(regs::ACQ, region.iova(ADMIN_CQ_OFF));
-        bar.write32(regs::CC, regs::cc_enable());
-        wait_csts(&dev, &cap, "enable", |csts| csts & regs::CSTS_RDY != 0)?;
+        let mut q = AdminQueue {
+            region: DmaRegion::new(&dev.container, 3 * PAGE)?,
+            sq: SqRing::new(2),
+            cq: CqRing::new(2),
+            next_cid: 0,
+        };
+        let up = bring_up(&dev, &mut q)?;
+        let cap = up.cap;
         tracing::info!(
             addr,
-            vs = format_args!("{:#x}", vs),
-            mqes = cap.max_queue_entries,
+            vs = format_args!("{:#x}", up.vs),
+            mqes = cap.max_queue_entries(),
             dstrd = cap.dstrd,
             to = cap.to,
             "NVMe controller enabled"
         );
-
-        let mut ctrl = Controller {
+        let max_transfer = match up.id.max_transfer(cap.mpsmin) {
+            0 => DRIVER_MAX_TRANSFER,
+            m => m.min(DRIVER_MAX_TRANSFER),
+        };
+        let queues = up.io_queues as usize;
+        tracing::info!(
+            addr,
+            mn = %up.id.mn.trim(),
+            sn = %up.id.sn.trim(),
+            mdts = up.id.mdts,
+            max_transfer,
+            io_queues = queues,
+            "NVMe controller identified"
+        );
+        Ok(Controller {
             addr: addr.into(),
             cap,
-            cap_raw,
+            cap_raw: up.cap_raw,
             opts: opts.clone(),
-            vs,
-            id: IdentifyController::default(),
-            max_transfer: DRIVER_MAX_TRANSFER,
-            io_entries: IO_ENTRIES.min(cap.max_queue_entries) as u16,
-            cmd_timeout: cap.ready_timeout().max(MIN_CMD_TIMEOUT),
+            vs: up.vs,
+            id: up.id,
+            max_transfer,
+            io_entries: IO_ENTRIES.min(cap.max_queue_entries()) as u16,
+            cmd_timeout: cmd_timeout(&cap),
             epoch: AtomicU64::new(
                 Epoch {
                     gen: 0,
@@ -322,43 +517,10 @@ impl Controller {
             ),
             budget: Mutex::new(ResetBudget::default()),
             me: OnceLock::new(),
-            qids: Mutex::new(Vec::new()),
-            admin: Mutex::new(AdminQueue {
-                region,
-                sq: SqRing::new(admin_entries),
-                cq: CqRing::new(admin_entries),
-                next_cid: 0,
-            }),
+            qids: Mutex::new(vec![false; queues]),
+            admin: Mutex::new(q),
             dev,
-        };
-        let mut data = [0u8; PAGE];
-        ctrl.identify(cns::CTRL, 0, &mut data)?;
-        ctrl.id = IdentifyController::decode(&data)
-            .map_err(|e| Error::Device(format!("Identify Controller: {e}")))?;
-        ctrl.max_transfer = match ctrl.id.max_transfer(cap.mpsmin) {
-            0 => DRIVER_MAX_TRANSFER,
-            m => m.min(DRIVER_MAX_TRANSFER),
-        };
-        let mut sqe = Sqe {
-            opc: admin::opc::SET_FEATURES,
-            cdw10: u32::from(fid::NUM_QUEUES),
-            cdw11: NumberOfQueues::from_counts(WANT_IO_QUEUES, WANT_IO_QUEUES).to_dword(),
-            ..Default::default()
-        };
-        let cqe = ctrl.admin(&mut sqe, None)?;
-        let nq = NumberOfQueues::from_dword(cqe.dw0);
-        let queues = nq.sq_count().min(nq.cq_count()).min(WANT_IO_QUEUES) as usize;
-        ctrl.qids = Mutex::new(vec![false; queues]);
-        tracing::info!(
-            addr,
-            mn = %ctrl.id.mn.trim(),
-            sn = %ctrl.id.sn.trim(),
-            mdts = ctrl.id.mdts,
-            max_transfer = ctrl.max_transfer,
-            io_queues = queues,
-            "NVMe controller identified"
-        );
-        Ok(ctrl)
+        })
     }
 
     /// Gives the controller its own `Arc`, so a failure can start a reset
@@ -397,14 +559,14 @@ impl Controller {
     /// returned as an error, as is a controller already resetting or failed.
     pub fn check_status(&self) -> Result<(), Error> {
         self.state_error()?;
-        let csts = self.dev.bar0.read32(regs::CSTS);
-        if regs::gone(csts) {
+        let s = self.dev.bar0.read32(regs::CSTS);
+        if regs::gone(s) {
             self.give_up(&Error::Gone);
             Err(Error::Gone)
-        } else if csts & regs::CSTS_CFS != 0 {
+        } else if s & csts::CFS != 0 {
             self.request_reset(Failure::Cfs);
             Err(Error::Fatal)
-        } else if csts & regs::CSTS_RDY == 0 {
+        } else if s & csts::RDY == 0 {
             self.request_reset(Failure::NotReady);
             Err(Error::NotReady)
         } else {
@@ -510,61 +672,23 @@ impl Controller {
         }
     }
 
-    /// One controller reset and re-initialisation, holding the admin queue.
+    /// One controller reset and re-initialisation, holding the admin queue:
+    /// the whole bring-up again (disable, a fresh admin queue in the same
+    /// memory, enable, Identify Controller, Number of Queues).
     fn reset_once(&self) -> Result<(), Error> {
         let mut guard = self
             .admin
             .lock()
             .map_err(|_| Error::Device("admin queue mutex poisoned".into()))?;
-        let q = &mut *guard;
-        let bar = &self.dev.bar0;
-        if bar.read64(regs::CAP) == u64::MAX {
+        if self.dev.bar0.read64(regs::CAP) == u64::MAX {
             return Err(Error::Gone);
         }
         self.dev.enable_bus_master()?;
-        disable(&self.dev, &self.cap)?;
-        // A fresh admin queue in the same memory: the reset forgot the old
-        // one, so the rings start over at slot 0 with phase 1.
-        q.region.zero(ADMIN_SQ_OFF, 2 * PAGE);
-        let entries = ADMIN_ENTRIES.min(self.cap.max_queue_entries) as u16;
-        q.sq = SqRing::new(entries);
-        q.cq = CqRing::new(entries);
-        let aqa = u32::from(entries - 1) | (u32::from(entries - 1) << 16);
-        bar.write32(regs::AQA, aqa);
-        bar.write64(regs::ASQ, q.region.iova(ADMIN_SQ_OFF));
-        bar.write64(regs::ACQ, q.region.iova(ADMIN_CQ_OFF));
-        bar.write32(regs::CC, regs::cc_enable());
-        wait_csts(&self.dev, &self.cap, "enable", |csts| {
-            csts & regs::CSTS_RDY != 0
-        })?;
-        // The init sequence again: Identify Controller, Number of Queues.
-        let mut data = [0u8; PAGE];
-        let ident = admin::Identify {
-            cns: cns::CTRL,
-            ..Default::default()
-        };
-        let [cdw10, cdw11] = ident.to_cdws();
-        let mut sqe = Sqe {
-            opc: admin::opc::IDENTIFY,
-            cdw10,
-            cdw11,
-            ..Default::default()
-        };
-        self.admin_locked(q, &mut sqe, Some(&mut data), true)?;
-        let id = IdentifyController::decode(&data)
-            .map_err(|e| Error::Device(format!("Identify Controller: {e}")))?;
-        if id.sn != self.id.sn || id.mn != self.id.mn {
-            tracing::warn!(addr = %self.addr, sn = %id.sn.trim(), mn = %id.mn.trim(), "vfio {}: the controller identifies differently after the reset", self.addr);
+        let up = bring_up(&self.dev, &mut guard)?;
+        if up.id.sn != self.id.sn || up.id.mn != self.id.mn {
+            tracing::warn!(addr = %self.addr, sn = %up.id.sn.trim(), mn = %up.id.mn.trim(), "vfio {}: the controller identifies differently after the reset", self.addr);
         }
-        let mut sqe = Sqe {
-            opc: admin::opc::SET_FEATURES,
-            cdw10: u32::from(fid::NUM_QUEUES),
-            cdw11: NumberOfQueues::from_counts(WANT_IO_QUEUES, WANT_IO_QUEUES).to_dword(),
-            ..Default::default()
-        };
-        let cqe = self.admin_locked(q, &mut sqe, None, true)?;
-        let nq = NumberOfQueues::from_dword(cqe.dw0);
-        let granted = nq.sq_count().min(nq.cq_count()) as usize;
+        let granted = up.io_queues as usize;
         let had = self.qids.lock().map(|q| q.len()).unwrap_or(0);
         if granted < had {
             tracing::warn!(addr = %self.addr, granted, had, "vfio {}: fewer I/O queues after the reset; queues above {granted} stay failed", self.addr);
@@ -589,85 +713,19 @@ impl Controller {
             }
         };
         self.check_status()?;
-        self.admin_locked(&mut guard, sqe, data, false)
-    }
-
-    /// [`Controller::admin`] with the queue locked. `in_reset`: called by the
-    /// reset itself, so the controller's state is not consulted and a
-    /// timeout does not start another reset.
-    fn admin_locked(
-        &self,
-        q: &mut AdminQueue,
-        sqe: &mut Sqe,
-        data: Option<&mut [u8; PAGE]>,
-        in_reset: bool,
-    ) -> Result<Cqe, Error> {
-        let cid = q.next_cid;
-        q.next_cid = q.next_cid.wrapping_add(1);
-        sqe.cid = cid;
-        if data.is_some() {
-            set_prps(sqe, q.region.iova(ADMIN_DATA_OFF), 0);
-            q.region.zero(ADMIN_DATA_OFF, PAGE);
+        let r = run_admin(
+            &self.dev.bar0,
+            &self.cap,
+            self.cmd_timeout,
+            &mut guard,
+            sqe,
+            data.map(|d| &mut d[..]),
+            &mut || self.check_status(),
+        );
+        if let Err(Error::AdminTimeout { .. }) = r {
+            self.request_reset(Failure::Timeout);
         }
-        let slot = usize::from(q.sq.push());
-        let mut entry = [0u8; SQE_SIZE];
-        sqe.encode(&mut entry);
-        q.region.write_slice(ADMIN_SQ_OFF + slot * SQE_SIZE, &entry);
-        fence(Ordering::SeqCst);
-        let bar = &self.dev.bar0;
-        bar.write32(self.cap.sq_doorbell(0), u32::from(q.sq.tail()));
-        let deadline = Instant::now() + self.cmd_timeout;
-        let mut spins = 0u32;
-        loop {
-            let off = ADMIN_CQ_OFF + usize::from(q.cq.head()) * CQE_SIZE;
-            if let Some(cqe) = read_cqe(&q.region, off, &q.cq) {
-                q.cq.advance();
-                bar.write32(self.cap.cq_doorbell(0), u32::from(q.cq.head()));
-                if cqe.cid != cid {
-                    tracing::warn!(cid = cqe.cid, want = cid, "stray admin completion");
-                    continue;
-                }
-                let status = cqe.status();
-                if !status.is_success() {
-                    return Err(Error::AdminStatus {
-                        opc: sqe.opc,
-                        sct: status.sct,
-                        sc: status.sc,
-                        dnr: status.dnr,
-                    });
-                }
-                if let Some(d) = data {
-                    q.region.read_slice(ADMIN_DATA_OFF, &mut d[..]);
-                }
-                return Ok(cqe);
-            }
-            spins += 1;
-            if spins < 1000 {
-                std::hint::spin_loop();
-                continue;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-            if in_reset {
-                let csts = bar.read32(regs::CSTS);
-                if regs::gone(csts) {
-                    return Err(Error::Gone);
-                }
-                if csts & regs::CSTS_CFS != 0 {
-                    return Err(Error::Fatal);
-                }
-            } else {
-                self.check_status()?;
-            }
-            if Instant::now() > deadline {
-                if !in_reset {
-                    self.request_reset(Failure::Timeout);
-                }
-                return Err(Error::AdminTimeout {
-                    opc: sqe.opc,
-                    ms: self.cmd_timeout.as_millis() as u64,
-                });
-            }
-        }
+        r
     }
 
     /// Clears CC.EN on the live controller, for the fault injection.
@@ -678,9 +736,9 @@ impl Controller {
             return;
         }
         let bar = &self.dev.bar0;
-        let cc = bar.read32(regs::CC);
+        let v = bar.read32(regs::CC);
         tracing::warn!(addr = %self.addr, "vfio {}: fault injection: clearing CC.EN on the live controller", self.addr);
-        bar.write32(regs::CC, cc & !regs::CC_EN);
+        bar.write32(regs::CC, v & !cc::EN);
     }
 
     /// Identify with CNS `cns` for `nsid` into `data`.
@@ -785,21 +843,18 @@ impl Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        let bar = &self.dev.bar0;
-        if regs::gone(bar.read32(regs::CSTS)) {
+        if regs::gone(self.dev.bar0.read32(regs::CSTS)) {
             tracing::warn!(addr = %self.addr, "NVMe device gone; releasing it");
             return;
         }
         // Normal shutdown so a real SSD flushes its cache, then disable.
-        let cc = bar.read32(regs::CC);
-        bar.write32(regs::CC, (cc & !regs::CC_SHN_MASK) | regs::CC_SHN_NORMAL);
-        let shutdown = wait_csts(&self.dev, &self.cap, "shutdown", |c| {
-            c & regs::CSTS_SHST_MASK == regs::CSTS_SHST_COMPLETE
-        });
-        if let Err(e) = shutdown {
+        let q = self.admin.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut pcie = Pcie::new(&self.dev, q, self.cap);
+        let cc_now = self.dev.bar0.read32(regs::CC);
+        if let Err(e) = bringup::shutdown(&mut pcie, cc_now, self.cap.ready_timeout()) {
             tracing::warn!(addr = %self.addr, "NVMe shutdown: {e}");
         }
-        if let Err(e) = disable(&self.dev, &self.cap) {
+        if let Err(e) = bringup::disable(&mut pcie, &self.cap) {
             tracing::warn!(addr = %self.addr, "NVMe disable: {e}");
         }
         tracing::info!(addr = %self.addr, "NVMe controller shut down and released");
@@ -826,49 +881,6 @@ fn arm_fault_injection(ctrl: &Arc<Controller>) {
         });
     if let Err(e) = spawned {
         tracing::warn!("fault injection: cannot start the injection thread: {e}");
-    }
-}
-
-/// CC.EN = 0 and waits for CSTS.RDY = 0 (within CAP.TO).
-fn disable(dev: &VfioDevice, cap: &Cap) -> Result<(), Error> {
-    let bar = &dev.bar0;
-    let cc = bar.read32(regs::CC);
-    if regs::gone(cc) {
-        return Err(Error::Gone);
-    }
-    bar.write32(regs::CC, cc & !regs::CC_EN & !regs::CC_SHN_MASK);
-    // CFS may be set on a controller being reset; only RDY matters here.
-    wait_csts(dev, cap, "disable", |csts| csts & regs::CSTS_RDY == 0)
-}
-
-/// Polls CSTS until `done` (or all ones: gone; or CFS while enabling) within CAP.TO.
-fn wait_csts(
-    dev: &VfioDevice,
-    cap: &Cap,
-    what: &'static str,
-    done: impl Fn(u32) -> bool,
-) -> Result<(), Error> {
-    let timeout = cap.ready_timeout();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let csts = dev.bar0.read32(regs::CSTS);
-        if regs::gone(csts) {
-            return Err(Error::Gone);
-        }
-        if done(csts) {
-            return Ok(());
-        }
-        if what == "enable" && csts & regs::CSTS_CFS != 0 {
-            return Err(Error::Fatal);
-        }
-        if Instant::now() > deadline {
-            return Err(Error::ReadyTimeout {
-                what,
-                ms: timeout.as_millis() as u64,
-                csts,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -906,7 +918,7 @@ mod tests {
                 tried.push(i);
                 if i < 3 {
                     Err(Error::ReadyTimeout {
-                        what: "disable",
+                        step: bringup::Step::Disable,
                         ms: 500,
                         csts: 1,
                     })

@@ -59,7 +59,7 @@
 mod ctrl;
 mod dma;
 mod queue;
-mod regs;
+mod ring;
 mod sys;
 
 use std::path::PathBuf;
@@ -165,10 +165,10 @@ pub enum Error {
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// The controller did not reach the state in time.
-    #[error("controller {what} timed out after {ms} ms (CAP.TO; CSTS {csts:#x})")]
+    #[error("controller {step} timed out after {ms} ms (CAP.TO; CSTS {csts:#x})")]
     ReadyTimeout {
-        /// enable, disable or shutdown.
-        what: &'static str,
+        /// Enable, disable or shutdown.
+        step: unvme_proto::bringup::Step,
         /// The timeout.
         ms: u64,
         /// The last CSTS.
@@ -208,6 +208,15 @@ pub enum Error {
         sc: u8,
         /// Do Not Retry.
         dnr: bool,
+    },
+    /// Data the device returned does not decode.
+    #[error("{what}: {source}")]
+    Decode {
+        /// The structure.
+        what: &'static str,
+        /// The decoder's error.
+        #[source]
+        source: unvme_proto::Error,
     },
     /// The device returned data that makes no sense.
     #[error("device: {0}")]

@@ -57,7 +57,7 @@ use super::ctrl::{read_cqe, set_prps, Controller, Epoch, Failure, State};
 use super::dma::{
     build_prps, contiguous_pages, DmaPool, DmaRegion, PagePool, PoolDevice, PAGE, PRPS_PER_PAGE,
 };
-use super::regs::{CqRing, SqRing};
+use super::ring::{CqRing, SqRing};
 use super::Error;
 use unvme_bdev::{BdevInfo, BdevQueue, IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
 
@@ -133,8 +133,8 @@ pub(crate) struct VfioQueue {
     entries: u16,
     sq: SqRing,
     cq: CqRing,
-    sq_doorbell: usize,
-    cq_doorbell: usize,
+    sq_doorbell: u64,
+    cq_doorbell: u64,
     /// SQEs written since the last SQ doorbell.
     pending: usize,
     slots: Vec<Slot>,
@@ -387,7 +387,7 @@ impl VfioQueue {
             self.ctrl
                 .dev
                 .bar0
-                .write32(self.sq_doorbell, u32::from(self.sq.tail()));
+                .ring(self.sq_doorbell, u32::from(self.sq.tail()));
             self.pending = 0;
         }
     }
@@ -739,7 +739,7 @@ impl BdevQueue for VfioQueue {
             self.ctrl
                 .dev
                 .bar0
-                .write32(self.cq_doorbell, u32::from(self.cq.head()));
+                .ring(self.cq_doorbell, u32::from(self.cq.head()));
         } else if self.in_flight > 0 {
             // An idle poll: a coarse clock read, and at most every
             // HEALTH_INTERVAL a CSTS read and a deadline scan.

@@ -373,8 +373,38 @@ impl Mmio {
         off.is_multiple_of(size) && off.checked_add(size).is_some_and(|e| e <= self.len)
     }
 
-    /// Reads the 32-bit register at `off`.
-    pub fn read32(&self, off: usize) -> u32 {
+    /// Reads the 32-bit register at `off` ([`unvme_proto::regs`] offsets).
+    pub fn read32(&self, off: u32) -> u32 {
+        self.load(off as usize)
+    }
+
+    /// Writes the 32-bit register at `off`.
+    pub fn write32(&self, off: u32, v: u32) {
+        self.store(off as usize, v)
+    }
+
+    /// Reads a 64-bit register as two 32-bit reads, low dword first.
+    pub fn read64(&self, off: u32) -> u64 {
+        u64::from(self.read32(off)) | (u64::from(self.read32(off + 4)) << 32)
+    }
+
+    /// Writes a 64-bit register as two 32-bit writes, low dword first.
+    pub fn write64(&self, off: u32, v: u64) {
+        self.write32(off, v as u32);
+        self.write32(off + 4, (v >> 32) as u32);
+    }
+
+    /// Writes a doorbell (offset from [`unvme_proto::regs::Cap::sq_doorbell`]
+    /// or `cq_doorbell`).
+    pub fn ring(&self, doorbell: u64, v: u32) {
+        match usize::try_from(doorbell) {
+            Ok(off) => self.store(off, v),
+            Err(_) => tracing::warn!(doorbell, "doorbell outside BAR0; not written"),
+        }
+    }
+
+    /// Volatile 32-bit read at byte `off` (all ones outside the region).
+    fn load(&self, off: usize) -> u32 {
         if !self.in_range(off, 4) {
             return u32::MAX;
         }
@@ -382,24 +412,13 @@ impl Mmio {
         unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off).cast::<u32>()) }
     }
 
-    /// Writes the 32-bit register at `off`.
-    pub fn write32(&self, off: usize, v: u32) {
+    /// Volatile 32-bit write at byte `off` (nothing outside the region).
+    fn store(&self, off: usize, v: u32) {
         if !self.in_range(off, 4) {
             return;
         }
-        // SAFETY: as in `read32`: aligned, in range, volatile device access.
+        // SAFETY: as in `load`: aligned, in range, volatile device access.
         unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(off).cast::<u32>(), v) }
-    }
-
-    /// Reads a 64-bit register as two 32-bit reads, low dword first.
-    pub fn read64(&self, off: usize) -> u64 {
-        u64::from(self.read32(off)) | (u64::from(self.read32(off + 4)) << 32)
-    }
-
-    /// Writes a 64-bit register as two 32-bit writes, low dword first.
-    pub fn write64(&self, off: usize, v: u64) {
-        self.write32(off, v as u32);
-        self.write32(off + 4, (v >> 32) as u32);
     }
 }
 
