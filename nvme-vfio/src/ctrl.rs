@@ -743,18 +743,7 @@ impl Controller {
 
     /// Identify with CNS `cns` for `nsid` into `data`.
     pub fn identify(&self, cns: u8, nsid: u32, data: &mut [u8; PAGE]) -> Result<(), Error> {
-        let ident = admin::Identify {
-            cns,
-            ..Default::default()
-        };
-        let [cdw10, cdw11] = ident.to_cdws();
-        let mut sqe = Sqe {
-            opc: admin::opc::IDENTIFY,
-            nsid,
-            cdw10,
-            cdw11,
-            ..Default::default()
-        };
+        let mut sqe = unvme_proto::nvm::identify(cns, nsid, 0);
         self.admin(&mut sqe, Some(data)).map(|_| ())
     }
 

@@ -51,7 +51,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use unvme_proto::nvme::{io_opc, Sqe, Status, CQE_SIZE, SQE_SIZE};
+use unvme_proto::nvm::{encode_dsm_ranges, BuildError, IoCommand, DSM_MAX_RANGES, DSM_RANGE_SIZE};
+use unvme_proto::nvme::{DataDir, Sqe, Status, CQE_SIZE, SQE_SIZE};
 
 use super::ctrl::{read_cqe, set_prps, Controller, Epoch, Failure, State};
 use super::dma::{
@@ -69,10 +70,6 @@ const MIN_ARENA: usize = 8 << 20;
 /// (CSTS read, command deadlines). Time-based, so a caller that polls
 /// rarely still notices a dead controller within about this long.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(50);
-/// Most LBA ranges of one Dataset Management command (NR is 8 bits, 0's based).
-const DSM_MAX_RANGES: usize = 256;
-/// Most blocks of one Write Zeroes command (NLB is 16 bits, 0's based).
-const WZ_MAX_BLOCKS: u32 = 1 << 16;
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum SlotState {
@@ -250,114 +247,121 @@ impl VfioQueue {
         });
     }
 
-    /// Checks what the device will be asked against what it can do.
-    fn admit(&self, req: &IoRequest) -> Result<(), IoError> {
+    /// Checks what the device will be asked against what it can do, and
+    /// builds the NVM command of the whole request ([`IoCommand::build`]:
+    /// opcode, LBA range, FUA/DEAC, DSM attributes, direction, length).
+    fn admit(&self, req: &IoRequest) -> Result<IoCommand, IoError> {
         if !req.more.is_empty() {
             // One buffer per request (max_segments is 1).
             return Err(IoError::BadBuffer);
         }
         self.info.check_request(&req.op, req.buf.as_ref())?;
         match &req.op {
-            IoOp::Compare { .. } if !self.ns.compare => Err(IoError::Unsupported),
-            IoOp::WriteZeroes { .. } if !self.ns.write_zeroes => Err(IoError::Unsupported),
-            IoOp::WriteZeroes { nlb, .. } if *nlb > WZ_MAX_BLOCKS => Err(IoError::TooLarge),
-            IoOp::Deallocate { .. } if !self.ns.dsm => Err(IoError::Unsupported),
-            IoOp::Deallocate { ranges } if ranges.len() > DSM_MAX_RANGES => Err(IoError::TooLarge),
-            _ => Ok(()),
+            IoOp::Compare { .. } if !self.ns.compare => return Err(IoError::Unsupported),
+            IoOp::WriteZeroes { .. } if !self.ns.write_zeroes => return Err(IoError::Unsupported),
+            IoOp::Deallocate { .. } if !self.ns.dsm => return Err(IoError::Unsupported),
+            _ => {}
         }
+        // A request above MDTS is split into commands of whole blocks
+        // later; each part is smaller than the whole, so it builds too.
+        // NLB above one command's 16 bits cannot happen here: the transfer
+        // limit (4 MiB) is at most 8192 blocks of the smallest size.
+        IoCommand::build(self.ns.nsid, &req.op, self.info.block_size).map_err(|e| match e {
+            BuildError::Empty => IoError::BadBuffer,
+            BuildError::TooLarge => IoError::TooLarge,
+        })
     }
 
-    /// Builds the SQE for `op` in slot `cid`. With `dma` (the IOVA of a pool
+    /// Finishes `cmd` (the NVM command, from [`IoCommand::build`]) for slot
+    /// `cid`: the CID and the data pointer. With `dma` (the IOVA of a pool
     /// buffer's first byte) the PRPs point at `buf[buf_off..]` itself;
     /// otherwise write data from `buf[buf_off..]` is staged in the slot's
-    /// arena pages.
+    /// arena pages. A Dataset Management range list goes in the slot's PRP
+    /// list page.
     fn build(
         &mut self,
         cid: u16,
+        cmd: IoCommand,
         op: &IoOp,
         buf: Option<&IoBuf>,
         buf_off: usize,
         dma: Option<u64>,
     ) -> Sqe {
-        let mut sqe = Sqe {
-            cid,
-            nsid: self.ns.nsid,
-            ..Default::default()
+        let IoCommand { mut sqe, dir, len } = cmd;
+        sqe.cid = cid;
+        let len = len as usize;
+        let list_off = self.prp_off + usize::from(cid) * PAGE;
+        if let IoOp::Deallocate { ranges } = op {
+            // The range list goes in the slot's PRP list page (unused by DSM).
+            let mut list = [0u8; DSM_MAX_RANGES * DSM_RANGE_SIZE];
+            let n = encode_dsm_ranges(ranges, &mut list);
+            self.region.write_slice(list_off, &list[..n]);
+            set_prps(&mut sqe, self.region.iova(list_off), 0);
+            return sqe;
+        }
+        if dir == DataDir::None || len == 0 {
+            return sqe;
+        }
+        let npages = match dma {
+            Some(base) => contiguous_pages(base + buf_off as u64, len, &mut self.scratch)
+                .min(self.scratch.len()),
+            None => self.stage(cid, dir == DataDir::HostToController, buf, buf_off, len),
         };
-        let bs = self.info.block_size;
-        match op {
-            IoOp::Read { lba, nlb } | IoOp::Write { lba, nlb, .. } | IoOp::Compare { lba, nlb } => {
-                sqe.opc = match op {
-                    IoOp::Read { .. } => io_opc::READ,
-                    IoOp::Write { .. } => io_opc::WRITE,
-                    _ => io_opc::COMPARE,
-                };
-                sqe.set_lba_range(*lba, *nlb);
-                if let IoOp::Write { fua: true, .. } = op {
-                    sqe.cdw12 |= 1 << 30;
-                }
-                let len = op.data_len(bs);
-                let npages = match dma {
-                    Some(base) => contiguous_pages(base + buf_off as u64, len, &mut self.scratch)
-                        .min(self.scratch.len()),
-                    None => self.stage(cid, op, buf, buf_off, len),
-                };
-                let list_off = self.prp_off + usize::from(cid) * PAGE;
-                let mut list = [0u64; PRPS_PER_PAGE];
-                // The entries were sized from `len` and max_transfer is at
-                // most one list page (the scratch has room for an in-page
-                // start), so this cannot fail; fall back to an invalid
-                // (zero) pointer the device rejects if it ever did.
-                let (prp1, prp2) = build_prps(
-                    &self.scratch[..npages],
-                    len,
-                    &mut list,
-                    self.region.iova(list_off),
-                )
-                .unwrap_or((0, 0));
-                if npages > 2 {
-                    for (i, e) in list[..npages - 1].iter().enumerate() {
-                        self.region.write_u64(list_off + i * 8, u64::from_le(*e));
-                    }
-                }
-                set_prps(&mut sqe, prp1, prp2);
-            }
-            IoOp::Flush => sqe.opc = io_opc::FLUSH,
-            IoOp::WriteZeroes {
-                lba,
-                nlb,
-                deallocate,
-                fua,
-            } => {
-                sqe.opc = io_opc::WRITE_ZEROES;
-                sqe.set_lba_range(*lba, *nlb);
-                sqe.cdw12 |= (u32::from(*deallocate) << 25) | (u32::from(*fua) << 30);
-            }
-            IoOp::Deallocate { ranges } => {
-                sqe.opc = io_opc::DSM;
-                // The range list goes in the slot's PRP list page (unused by DSM).
-                let off = self.prp_off + usize::from(cid) * PAGE;
-                for (i, r) in ranges.iter().enumerate() {
-                    let mut d = [0u8; 16]; // context attributes 0
-                    d[4..8].copy_from_slice(&r.nlb.to_le_bytes());
-                    d[8..].copy_from_slice(&r.lba.to_le_bytes());
-                    self.region.write_slice(off + i * 16, &d);
-                }
-                sqe.cdw10 = ranges.len().saturating_sub(1) as u32; // NR, 0's based
-                sqe.cdw11 = 1 << 2; // AD: deallocate
-                set_prps(&mut sqe, self.region.iova(off), 0);
+        let mut list = [0u64; PRPS_PER_PAGE];
+        // The entries were sized from `len` and max_transfer is at most one
+        // list page (the scratch has room for an in-page start), so this
+        // cannot fail; fall back to an invalid (zero) pointer the device
+        // rejects if it ever did.
+        let (prp1, prp2) = build_prps(
+            &self.scratch[..npages],
+            len,
+            &mut list,
+            self.region.iova(list_off),
+        )
+        .unwrap_or((0, 0));
+        if npages > 2 {
+            for (i, e) in list[..npages - 1].iter().enumerate() {
+                self.region.write_u64(list_off + i * 8, u64::from_le(*e));
             }
         }
+        set_prps(&mut sqe, prp1, prp2);
         sqe
     }
 
+    /// The command for bytes `off..off + clen` of a Read, Write or Compare
+    /// that is split at MDTS (only those are: other operations move no data
+    /// and are one command).
+    fn part(&self, op: &IoOp, off: usize, clen: usize) -> IoCommand {
+        let bs = self.info.block_size as usize;
+        let (skip, nlb) = ((off / bs) as u64, (clen / bs) as u32);
+        let op = match *op {
+            IoOp::Read { lba, .. } => IoOp::Read {
+                lba: lba + skip,
+                nlb,
+            },
+            IoOp::Write { lba, fua, .. } => IoOp::Write {
+                lba: lba + skip,
+                nlb,
+                fua,
+            },
+            IoOp::Compare { lba, .. } => IoOp::Compare {
+                lba: lba + skip,
+                nlb,
+            },
+            ref other => other.clone(),
+        };
+        IoCommand::build(self.ns.nsid, &op, self.info.block_size).expect(
+            "a part of an admitted request builds: at least one block, fewer than the whole",
+        )
+    }
+
     /// Puts the IOVAs of slot `cid`'s arena pages in the scratch list and,
-    /// unless `op` is a read, copies `buf[buf_off..buf_off + len]` into
-    /// them; returns the number of pages.
+    /// with `copy_in` (data the device reads), copies
+    /// `buf[buf_off..buf_off + len]` into them; returns the number of pages.
     fn stage(
         &mut self,
         cid: u16,
-        op: &IoOp,
+        copy_in: bool,
         buf: Option<&IoBuf>,
         buf_off: usize,
         len: usize,
@@ -366,7 +370,7 @@ impl VfioQueue {
         for (i, &p) in slot.pages.iter().enumerate() {
             self.scratch[i] = self.region.iova(self.data_off + p as usize * PAGE);
         }
-        if !matches!(op, IoOp::Read { .. }) {
+        if copy_in {
             if let Some(buf) = buf {
                 for (i, &p) in slot.pages.iter().enumerate() {
                     let start = i * PAGE;
@@ -611,10 +615,13 @@ impl BdevQueue for VfioQueue {
             // either completes or fails the controller).
             return Err(SubmitError::Busy(req));
         }
-        if let Err(e) = self.admit(&req) {
-            self.finish_now(req, Err(e));
-            return Ok(());
-        }
+        let whole = match self.admit(&req) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                self.finish_now(req, Err(e));
+                return Ok(());
+            }
+        };
         let bs = self.info.block_size;
         let len = req.op.data_len(bs);
         // Commands needed: transfers above MDTS are split at `chunk` bytes.
@@ -642,21 +649,10 @@ impl BdevQueue for VfioQueue {
             let cid = self.free_slots.pop().expect("checked: enough free slots");
             let idx = usize::from(cid);
             let (off, clen) = chunk_at(k, chunk, len);
-            let op = match req.op {
-                IoOp::Read { lba, .. } => IoOp::Read {
-                    lba: lba + (off / bs as usize) as u64,
-                    nlb: (clen / bs as usize) as u32,
-                },
-                IoOp::Write { lba, fua, .. } => IoOp::Write {
-                    lba: lba + (off / bs as usize) as u64,
-                    nlb: (clen / bs as usize) as u32,
-                    fua,
-                },
-                IoOp::Compare { lba, .. } => IoOp::Compare {
-                    lba: lba + (off / bs as usize) as u64,
-                    nlb: (clen / bs as usize) as u32,
-                },
-                _ => req.op.clone(),
+            let cmd = if cmds == 1 {
+                whole
+            } else {
+                self.part(&req.op, off, clen)
             };
             if dma.is_none() {
                 let mut pages = std::mem::take(&mut self.slots[idx].pages);
@@ -664,7 +660,7 @@ impl BdevQueue for VfioQueue {
                 debug_assert!(got, "checked: enough free pages");
                 self.slots[idx].pages = pages;
             }
-            let sqe = self.build(cid, &op, req.buf.as_ref(), off, dma);
+            let sqe = self.build(cid, cmd, &req.op, req.buf.as_ref(), off, dma);
             let at = usize::from(self.sq.push()) * SQE_SIZE;
             let mut entry = [0u8; SQE_SIZE];
             sqe.encode(&mut entry);
@@ -672,7 +668,7 @@ impl BdevQueue for VfioQueue {
             let slot = &mut self.slots[idx];
             slot.state = SlotState::Busy;
             slot.parent = parent;
-            slot.is_read = matches!(op, IoOp::Read { .. });
+            slot.is_read = cmd.dir == DataDir::ControllerToHost;
             slot.zero_copy = dma.is_some();
             slot.buf_off = off;
             slot.len = clen;

@@ -20,7 +20,8 @@
 
 use std::time::Duration;
 
-use crate::admin::{self, cns, fid, IdentifyController, NumberOfQueues, IDENTIFY_DATA_SIZE};
+use crate::admin::{cns, fid, IdentifyController, NumberOfQueues, IDENTIFY_DATA_SIZE};
+use crate::nvm;
 use crate::nvme::{Cqe, Sqe};
 use crate::regs::{self, cc, csts, Cap, Cc};
 
@@ -196,42 +197,18 @@ pub fn shutdown<C: ControllerAccess>(
     })
 }
 
-/// The Identify Controller command (CNS 01h).
-pub fn identify_controller_sqe() -> Sqe {
-    let [cdw10, cdw11] = admin::Identify {
-        cns: cns::CTRL,
-        ..admin::Identify::default()
-    }
-    .to_cdws();
-    Sqe {
-        opc: admin::opc::IDENTIFY,
-        cdw10,
-        cdw11,
-        ..Sqe::default()
-    }
-}
-
 /// Identify Controller, decoded.
 pub fn identify_controller<C: ControllerAccess>(c: &mut C) -> Result<IdentifyController, C::Error> {
     let mut data = [0u8; IDENTIFY_DATA_SIZE];
-    c.admin(identify_controller_sqe(), Some(&mut data))?;
+    c.admin(nvm::identify(cns::CTRL, 0, 0), Some(&mut data))?;
     IdentifyController::decode(&data).map_err(|source| BringUpError::Decode { source }.into())
 }
 
 /// Set Features (Number of Queues) asking for `want` I/O submission and
 /// completion queues; returns the pairs granted, at most `want`.
 pub fn set_queue_count<C: ControllerAccess>(c: &mut C, want: u32) -> Result<u32, C::Error> {
-    let sqe = Sqe {
-        opc: admin::opc::SET_FEATURES,
-        cdw10: admin::SetFeatures {
-            fid: fid::NUM_QUEUES,
-            sv: false,
-        }
-        .to_cdw10(),
-        cdw11: NumberOfQueues::from_counts(want, want).to_dword(),
-        ..Sqe::default()
-    };
-    let cqe = c.admin(sqe, None)?;
+    let nq = NumberOfQueues::from_counts(want, want).to_dword();
+    let cqe = c.admin(nvm::set_features(fid::NUM_QUEUES, 0, nq, false), None)?;
     let got = NumberOfQueues::from_dword(cqe.dw0);
     Ok(got.sq_count().min(got.cq_count()).min(want))
 }
@@ -272,6 +249,7 @@ fn wait_csts<C: ControllerAccess>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin;
 
     /// A controller model: CC/CSTS behave as the specification says after
     /// `delay` polls, admin commands answer Identify and Number of Queues.
