@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 use unvme_bdev::{IoBuf, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
 use unvme_proto::admin::{
-    cns, cntrltype, decode_ns_id_descs, decode_ns_list, fid, lid, opc, IdentifyController,
-    IdentifyNamespace, NsIdDescriptor, NumberOfQueues, IDENTIFY_DATA_SIZE, NS_LIST_MAX,
+    cns, cntrltype, decode_ns_id_descs, decode_ns_list, lid, opc, IdentifyController,
+    IdentifyNamespace, NsIdDescriptor, IDENTIFY_DATA_SIZE, NS_LIST_MAX,
 };
+use unvme_proto::bringup::{self, BringUpError, ControllerAccess};
 use unvme_proto::discovery::{DiscoveryLogEntry, DiscoveryLogHeader, DISCOVERY_NQN};
 use unvme_proto::fabrics::{
-    cc, csts, prop, ConnectCmd, ConnectData, PropertyCmd, CATTR_DISABLE_SQFLOW, CNTLID_DYNAMIC,
+    ConnectCmd, ConnectData, PropertyCmd, CATTR_DISABLE_SQFLOW, CNTLID_DYNAMIC,
 };
-use unvme_proto::nvme::{Sqe, Status};
+use unvme_proto::nvme::{Cqe, Sqe, Status};
+use unvme_proto::regs::Cap;
 
 use crate::qpair::{
     connect_socket, initialize_connection, DataDir, NvmeCompletion, QueuePair, RawBusy,
@@ -136,6 +138,74 @@ fn property_set(qp: &mut QueuePair, ofst: u32, value: u32) -> Result<()> {
         "Property Set",
     )?;
     Ok(())
+}
+
+/// The Fabrics side of [`unvme_proto::bringup`]: registers are properties
+/// (Property Get / Set on the admin queue), admin commands run on the
+/// admin queue pair. The Connect comes before, and I/O queues are made by
+/// a Connect each ([`Controller::create_io_qpair`]).
+struct Fabrics<'a> {
+    q: &'a mut QueuePair,
+}
+
+impl ControllerAccess for Fabrics<'_> {
+    type Error = Error;
+
+    fn read32(&mut self, off: u32) -> Result<u32> {
+        Ok(property_get(self.q, off, false)? as u32)
+    }
+
+    fn read64(&mut self, off: u32) -> Result<u64> {
+        property_get(self.q, off, true)
+    }
+
+    fn write32(&mut self, off: u32, value: u32) -> Result<()> {
+        property_set(self.q, off, value)
+    }
+
+    fn admin(&mut self, sqe: Sqe, data: Option<&mut [u8]>) -> Result<Cqe> {
+        let what = match sqe.opc {
+            opc::IDENTIFY => "Identify Controller",
+            opc::SET_FEATURES => "Set Features (Number of Queues)",
+            _ => "admin command",
+        };
+        let (buf, dir, len) = match &data {
+            Some(d) => (
+                Some(IoBuf::new(d.len())),
+                DataDir::ControllerToHost,
+                d.len() as u32,
+            ),
+            None => (None, DataDir::None, 0),
+        };
+        let c = check(self.q.run(sqe, buf, dir, len, next_tag(), false), what)?;
+        if let Some(d) = data {
+            let got = c.buf.as_deref().unwrap_or_default();
+            if got.len() < d.len() {
+                return Err(Error::Command {
+                    what,
+                    source: IoError::BadBuffer,
+                });
+            }
+            d.copy_from_slice(&got[..d.len()]);
+        }
+        Ok(c.cqe.unwrap_or_default())
+    }
+
+    fn wait(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+impl From<BringUpError> for Error {
+    fn from(e: BringUpError) -> Self {
+        match e {
+            BringUpError::Decode { source } => Error::Decode {
+                what: "Identify Controller",
+                source,
+            },
+            other => Error::NotReady(other.to_string()),
+        }
+    }
 }
 
 /// Wakes the keep-alive thread early when the controller goes away.
@@ -282,20 +352,8 @@ impl Inner {
         let mut q = lock(&self.admin);
         let mut result = Ok(());
         if !q.is_closed() {
-            let shn = self.cc | (1 << cc::SHN_SHIFT);
-            result = property_set(&mut q, prop::CC, shn).and_then(|()| {
-                let end = Instant::now() + cap_timeout(self.cap).min(SHUTDOWN_LIMIT);
-                loop {
-                    let st = property_get(&mut q, prop::CSTS, false)? as u32;
-                    if st & csts::SHST_MASK == csts::SHST_COMPLETE {
-                        return Ok(());
-                    }
-                    if Instant::now() >= end {
-                        return Err(Error::NotReady("shutdown did not complete in time".into()));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            });
+            let limit = Cap::decode(self.cap).ready_timeout().min(SHUTDOWN_LIMIT);
+            result = bringup::shutdown(&mut Fabrics { q: &mut q }, self.cc, limit);
         }
         q.shutdown();
         for (_, s) in lock(&self.io_sockets).drain(..) {
@@ -314,22 +372,12 @@ impl Drop for Inner {
     }
 }
 
-/// CAP.TO (500 ms units) as a duration, at least 500 ms.
-/// CAP.MPSMIN (bits 51:48): the minimum memory page size is 2^(12 + MPSMIN).
-fn cap_mpsmin(cap: u64) -> u8 {
-    ((cap >> 48) & 0xf) as u8
-}
-
 /// Decodes Identify Controller data as an admin read returned it.
 fn decode_identify_controller(b: Option<&[u8]>) -> Result<IdentifyController> {
     IdentifyController::decode(b.unwrap_or_default()).map_err(|source| Error::Decode {
         what: "Identify Controller",
         source,
     })
-}
-
-fn cap_timeout(cap: u64) -> Duration {
-    Duration::from_millis(((cap >> 24) & 0xff).max(1) * 500)
 }
 
 fn spawn_keepalive(weak: Weak<Inner>, sig: Arc<KaSignal>, period: Duration) -> Result<()> {
@@ -394,60 +442,23 @@ impl Controller {
             opts.kato_ms,
             CNTLID_DYNAMIC,
         )?;
-        let cap = property_get(&mut q, prop::CAP, true)?;
-        let vs = property_get(&mut q, prop::VS, false)? as u32;
-        let ccv = cc::EN | (6 << cc::IOSQES_SHIFT) | (4 << cc::IOCQES_SHIFT);
-        property_set(&mut q, prop::CC, ccv)?;
-        let end = Instant::now() + cap_timeout(cap);
-        loop {
-            let st = property_get(&mut q, prop::CSTS, false)? as u32;
-            if st & csts::CFS != 0 {
-                return Err(Error::NotReady("controller fatal status (CSTS.CFS)".into()));
+        let is_discovery = |id: &IdentifyController| {
+            id.cntrltype == cntrltype::DISCOVERY || opts.subnqn == DISCOVERY_NQN
+        };
+        // CAP, VS, CC.EN, CSTS.RDY, Identify Controller, Number of Queues
+        // (none for a discovery controller).
+        let up = bringup::bring_up(&mut Fabrics { q: &mut q }, |id| {
+            if is_discovery(id) {
+                0
+            } else {
+                u32::from(opts.num_io_queues)
             }
-            if st & csts::RDY != 0 {
-                break;
-            }
-            if Instant::now() >= end {
-                return Err(Error::NotReady("CSTS.RDY not set within CAP.TO".into()));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let c = check(
-            q.run(
-                wire::identify(cns::CTRL, 0, 0),
-                Some(IoBuf::new(IDENTIFY_SIZE as usize)),
-                DataDir::ControllerToHost,
-                IDENTIFY_SIZE,
-                next_tag(),
-                false,
-            ),
-            "Identify Controller",
-        )?;
-        let id = decode_identify_controller(c.buf.as_deref())?;
-        let max_transfer = id.max_transfer(cap_mpsmin(cap));
-        let discovery = id.cntrltype == cntrltype::DISCOVERY || opts.subnqn == DISCOVERY_NQN;
-        let mut io_queues = 0;
-        if !discovery && opts.num_io_queues > 0 {
-            let n = u32::from(opts.num_io_queues);
-            let nq = NumberOfQueues::from_counts(n, n);
-            let c = check(
-                q.run(
-                    wire::set_features(fid::NUM_QUEUES, 0, nq.to_dword(), false),
-                    None,
-                    DataDir::None,
-                    0,
-                    next_tag(),
-                    false,
-                ),
-                "Set Features (Number of Queues)",
-            )?;
-            let got = NumberOfQueues::from_dword(c.cqe.map_or(0, |c| c.dw0));
-            // At most num_io_queues, so the cast is lossless.
-            io_queues = got
-                .sq_count()
-                .min(got.cq_count())
-                .min(u32::from(opts.num_io_queues)) as u16;
-        }
+        })?;
+        let discovery = is_discovery(&up.id);
+        let (cap, vs, ccv, id) = (up.cap_raw, up.vs, up.cc, up.id);
+        let max_transfer = id.max_transfer(up.cap.mpsmin);
+        // At most num_io_queues, so the cast is lossless.
+        let io_queues = up.io_queues as u16;
         let icdoff = id.icdoff;
         q.set_incapsule_max(ADMIN_INCAPSULE);
         debug!(
@@ -755,7 +766,7 @@ impl Controller {
     fn open_io_qpair(&self, qid: u16) -> Result<IoQpair> {
         let inner = &self.inner;
         let opts = &inner.opts;
-        let mqes = (inner.cap & 0xffff) as u16;
+        let mqes = Cap::decode(inner.cap).mqes;
         let qsize = opts.io_queue_size.clamp(2, mqes.saturating_add(1).max(2));
         let mut s = connect_socket(opts)?;
         let (neg, dec) = initialize_connection(&mut s, opts)?;
