@@ -50,7 +50,7 @@ pub(crate) struct DmaRegion {
 
 // SAFETY: the region is plain memory owned by this value; the raw pointer is only used through `&self`/`&mut self` methods, like a Box<[u8]>.
 unsafe impl Send for DmaRegion {}
-// SAFETY: `&DmaRegion` gives out only raw pointers/addresses; reads and writes through them are done by the single owner of each part (a queue).
+// SAFETY: through `&DmaRegion` the memory is only read (bounds-checked copies out and volatile words, which tolerate concurrent device writes) or handed out as addresses (pool buffers, each owned by one `IoBuf`); every write in this module needs `&mut DmaRegion`.
 unsafe impl Sync for DmaRegion {}
 
 impl DmaRegion {
