@@ -600,7 +600,7 @@ fn keep_alive_timeout_destroys_the_controller_and_its_io_queues() {
     let c = h.cmd(sqe, &data).0;
     assert!(c.status().is_success());
     h.cntlid = c.dw0 as u16;
-    h.prop_set(unvme_proto::fabrics::prop::CC, 1);
+    h.prop_set(unvme_proto::regs::CC, 1);
     let mut io = RawHost::io(t.addr, DEFAULT_SUBNQN, h.cntlid, 1, false, false);
     // No keep-alive for well over KATO + grace: both connections close.
     let start = std::time::Instant::now();
@@ -613,9 +613,9 @@ fn keep_alive_timeout_destroys_the_controller_and_its_io_queues() {
 fn shutdown_notification_reports_shst_complete() {
     let t = TargetProc::start(&["--ram", "1M"]);
     let mut a = RawHost::admin(t.addr, DEFAULT_SUBNQN, false, false);
-    a.prop_set(unvme_proto::fabrics::prop::CC, 1 | (1 << 14));
-    let csts = a.prop_get(unvme_proto::fabrics::prop::CSTS, false);
+    a.prop_set(unvme_proto::regs::CC, 1 | (1 << 14));
+    let csts = a.prop_get(unvme_proto::regs::CSTS, false);
     assert_eq!(csts & 0xc, 0x8, "SHST = shutdown processing complete");
-    let cap = a.prop_get(unvme_proto::fabrics::prop::CAP, true);
+    let cap = a.prop_get(unvme_proto::regs::CAP, true);
     assert_eq!(cap & 0xffff, 127, "MQES = max queue size - 1");
 }

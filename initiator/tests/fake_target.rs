@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use unvme_bdev::{Bdev, IoBuf, IoError, IoOp, IoRequest};
 use unvme_initiator::{ConnectOptions, Controller, DataDir, RemoteNamespace};
-use unvme_proto::fabrics::{self, cap_value, fctype, ConnectCmd, ConnectData, PropertyCmd};
+use unvme_proto::fabrics::{self, fctype, ConnectCmd, ConnectData, PropertyCmd};
 use unvme_proto::nvme::{io_opc, Cqe, Sqe, Status};
 use unvme_proto::pdu::{
     digest, encode_header, CapsuleResp, DataPdu, Event, Framing, IcResp, Limits, Pdu, PduDecoder,
     R2t, Role, TermReq, MAX_HEADER,
 };
+use unvme_proto::regs::{self, cap_value};
 
 const BS: usize = 512;
 const NBLOCKS: u64 = 2048;
@@ -391,18 +392,18 @@ impl Conn {
                 let p = PropertyCmd::from_sqe(&sqe);
                 self.log.lock().unwrap().props.push((false, p.ofst, 0));
                 let v: u64 = match p.ofst {
-                    fabrics::prop::CAP => cap_value(127, 1),
-                    fabrics::prop::VS => 0x0002_0000,
-                    fabrics::prop::CSTS => {
+                    regs::CAP => cap_value(127, 1),
+                    regs::VS => 0x0002_0000,
+                    regs::CSTS => {
                         let rdy = u64::from(self.cc & 1);
-                        let shst = if self.cc & fabrics::cc::SHN_MASK != 0 {
+                        let shst = if self.cc & regs::cc::SHN_MASK != 0 {
                             0x8
                         } else {
                             0
                         };
                         rdy | shst
                     }
-                    fabrics::prop::CC => u64::from(self.cc),
+                    regs::CC => u64::from(self.cc),
                     _ => 0,
                 };
                 self.respond(&sqe, Status::SUCCESS, v as u32, (v >> 32) as u32)
@@ -410,7 +411,7 @@ impl Conn {
             fctype::PROPERTY_SET => {
                 let p = PropertyCmd::from_sqe(&sqe);
                 self.log.lock().unwrap().props.push((true, p.ofst, p.value));
-                if p.ofst == fabrics::prop::CC {
+                if p.ofst == regs::CC {
                     self.cc = p.value as u32;
                 }
                 self.respond(&sqe, Status::SUCCESS, 0, 0)
@@ -516,10 +517,10 @@ fn connect_runs_icreq_connect_properties_identify_and_queue_setup() {
         assert_eq!((c.qid, c.sqsize, c.kato), (1, 127, 0));
         assert_eq!(d.cntlid, 1);
         let p: Vec<_> = l.props.iter().take(4).copied().collect();
-        assert_eq!(p[0], (false, fabrics::prop::CAP, 0));
-        assert_eq!(p[1], (false, fabrics::prop::VS, 0));
-        assert_eq!(p[2], (true, fabrics::prop::CC, 1 | (6 << 16) | (4 << 20)));
-        assert_eq!(p[3], (false, fabrics::prop::CSTS, 0));
+        assert_eq!(p[0], (false, regs::CAP, 0));
+        assert_eq!(p[1], (false, regs::VS, 0));
+        assert_eq!(p[2], (true, regs::CC, 1 | (6 << 16) | (4 << 20)));
+        assert_eq!(p[3], (false, regs::CSTS, 0));
         assert_eq!(&l.admin_opcodes[..2], &[0x06, 0x09]);
         // Connect data goes in the capsule; Identify uses a transport SGL.
         assert_eq!(l.sgl_types[0], (0x7f, 0x01));
@@ -530,7 +531,7 @@ fn connect_runs_icreq_connect_properties_identify_and_queue_setup() {
     let l = f.log.lock().unwrap();
     let last_set = l.props.iter().rev().find(|p| p.0).unwrap();
     assert_eq!(
-        last_set.2 as u32 & fabrics::cc::SHN_MASK,
+        last_set.2 as u32 & regs::cc::SHN_MASK,
         1 << 14,
         "normal shutdown"
     );

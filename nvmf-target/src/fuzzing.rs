@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use unvme_bdev::IoOp;
-use unvme_proto::fabrics::{cc, prop, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC};
+use unvme_proto::fabrics::{ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC};
 use unvme_proto::nvme::Sqe;
+use unvme_proto::regs::{self, cc};
 
 use crate::config::{NamespaceConfig, Params, SubsystemConfig, TargetConfig};
 use crate::ctrlr::{Controller, Outcome};
@@ -82,7 +83,7 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
     let mut en = Sqe::default();
     PropertyCmd {
         size8: false,
-        ofst: prop::CC,
+        ofst: regs::CC,
         value: u64::from(cc::EN),
     }
     .to_sqe(true, &mut en);

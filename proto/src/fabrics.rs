@@ -165,15 +165,8 @@ impl PropertyCmd {
     }
 }
 
-/// Controller property offsets (NVMe Base 2.0 Figure 33) for Property
-/// Get / Set: [`crate::regs`]'s, re-exported here.
-pub mod prop {
-    pub use crate::regs::{CAP, CC, CSTS, NSSR, VS};
-}
-
-/// CC and CSTS bits, the served CAP value and the version: defined in
-/// [`crate::regs`], re-exported for the Fabrics users.
-pub use crate::regs::{cap_value, cc, csts, NVME_VERSION_2_0};
+// The properties a Property Get/Set names (CAP, VS, CC, CSTS) and their
+// fields are the controller registers of `crate::regs`.
 
 #[cfg(test)]
 mod tests {

@@ -400,10 +400,10 @@ impl RawHost {
         let c = h.fabrics_connect(0, subnqn, HOSTNQN, 0xFFFF, 32);
         assert!(c.status().is_success(), "admin connect: {}", c.status());
         h.cntlid = c.dw0 as u16;
-        let c = h.prop_set(fabrics::prop::CC, 1 | (6 << 16) | (4 << 20));
+        let c = h.prop_set(unvme_proto::regs::CC, 1 | (6 << 16) | (4 << 20));
         assert!(c.status().is_success());
         assert_eq!(
-            h.prop_get(fabrics::prop::CSTS, false) & 1,
+            h.prop_get(unvme_proto::regs::CSTS, false) & 1,
             1,
             "CSTS.RDY after CC.EN"
         );

@@ -6,8 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use unvme_proto::fabrics::{self, cc, csts, fctype, prop, ConnectCmd, ConnectData, PropertyCmd};
+use unvme_proto::fabrics::{self, fctype, ConnectCmd, ConnectData, PropertyCmd};
 use unvme_proto::nvme::{Sqe, Status};
+use unvme_proto::regs::{self, cc, csts};
 
 use super::{Completion, Controller, Outcome};
 use crate::subsystem::{CtrlShared, Subsystem};
@@ -142,10 +143,10 @@ impl Controller {
         let ctrl = self.ctrl.as_ref()?;
         let r = ctrl.regs();
         Some(match (p.ofst, p.size8) {
-            (prop::CAP, true) => fabrics::cap_value(self.params.max_queue_size - 1, CAP_TIMEOUT),
-            (prop::VS, false) => u64::from(fabrics::NVME_VERSION_2_0),
-            (prop::CC, false) => u64::from(r.cc),
-            (prop::CSTS, false) => u64::from(r.csts),
+            (regs::CAP, true) => regs::cap_value(self.params.max_queue_size - 1, CAP_TIMEOUT),
+            (regs::VS, false) => u64::from(regs::NVME_VERSION_2_0),
+            (regs::CC, false) => u64::from(r.cc),
+            (regs::CSTS, false) => u64::from(r.csts),
             _ => return None,
         })
     }
@@ -157,7 +158,7 @@ impl Controller {
         let Some(ctrl) = self.ctrl.clone() else {
             return Status::INVALID_FIELD;
         };
-        if p.ofst != prop::CC || p.size8 {
+        if p.ofst != regs::CC || p.size8 {
             return Status::INVALID_FIELD;
         }
         let new = p.value as u32;

@@ -22,7 +22,7 @@ pub(crate) fn identify_controller(cfg: &TargetConfig, ctrl: &CtrlShared) -> Iden
         cmic: 0x2, // may have several controllers
         mdts: mdts_for(s, cfg),
         cntlid: ctrl.cntlid,
-        ver: unvme_proto::fabrics::NVME_VERSION_2_0,
+        ver: unvme_proto::regs::NVME_VERSION_2_0,
         oaes: if s.is_discovery { 0 } else { 1 << 8 },
         cntrltype: if s.is_discovery { 2 } else { 1 },
         acl: 3,

@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use unvme_bdev::IoOp;
-use unvme_proto::fabrics::{csts, fctype, OPC_FABRICS};
+use unvme_proto::fabrics::{fctype, OPC_FABRICS};
 use unvme_proto::nvme::{Sqe, Status};
+use unvme_proto::regs::csts;
 
 use crate::config::Params;
 use crate::subsystem::{CtrlShared, Subsystem, Subsystems};

@@ -12,10 +12,11 @@ use unvme_proto::admin::{
 };
 use unvme_proto::discovery::{self, DISCOVERY_NQN};
 use unvme_proto::fabrics::{
-    cc, csts, fctype, prop, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC, OPC_FABRICS,
+    fctype, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC, OPC_FABRICS,
 };
 use unvme_proto::nvm::{self, encode_dsm_ranges, IoCommand, DSM_AD};
 use unvme_proto::nvme::{io_opc, Sqe, Status};
+use unvme_proto::regs::{self as prop, cc, csts};
 
 use super::*;
 use crate::config::{NamespaceConfig, Params, SubsystemConfig, TargetConfig};
