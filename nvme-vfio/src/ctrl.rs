@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use unvme_proto::admin::{self, cns, IdentifyController, IdentifyNamespace};
 use unvme_proto::bringup::{self, BringUpError, BroughtUp, ControllerAccess};
+use unvme_proto::nvm;
 use unvme_proto::nvme::{Cqe, Sqe, CQE_SIZE, SQE_SIZE};
 use unvme_proto::regs::{self, cc, csts, Cap};
 
@@ -791,24 +792,13 @@ impl Controller {
     /// Creates I/O CQ `qid` (physically contiguous for the device, no
     /// interrupts) at `cq_iova` and I/O SQ `qid` on it at `sq_iova`.
     pub fn create_io_queues(&self, qid: u16, cq_iova: u64, sq_iova: u64) -> Result<(), Error> {
-        let qsize = u32::from(self.io_entries - 1) << 16;
-        let mut cq = Sqe {
-            opc: admin::opc::CREATE_IO_CQ,
-            cdw10: qsize | u32::from(qid),
-            cdw11: 1, // PC=1, IEN=0
-            ..Default::default()
-        };
+        let mut cq = nvm::create_io_cq(qid, self.io_entries);
         set_prps(&mut cq, cq_iova, 0);
         self.admin(&mut cq, None)?;
-        let mut sq = Sqe {
-            opc: admin::opc::CREATE_IO_SQ,
-            cdw10: qsize | u32::from(qid),
-            cdw11: (u32::from(qid) << 16) | 1, // CQID, QPRIO 0, PC=1
-            ..Default::default()
-        };
+        let mut sq = nvm::create_io_sq(qid, self.io_entries, qid);
         set_prps(&mut sq, sq_iova, 0);
         if let Err(e) = self.admin(&mut sq, None) {
-            let _ = self.delete_queue(admin::opc::DELETE_IO_CQ, qid);
+            let _ = self.admin(&mut nvm::delete_io_queue(false, qid), None);
             return Err(e);
         }
         Ok(())
@@ -816,17 +806,9 @@ impl Controller {
 
     /// Deletes I/O SQ then CQ `qid`.
     pub fn delete_io_queues(&self, qid: u16) -> Result<(), Error> {
-        self.delete_queue(admin::opc::DELETE_IO_SQ, qid)?;
-        self.delete_queue(admin::opc::DELETE_IO_CQ, qid)
-    }
-
-    fn delete_queue(&self, opc: u8, qid: u16) -> Result<(), Error> {
-        let mut sqe = Sqe {
-            opc,
-            cdw10: u32::from(qid),
-            ..Default::default()
-        };
-        self.admin(&mut sqe, None).map(|_| ())
+        self.admin(&mut nvm::delete_io_queue(true, qid), None)?;
+        self.admin(&mut nvm::delete_io_queue(false, qid), None)
+            .map(|_| ())
     }
 }
 

@@ -1,7 +1,8 @@
 //! The NVM command layer: block-device operations ([`IoOp`]) and their
 //! submission queue entries, in both directions (NVM Command Set
 //! Specification 1.0, §3: Read, Write, Compare, Flush, Write Zeroes,
-//! Dataset Management), plus the admin command builders a host sends.
+//! Dataset Management), plus the admin command builders a host sends
+//! (Identify, Get Log Page, Get/Set Features, and the PCIe queue management).
 //!
 //! One place says what an NVM command means, so every transport agrees:
 //! the initiator turns an [`IoOp`] into an SQE for NVMe/TCP, the VFIO driver
@@ -409,6 +410,44 @@ pub fn set_features(fid: u8, nsid: u32, cdw11: u32, save: bool) -> Sqe {
     }
 }
 
+/// A Create I/O Completion Queue command (NVMe Base 2.0 §5.4) for queue
+/// `qid` of `entries` entries, physically contiguous (PC), interrupts off;
+/// the transport puts the queue's address in PRP1.
+pub fn create_io_cq(qid: u16, entries: u16) -> Sqe {
+    Sqe {
+        opc: opc::CREATE_IO_CQ,
+        cdw10: (u32::from(entries.saturating_sub(1)) << 16) | u32::from(qid),
+        cdw11: 1, // PC = 1, IEN = 0
+        ..Sqe::default()
+    }
+}
+
+/// A Create I/O Submission Queue command (NVMe Base 2.0 §5.5) for queue
+/// `qid` of `entries` entries on completion queue `cqid`, physically
+/// contiguous, priority 0; PRP1 is the transport's.
+pub fn create_io_sq(qid: u16, entries: u16, cqid: u16) -> Sqe {
+    Sqe {
+        opc: opc::CREATE_IO_SQ,
+        cdw10: (u32::from(entries.saturating_sub(1)) << 16) | u32::from(qid),
+        cdw11: (u32::from(cqid) << 16) | 1, // CQID, QPRIO 0, PC = 1
+        ..Sqe::default()
+    }
+}
+
+/// A Delete I/O Submission Queue (`sq`) or Completion Queue command for
+/// queue `qid` (NVMe Base 2.0 §5.6, §5.7).
+pub fn delete_io_queue(sq: bool, qid: u16) -> Sqe {
+    Sqe {
+        opc: if sq {
+            opc::DELETE_IO_SQ
+        } else {
+            opc::DELETE_IO_CQ
+        },
+        cdw10: u32::from(qid),
+        ..Sqe::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +580,25 @@ mod tests {
         assert_eq!(s.cdw10, 0x70 | ((numd & 0xffff) << 16));
         assert_eq!(s.cdw11, numd >> 16);
         assert_eq!((s.cdw12, s.cdw13), (0x400, 1));
+    }
+
+    #[test]
+    fn queue_management_commands_carry_0s_based_sizes_and_the_cq() {
+        let cq = create_io_cq(3, 1024);
+        assert_eq!(
+            (cq.opc, cq.cdw10, cq.cdw11),
+            (opc::CREATE_IO_CQ, (1023 << 16) | 3, 1)
+        );
+        let sq = create_io_sq(3, 1024, 3);
+        assert_eq!(
+            (sq.opc, sq.cdw10, sq.cdw11),
+            (opc::CREATE_IO_SQ, (1023 << 16) | 3, (3 << 16) | 1)
+        );
+        assert_eq!(
+            (delete_io_queue(true, 7).opc, delete_io_queue(true, 7).cdw10),
+            (opc::DELETE_IO_SQ, 7)
+        );
+        assert_eq!(delete_io_queue(false, 7).opc, opc::DELETE_IO_CQ);
     }
 
     fn io_op() -> impl Strategy<Value = IoOp> {
