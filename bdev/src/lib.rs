@@ -19,18 +19,20 @@
 //! holds the checks every backend must pass, for any crate's tests to run
 //! on its own bdevs.
 
-pub mod buf;
+#![deny(missing_docs)]
+
+mod buf;
 mod completions;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
-pub mod file;
-pub mod null;
-pub mod ram;
+mod file;
+mod null;
+mod ram;
 mod spec;
 pub mod status;
 mod sync_queue;
 
-pub use buf::{BufOwner, IoBuf};
+pub use buf::{BufOwner, IoBuf, IOBUF_ALIGN};
 pub use file::FileBdev;
 pub use null::NullBdev;
 pub use ram::RamBdev;
