@@ -23,8 +23,9 @@ use unvme_proto::regs::Cap;
 use crate::qpair::{
     connect_socket, initialize_connection, DataDir, NvmeCompletion, QueuePair, RawBusy,
 };
-use crate::wire::{self, encode_dsm_ranges};
+use crate::wire;
 use crate::{ConnectOptions, Error, Result};
+use unvme_proto::nvm::{self, encode_dsm_ranges};
 
 /// Admin queue entries (SQSIZE 31, as Linux).
 const ADMIN_QSIZE: u16 = 32;
@@ -309,7 +310,7 @@ impl Inner {
     fn identify_namespace(&self, nsid: u32) -> Result<IdentifyNamespace> {
         let b = self.admin_read(
             "Identify Namespace",
-            wire::identify(cns::NS, nsid, 0),
+            nvm::identify(cns::NS, nsid, 0),
             IDENTIFY_SIZE,
         )?;
         IdentifyNamespace::decode(&b).map_err(|source| Error::Decode {
@@ -565,7 +566,7 @@ impl Controller {
     pub fn identify_controller(&self) -> Result<IdentifyController> {
         let b = self.inner.admin_read(
             "Identify Controller",
-            wire::identify(cns::CTRL, 0, 0),
+            nvm::identify(cns::CTRL, 0, 0),
             IDENTIFY_SIZE,
         )?;
         decode_identify_controller(Some(&b))
@@ -583,7 +584,7 @@ impl Controller {
         loop {
             let b = self.inner.admin_read(
                 "Identify Active Namespace List",
-                wire::identify(cns::ACTIVE_NS_LIST, start, 0),
+                nvm::identify(cns::ACTIVE_NS_LIST, start, 0),
                 IDENTIFY_SIZE,
             )?;
             let list = decode_ns_list(&b);
@@ -601,7 +602,7 @@ impl Controller {
     pub fn ns_descriptors(&self, nsid: u32) -> Result<Vec<NsIdDescriptor>> {
         let b = self.inner.admin_read(
             "Identify Namespace Descriptors",
-            wire::identify(cns::NS_DESC_LIST, nsid, 0),
+            nvm::identify(cns::NS_DESC_LIST, nsid, 0),
             IDENTIFY_SIZE,
         )?;
         decode_ns_id_descs(&b).map_err(|source| Error::Decode {
@@ -628,7 +629,7 @@ impl Controller {
             let n4 = n.div_ceil(4) * 4;
             let b = self.inner.admin_read(
                 "Get Log Page",
-                wire::get_log_page(lid, nsid, offset + out.len() as u64, n4 as u32),
+                nvm::get_log_page(lid, nsid, offset + out.len() as u64, n4 as u32),
                 n4 as u32,
             )?;
             out.extend_from_slice(&b[..n]);
@@ -694,7 +695,7 @@ impl Controller {
     pub fn get_features(&self, fid: u8, nsid: u32, cdw11: u32) -> Result<u32> {
         let c = self.inner.admin(
             "Get Features",
-            wire::get_features(fid, nsid, cdw11),
+            nvm::get_features(fid, nsid, cdw11),
             None,
             DataDir::None,
             0,
@@ -706,7 +707,7 @@ impl Controller {
     pub fn set_features(&self, fid: u8, nsid: u32, cdw11: u32, save: bool) -> Result<u32> {
         let c = self.inner.admin(
             "Set Features",
-            wire::set_features(fid, nsid, cdw11, save),
+            nvm::set_features(fid, nsid, cdw11, save),
             None,
             DataDir::None,
             0,

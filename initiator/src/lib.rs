@@ -24,7 +24,7 @@ mod controller;
 mod namespace;
 mod options;
 mod qpair;
-pub mod wire;
+mod wire;
 
 pub use controller::{Controller, DiscoveryLog, IoQpair};
 pub use namespace::RemoteNamespace;

@@ -1,12 +1,10 @@
-//! Pure helpers of the host side: the NVM and admin commands come from the
-//! one NVMe command layer ([`unvme_proto::nvm`]), re-exported here with the
-//! host's error mapping; what is NVMe/TCP's own is splitting the transfer an
-//! R2T asks for into H2CData PDUs. No I/O.
+//! Pure helpers of the host side: the NVM command of an `IoOp` (built by the
+//! one NVMe command layer, [`unvme_proto::nvm`]) with the host's error
+//! mapping, and what is NVMe/TCP's own: splitting the transfer an R2T asks
+//! for into H2CData PDUs. No I/O.
 
 use unvme_bdev::{IoError, IoOp};
 use unvme_proto::nvm::{BuildError, IoCommand};
-
-pub use unvme_proto::nvm::{encode_dsm_ranges, get_features, get_log_page, identify, set_features};
 
 /// Builds the NVM command for `op` on namespace `nsid` (the one NVM command
 /// layer, [`unvme_proto::nvm`]), with its failure as the bdev error a caller
