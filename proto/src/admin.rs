@@ -12,7 +12,7 @@
 //! This module does not execute commands, pick queue sizes or keep state;
 //! the target and the initiator do that.
 
-use crate::{le, Error, Result};
+use crate::{le, need, Error, Result};
 
 /// Admin command opcodes (NVMe Base 2.0, §5, Opcodes for Admin Commands;
 /// Fabrics 7Fh from NVMe over Fabrics 1.1).
@@ -323,18 +323,6 @@ pub const NS_LIST_MAX: usize = 1024;
 // ---------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------
-
-fn need(what: &'static str, buf: &[u8], n: usize) -> Result<()> {
-    if buf.len() < n {
-        Err(Error::Truncated {
-            what,
-            need: n,
-            have: buf.len(),
-        })
-    } else {
-        Ok(())
-    }
-}
 
 /// Returns the first `n` bytes of an encode buffer, zeroed.
 ///

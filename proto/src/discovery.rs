@@ -9,7 +9,7 @@
 //! which host may see them.
 
 use crate::admin::{nul_str, put_nul_str};
-use crate::{le, Error, Result};
+use crate::{le, need, Result};
 
 /// Well-known NQN of a discovery subsystem.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
@@ -67,18 +67,6 @@ pub const SECTYPE_TLS13: u8 = 2;
 
 /// CNTLID of an entry for the dynamic controller model.
 pub const CNTLID_DYNAMIC: u16 = 0xFFFF;
-
-fn need(what: &'static str, buf: &[u8], n: usize) -> Result<()> {
-    if buf.len() < n {
-        Err(Error::Truncated {
-            what,
-            need: n,
-            have: buf.len(),
-        })
-    } else {
-        Ok(())
-    }
-}
 
 /// Discovery Log Page header (NVMe over Fabrics 1.1, §5.3): 1024 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

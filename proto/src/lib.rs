@@ -56,6 +56,19 @@ pub enum Error {
 /// Result alias for [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Fails with [`Error::Truncated`] unless `buf` holds `n` bytes of `what`.
+pub(crate) fn need(what: &'static str, buf: &[u8], n: usize) -> Result<()> {
+    if buf.len() < n {
+        Err(Error::Truncated {
+            what,
+            need: n,
+            have: buf.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
 /// Little-endian field helpers shared by the encoders/decoders.
 pub(crate) mod le {
     #[inline]
