@@ -427,7 +427,7 @@ mod tests {
     fn truncated_input_is_an_error() {
         assert!(matches!(
             decode_log(&[0u8; 1023]),
-            Err(Error::Truncated {
+            Err(crate::Error::Truncated {
                 need: 1024,
                 have: 1023,
                 ..
