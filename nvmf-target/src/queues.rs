@@ -35,27 +35,38 @@ impl BdevQueues {
     }
 
     /// The queue of namespace `gidx`, opened on first use.
+    #[inline]
     fn queue(&mut self, gidx: usize) -> Result<&mut Box<dyn BdevQueue>, QueueUnavailable> {
+        if !matches!(self.queues.get(gidx), Some(Some(_))) {
+            self.open(gidx)?;
+        }
+        self.queues[gidx].as_mut().ok_or(QueueUnavailable)
+    }
+
+    /// Opens namespace `gidx`'s queue (the first I/O on it).
+    #[cold]
+    fn open(&mut self, gidx: usize) -> Result<(), QueueUnavailable> {
         let slot = self.queues.get_mut(gidx).ok_or(QueueUnavailable)?;
-        if slot.is_none() {
-            let (sidx, nsid) = self.subsystems.all_namespaces[gidx];
-            let opened = match self.subsystems.list[sidx].namespace(nsid) {
-                Some(ns) => ns.bdev.open_queue().map_err(|e| e.to_string()),
-                None => Err("namespace vanished".to_string()),
-            };
-            match opened {
-                Ok(q) => *slot = Some(q),
-                Err(e) => {
-                    tracing::error!(nsid, "cannot open a bdev queue: {e}");
-                    return Err(QueueUnavailable);
-                }
+        let (sidx, nsid) = self.subsystems.all_namespaces[gidx];
+        let opened = match self.subsystems.list[sidx].namespace(nsid) {
+            Some(ns) => ns.bdev.open_queue().map_err(|e| e.to_string()),
+            None => Err("namespace vanished".to_string()),
+        };
+        match opened {
+            Ok(q) => {
+                *slot = Some(q);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(nsid, "cannot open a bdev queue: {e}");
+                Err(QueueUnavailable)
             }
         }
-        Ok(slot.as_mut().expect("opened above"))
     }
 
     /// Submits `req` to namespace `gidx`; a full queue keeps it for
     /// [`BdevQueues::retry`].
+    #[inline]
     pub fn submit(&mut self, gidx: usize, req: IoRequest) -> Result<(), QueueUnavailable> {
         if let Err(SubmitError::Busy(req)) = self.queue(gidx)?.submit(req) {
             self.busy.push_back((gidx, req));
@@ -67,6 +78,7 @@ impl BdevQueues {
     /// queue has memory of its own for data (a VFIO SSD's IOMMU-mapped
     /// pool: the socket then reads write data, and the SSD writes read
     /// data, straight into memory the device reaches).
+    #[inline]
     pub fn alloc_buf(&mut self, gidx: usize, len: usize) -> Option<IoBuf> {
         let mut b = self.queue(gidx).ok()?.alloc_buf(len)?;
         b.set_len(len);

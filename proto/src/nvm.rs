@@ -134,6 +134,7 @@ impl Sqe {
     /// to controller, 10b controller to host) or, for a Fabrics command,
     /// from its FCTYPE (Connect and Authentication Send carry data to the
     /// controller, Authentication Receive from it).
+    #[inline]
     pub fn data_dir(&self) -> DataDir {
         if self.opc == OPC_FABRICS {
             return match self.fctype() {
@@ -308,6 +309,7 @@ impl NvmCommand {
     /// Errors are the status the command completes with: Invalid Opcode for
     /// an opcode this layer does not carry, Data SGL Length Invalid for a
     /// range list shorter than NR says.
+    #[inline]
     pub fn decode(sqe: &Sqe, data: Option<&[u8]>) -> Result<NvmCommand, Status> {
         let (lba, nlb) = (sqe.slba(), sqe.nlb());
         let fua = sqe.cdw12 & CDW12_FUA != 0;

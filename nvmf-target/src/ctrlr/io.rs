@@ -10,27 +10,21 @@ use super::{Controller, Outcome};
 use crate::subsystem::Subsystem;
 
 impl Controller {
+    #[inline]
     pub(super) fn io(&self, sqe: &Sqe, data: Option<&mut [u8]>) -> Outcome {
-        let Some(subsys) = self.subsys.as_deref() else {
-            return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
-        };
-        match validate(subsys, sqe, data.as_deref()) {
-            Ok(Some((gidx, op))) => Outcome::Io { gidx, op },
-            Ok(None) => Outcome::ok(0),
-            Err(st) => Outcome::status(st),
+        match self.subsys.as_deref() {
+            Some(subsys) => validate(subsys, sqe, data.as_deref()).unwrap_or_else(Outcome::status),
+            None => Outcome::status(Status::COMMAND_SEQUENCE_ERROR),
         }
     }
 }
 
-/// Validates an NVM I/O command against its namespace and builds the bdev
-/// operation. `data` is the command's data buffer (its length is the
-/// transfer length). `Ok(None)` means "complete successfully without I/O"
-/// (hints, and deallocation on a backend that cannot deallocate).
-fn validate(
-    subsys: &Subsystem,
-    sqe: &Sqe,
-    data: Option<&[u8]>,
-) -> Result<Option<(usize, IoOp)>, Status> {
+/// Validates an NVM I/O command against its namespace and builds the
+/// outcome: the bdev operation, or success without I/O for hints and for
+/// deallocation on a backend that cannot deallocate. `data` is the
+/// command's data buffer (its length is the transfer length).
+#[inline]
+fn validate(subsys: &Subsystem, sqe: &Sqe, data: Option<&[u8]>) -> Result<Outcome, Status> {
     let ns = subsys.namespace(sqe.nsid).ok_or(Status::INVALID_NS)?;
     let info = ns.bdev.info();
     let in_range = |lba: u64, nlb: u32| {
@@ -40,7 +34,7 @@ fn validate(
     let op = match NvmCommand::decode(sqe, data)? {
         NvmCommand::Hint { ranges } => {
             ranges.iter().try_for_each(|r| in_range(r.lba, r.nlb))?;
-            return Ok(None);
+            return Ok(Outcome::ok(0));
         }
         NvmCommand::Op(op) => op,
     };
@@ -52,7 +46,7 @@ fn validate(
         {
             Err(Status::DATA_SGL_LENGTH_INVALID)
         }
-        IoOp::Deallocate { .. } if !info.deallocate => Ok(None),
-        op => Ok(Some((ns.gidx, op))),
+        IoOp::Deallocate { .. } if !info.deallocate => Ok(Outcome::ok(0)),
+        op => Ok(Outcome::Io { gidx: ns.gidx, op }),
     }
 }

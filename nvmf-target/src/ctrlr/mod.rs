@@ -229,6 +229,7 @@ impl Controller {
     /// command's data buffer, exactly as long as the transfer: the host's
     /// data for a host-to-controller command, room for the answer
     /// otherwise.
+    #[inline]
     pub fn execute(&mut self, sqe: &Sqe, data: Option<&mut [u8]>) -> Outcome {
         if sqe.opc == OPC_FABRICS {
             return self.fabrics(sqe, data);
