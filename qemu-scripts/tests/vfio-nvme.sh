@@ -22,6 +22,18 @@ log() { echo "vfio-nvme: $*" >&2; }
 command -v qemu-system-x86_64 >/dev/null || { log "FAIL: qemu-system-x86_64 missing"; exit 2; }
 timeout -k 10 900 "$QS/build-guest.sh" || { log "FAIL: guest build"; exit 1; }
 
+# The bdev conformance kit on the VFIO bdev (nvme-vfio/tests/conformance.rs,
+# a harness = false test), run by the scenario's step 2b: its test binary,
+# built in release here (or given as UNVME_VFIO_CONFORMANCE_BIN).
+CONF=${UNVME_VFIO_CONFORMANCE_BIN:-}
+if [[ -z $CONF ]]; then
+    conf_json=$(cd "$ROOT" && timeout -k 10 600 cargo test -p unvme-nvme-vfio --release \
+        --test conformance --no-run --message-format=json) \
+        || { log "FAIL: building the conformance test (cargo test -p unvme-nvme-vfio --test conformance)"; exit 1; }
+    CONF=$(sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' <<< "$conf_json" | tail -1)
+fi
+[[ -n $CONF && -x $CONF ]] || { log "FAIL: no conformance test binary ('$CONF')"; exit 1; }
+
 work=$(mktemp -d /tmp/unvme-vfio-nvme.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 truncate -s 256M "$work/nvme.img"
@@ -36,6 +48,7 @@ rc=0
 timeout -k 10 $((GUEST_TIMEOUT + 120)) "$QS/run-guest.sh" --timeout "$GUEST_TIMEOUT" \
     --machine q35,kernel-irqchip=split --append intel_iommu=on --with-fio \
     --file "$UNVME=unvme" --file "$QS/vfio-bind.sh=vfio-bind.sh" \
+    --file "$CONF=vfio-conformance" \
     --log "$QS/build/logs/vfio-nvme.log" \
     "$QS/scenarios/vfio-nvme.sh" -- \
     -device intel-iommu,intremap=on,caching-mode=on \
