@@ -187,9 +187,10 @@ fn conforms(addr: &str, mode: PoolMode, cases: u32, seen: &Seen) {
     let (pooled, heap) = dev.counts();
     drop(dev);
     let after = seen.snapshot();
-    let (zero_copy, copied) = (
+    let (zero_copy, copied, misses) = (
         after.zero_copy - before.zero_copy,
         after.copied - before.copied,
+        after.pool_misses - before.pool_misses,
     );
     assert_eq!(
         after.released,
@@ -202,10 +203,14 @@ fn conforms(addr: &str, mode: PoolMode, cases: u32, seen: &Seen) {
                 pooled > 0 && zero_copy > 0,
                 "pool on: {pooled} pool buffers, {zero_copy} requests zero-copy"
             );
-            assert_eq!(
-                copied, 0,
-                "pool on: {copied} requests copied ({zero_copy} zero-copy, {heap} buffers not from the pool)"
+            // Only buffers the pool does not serve (one above the transfer
+            // limit, for the largest read) take the copy path; the pool
+            // never ran dry.
+            assert!(
+                copied <= heap,
+                "pool on: {copied} requests copied, but only {heap} buffers were not from the pool"
             );
+            assert_eq!(misses, 0, "pool on: the pool ran dry {misses} times");
         }
         PoolMode::Off => {
             assert_eq!(pooled, 0, "pool off: alloc_buf handed out pool buffers");
@@ -414,6 +419,8 @@ struct Seen {
     /// events ("vfio queue N: X requests zero-copy, Y copied").
     zero_copy: AtomicU64,
     copied: AtomicU64,
+    /// Sum of their `pool_misses` (alloc_buf calls the pool could not serve).
+    pool_misses: AtomicU64,
     /// "NVMe controller shut down and released" events.
     released: AtomicU64,
     /// Every warning or error event.
@@ -424,6 +431,7 @@ struct Seen {
 struct Snapshot {
     zero_copy: u64,
     copied: u64,
+    pool_misses: u64,
     released: u64,
 }
 
@@ -432,6 +440,7 @@ impl Seen {
         Snapshot {
             zero_copy: self.zero_copy.load(Ordering::SeqCst),
             copied: self.copied.load(Ordering::SeqCst),
+            pool_misses: self.pool_misses.load(Ordering::SeqCst),
             released: self.released.load(Ordering::SeqCst),
         }
     }
@@ -445,6 +454,7 @@ struct Fields {
     message: String,
     zero_copy: Option<u64>,
     copied: Option<u64>,
+    pool_misses: Option<u64>,
 }
 
 impl Visit for Fields {
@@ -452,6 +462,7 @@ impl Visit for Fields {
         match field.name() {
             "zero_copy" => self.zero_copy = Some(value),
             "copied" => self.copied = Some(value),
+            "pool_misses" => self.pool_misses = Some(value),
             _ => {}
         }
     }
@@ -470,6 +481,8 @@ impl<S: Subscriber> Layer<S> for Watch {
         if let (Some(z), Some(c)) = (f.zero_copy, f.copied) {
             self.0.zero_copy.fetch_add(z, Ordering::SeqCst);
             self.0.copied.fetch_add(c, Ordering::SeqCst);
+            let m = f.pool_misses.unwrap_or(0);
+            self.0.pool_misses.fetch_add(m, Ordering::SeqCst);
         }
         if f.message.contains("shut down and released") {
             self.0.released.fetch_add(1, Ordering::SeqCst);

@@ -4,7 +4,8 @@
 # `unvme perf --verify`, plus the error paths and the data paths (zero-copy
 # through the DMA buffer pool, copies with the pool off or run dry, counted
 # from the target's log; scenario qemu-scripts/scenarios/vfio-nvme.sh has
-# the list).
+# the list), and the bdev conformance kit on the VFIO bdev (the test binary
+# of nvme-vfio/tests/conformance.rs, built here in release).
 #
 # The base initramfs lacks libgcc_s.so.1, which target/release/unvme links;
 # the --with-fio initramfs has it (as for bench/kernel).
@@ -44,6 +45,10 @@ truncate -s 256M "$work/nvme.img"
 NS_IDS="eui64=0x5254000000000a01,nguid=0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9,uuid=6e76d2a1-3c4b-4d5e-8f60-718293a4b5c6"
 # ==== end #6
 
+# discard=unmap: QEMU's namespace always reports DLFEAT 001b (deallocated
+# blocks read as zeroes) and turns Deallocate into a discard of the drive,
+# which the default discard=ignore drops, so the blocks would keep their
+# data; the conformance kit (step 2b) checks that they read back as zeroes.
 rc=0
 timeout -k 10 $((GUEST_TIMEOUT + 120)) "$QS/run-guest.sh" --timeout "$GUEST_TIMEOUT" \
     --machine q35,kernel-irqchip=split --append intel_iommu=on --with-fio \
@@ -52,7 +57,7 @@ timeout -k 10 $((GUEST_TIMEOUT + 120)) "$QS/run-guest.sh" --timeout "$GUEST_TIME
     --log "$QS/build/logs/vfio-nvme.log" \
     "$QS/scenarios/vfio-nvme.sh" -- \
     -device intel-iommu,intremap=on,caching-mode=on \
-    -drive "file=$work/nvme.img,if=none,id=nvm,format=raw" \
+    -drive "file=$work/nvme.img,if=none,id=nvm,format=raw,discard=unmap" \
     -device nvme,id=nvme0,serial=deadbeef \
     -device "nvme-ns,drive=nvm,bus=nvme0,nsid=1,$NS_IDS" || rc=$?
 if [[ $rc == 0 ]]; then
