@@ -393,6 +393,14 @@ impl VfioBdev {
         );
         Ok(VfioBdev { info, ns, ctrl })
     }
+
+    /// Requests each queue of this bdev holds at once (NVMe commands, so a
+    /// request split at MDTS counts as several): the I/O queue entries,
+    /// CAP.MQES capped at the driver's 256, less the one an NVMe queue
+    /// keeps empty. A full queue answers [`SubmitError::Busy`](unvme_bdev::SubmitError::Busy).
+    pub fn queue_depth(&self) -> usize {
+        usize::from(self.ctrl.io_entries) - 1
+    }
 }
 
 /// Whether `sqe` may be forwarded to the device on behalf of namespace

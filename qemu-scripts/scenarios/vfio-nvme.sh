@@ -3,11 +3,14 @@
 # host and `unvme perf --verify` (host half: qemu-scripts/tests/vfio-nvme.sh,
 # which boots q35 + intel-iommu + `-device nvme,serial=deadbeef`).
 #
-# Needs /share/unvme and /share/vfio-bind.sh. Steps:
+# Needs /share/unvme, /share/vfio-bind.sh and /share/vfio-conformance. Steps:
 #  1. error paths: an absent device, the device still bound to the kernel
 #     nvme driver, vfio-bind.sh on an absent device, no permission on the
 #     VFIO group (as uid 1000) — each must fail with its clear message;
 #  2. vfio-bind.sh binds the device; `unvme identify --vfio` (text, JSON);
+#     2b. the bdev conformance kit on the VFIO bdev (/share/vfio-conformance,
+#     nvme-vfio/tests/conformance.rs) with the DMA pool on and off, bounded
+#     by VFIO_CONFORMANCE_TIMEOUT (default 180 s; it takes ~15 s under TCG);
 #  3. `unvme target --vfio ADDR` on 127.0.0.1:4420; `unvme perf --verify`
 #     randwrite then randread (4 KiB, 128 KiB, and 1 MiB — above the
 #     controller's 512 KiB MDTS, so split — over a 32 MiB range);
@@ -131,6 +134,29 @@ grep -q "NVME Identify Namespace 1" /tmp/id.txt || fail "identify: namespace 1 m
 run "$U" identify --vfio "$ADDR" --json > /tmp/id.json
 grep -q "\"sn\":\"$SERIAL\"" /tmp/id.json || fail "identify --json: serial missing"
 log "identify --vfio: controller and namespace 1 shown (text and JSON)"
+
+# ---- 2b. the bdev conformance kit on the VFIO bdev --------------------------
+# nvme-vfio/tests/conformance.rs (built by the host half): every check of
+# unvme_bdev::conformance plus the random-operations model test, with the
+# DMA pool on (zero-copy) and off (copied). QEMU's controller has Compare,
+# Write Zeroes and Dataset Management (DLFEAT: deallocated blocks read as
+# zeroes), so the driver must report all three and the kit check them.
+[ -f /share/vfio-conformance ] || fail "no /share/vfio-conformance (the host half ships the test binary)"
+cp /share/vfio-conformance /tmp/vfio-conformance
+chmod 755 /tmp/vfio-conformance
+CONF_LIMIT=${VFIO_CONFORMANCE_TIMEOUT:-180}
+log "+ vfio conformance on $ADDR (at most ${CONF_LIMIT}s)"
+rc=0
+UNVME_VFIO_CONFORMANCE_BDF=$ADDR UNVME_VFIO_CONFORMANCE_CASES=${VFIO_CONFORMANCE_CASES:-32} \
+    timeout "$CONF_LIMIT" /tmp/vfio-conformance > /tmp/conformance.out 2>&1 || rc=$?
+cat /tmp/conformance.out
+[ "$rc" -eq 0 ] || fail "the conformance kit failed on the VFIO bdev (exit $rc; 124 or 143: killed after ${CONF_LIMIT}s)"
+grep -q '^vfio conformance: PASS' /tmp/conformance.out || fail "the conformance test did not run (no PASS line)"
+[ "$(grep -c '^vfio conformance: ok: DMA pool' /tmp/conformance.out)" -eq 2 ] \
+    || fail "the conformance test did not run with the pool on and off"
+grep -q 'compare yes, write-zeroes yes, deallocate yes' /tmp/conformance.out \
+    || fail "the VFIO bdev does not report Compare, Write Zeroes and Deallocate of QEMU's NVMe"
+log "conformance kit: $(grep '^vfio conformance: PASS' /tmp/conformance.out | cut -d' ' -f4-)"
 
 # ---- 3. target + unvme perf --verify ------------------------------------
 # Default reactor settings: a reactor never sleeps in epoll while a bdev
