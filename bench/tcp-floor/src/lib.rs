@@ -13,6 +13,8 @@
 //!
 //! Sends are batched: whatever messages are ready go out in one `write`.
 
+#![deny(missing_docs)]
+
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
