@@ -3,6 +3,7 @@
 
 mod connect_args;
 mod nbd_cmd;
+mod panic_policy;
 mod perf;
 mod target_cmd;
 mod tools;
@@ -19,6 +20,11 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `unvme_target=debug`.
     #[arg(long, global = true, env = "UNVME_LOG", default_value = "info")]
     log: String,
+
+    /// Fault injection for tests: a thread that panics after this many
+    /// milliseconds (the panic policy ends the process with status 70).
+    #[arg(long, global = true, hide = true)]
+    fault_panic_ms: Option<u64>,
 
     #[command(subcommand)]
     command: Command,
@@ -42,6 +48,7 @@ enum Command {
 }
 
 fn main() {
+    panic_policy::install();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -52,6 +59,9 @@ fn main() {
         .init();
     #[cfg(feature = "vfio")]
     vfio_env::register();
+    if let Some(ms) = cli.fault_panic_ms {
+        panic_policy::inject(ms);
+    }
     let result = match cli.command {
         Command::Target(a) => target_cmd::run(a),
         Command::Perf(a) => perf::run(a),
