@@ -45,6 +45,12 @@ fn default_model() -> String {
     "unvme target".into()
 }
 
+/// Default for [`TargetConfig::max_controllers_per_host`]: a Linux host
+/// makes one controller per path (`nvme connect`), so 16 leaves room for
+/// multipath and reconnect races while keeping one host NQN from filling
+/// the subsystem's CNTLID space (neither Linux nvmet nor SPDK limits this).
+pub const DEFAULT_MAX_CONTROLLERS_PER_HOST: usize = 16;
+
 /// The whole target.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -68,6 +74,10 @@ pub struct TargetConfig {
     pub max_queue_size: u16,
     /// Largest number of I/O queues per controller.
     pub max_io_queues: u16,
+    /// Most live controllers one host NQN may have in one subsystem (default
+    /// [`DEFAULT_MAX_CONTROLLERS_PER_HOST`]); a Connect beyond it gets
+    /// Connect Controller Busy.
+    pub max_controllers_per_host: usize,
     /// Microseconds a reactor spins without work before sleeping in epoll.
     pub spin_us: u64,
     /// Most connections per reactor.
@@ -89,6 +99,7 @@ impl Default for TargetConfig {
             max_transfer_size: 1024 * 1024,
             max_queue_size: 128,
             max_io_queues: 64,
+            max_controllers_per_host: DEFAULT_MAX_CONTROLLERS_PER_HOST,
             spin_us: 1000,
             max_connections_per_reactor: 1024,
         }
@@ -146,6 +157,11 @@ impl TargetConfig {
         if self.max_io_queues == 0 {
             return Err(Error::Config("at least one I/O queue".into()));
         }
+        if self.max_controllers_per_host == 0 {
+            return Err(Error::Config(
+                "max controllers per host must be at least 1".into(),
+            ));
+        }
         let mut nqns = std::collections::HashSet::new();
         for s in &self.subsystems {
             if s.nqn.is_empty()
@@ -196,6 +212,8 @@ pub(crate) struct Params {
     pub max_queue_size: u16,
     /// I/O queues a controller may have.
     pub max_io_queues: u16,
+    /// Live controllers one host NQN may have in one subsystem.
+    pub max_ctrls_per_host: usize,
     /// Spin this long without work before sleeping in epoll.
     pub spin: std::time::Duration,
     /// Connections one reactor serves.
@@ -211,6 +229,7 @@ impl Params {
             max_transfer: c.max_transfer_bytes(),
             max_queue_size: c.max_queue_size,
             max_io_queues: c.max_io_queues,
+            max_ctrls_per_host: c.max_controllers_per_host,
             spin: std::time::Duration::from_micros(c.spin_us),
             max_conns: c.max_connections_per_reactor,
         }

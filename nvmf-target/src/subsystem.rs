@@ -41,6 +41,15 @@ struct CtrlTable {
     live: HashMap<u16, Arc<CtrlShared>>,
 }
 
+/// Why [`Subsystem::create_ctrl`] made no controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CreateCtrlError {
+    /// The host already has this many live controllers (the limit).
+    HostLimit(usize),
+    /// Every CNTLID of the subsystem is in use.
+    NoCntlid,
+}
+
 /// Mutable controller registers and settings.
 #[derive(Debug)]
 pub(crate) struct CtrlRegs {
@@ -60,6 +69,10 @@ pub(crate) struct CtrlRegs {
     pub aec: u32,
     /// Volatile write cache enabled.
     pub wce: bool,
+    /// A shutdown flush is running on its helper thread.
+    pub shn_running: bool,
+    /// Another shutdown notification came while it ran: flush once more.
+    pub shn_again: bool,
 }
 
 /// One controller: created by an admin-queue Connect, shared by that
@@ -108,14 +121,22 @@ impl Subsystem {
     }
 
     /// Creates a controller with a fresh CNTLID (dynamic controller model).
+    /// Fails when `hostnqn` already has `max_per_host` live controllers
+    /// here, or every CNTLID is taken.
     pub fn create_ctrl(
         self: &Arc<Self>,
         hostnqn: &str,
         hostid: [u8; 16],
         kato_ms: u32,
         max_io_queues: u16,
-    ) -> Option<Arc<CtrlShared>> {
+        max_per_host: usize,
+    ) -> std::result::Result<Arc<CtrlShared>, CreateCtrlError> {
         let mut t = self.table();
+        // Connect only, never per I/O: a scan of this subsystem's controllers.
+        let of_host = t.live.values().filter(|c| c.hostnqn == hostnqn).count();
+        if of_host >= max_per_host {
+            return Err(CreateCtrlError::HostLimit(of_host));
+        }
         // CNTLIDs 1..=0xFFEF; 0xFFF0.. are reserved.
         for _ in 0..0xFFEF {
             let id = t.next;
@@ -137,13 +158,15 @@ impl Subsystem {
                         connected_qids: Vec::new(),
                         aec: 0,
                         wce: true,
+                        shn_running: false,
+                        shn_again: false,
                     }),
                 });
                 slot.insert(c.clone());
-                return Some(c);
+                return Ok(c);
             }
         }
-        None
+        Err(CreateCtrlError::NoCntlid)
     }
 
     /// Looks up a live controller.
@@ -171,6 +194,15 @@ pub(crate) struct Subsystems {
 impl Subsystems {
     /// Opens every namespace's backend.
     pub fn from_config(cfg: &TargetConfig) -> Result<Self> {
+        Self::from_config_with(cfg, unvme_bdev::from_spec)
+    }
+
+    /// Like [`Subsystems::from_config`], with `open` turning a namespace's
+    /// backend spec into a device (tests put their own devices behind a spec).
+    pub fn from_config_with(
+        cfg: &TargetConfig,
+        open: impl Fn(&str) -> unvme_bdev::Result<Arc<dyn unvme_bdev::Bdev>>,
+    ) -> Result<Self> {
         let mut list = vec![Arc::new(Subsystem {
             nqn: DISCOVERY_NQN.to_string(),
             serial: "UNVME-DISCOVERY".into(),
@@ -187,7 +219,7 @@ impl Subsystems {
         for (si, s) in cfg.subsystems.iter().enumerate() {
             let mut namespaces: Vec<Namespace> = Vec::new();
             for nc in &s.namespaces {
-                let bdev = unvme_bdev::from_spec(&nc.bdev).map_err(|source| Error::Bdev {
+                let bdev = open(&nc.bdev).map_err(|source| Error::Bdev {
                     spec: nc.bdev.clone(),
                     source,
                 })?;

@@ -56,8 +56,12 @@ impl Controller {
             cns::NS if !disc => match subsys.namespace(sqe.nsid) {
                 Some(ns) => passthru::identify_namespace(ns, identify::identify_namespace(ns))
                     .encode(&mut page),
-                // An inactive but valid NSID returns zeroes.
-                None if sqe.nsid != 0 && sqe.nsid != ALL => {}
+                // A valid NSID (1..=NN) that is not active returns zeroes
+                // (NVMe Base 2.0 §5.17.2.1, CNS 00h: every such NSID is
+                // unallocated here, there being no Namespace Management);
+                // 0, FFFFFFFFh (no Namespace Management either) and NSIDs
+                // beyond NN are invalid: Invalid Namespace or Format.
+                None if sqe.nsid != 0 && sqe.nsid != ALL && sqe.nsid <= max_nsid(subsys) => {}
                 None => return Outcome::status(Status::INVALID_NS),
             },
             cns::ACTIVE_NS_LIST if !disc => {
@@ -170,6 +174,11 @@ impl Controller {
         r.io_queues = n as u16;
         granted(n)
     }
+}
+
+/// NN of Identify Controller: the largest NSID of the subsystem.
+fn max_nsid(s: &crate::subsystem::Subsystem) -> u32 {
+    s.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0)
 }
 
 /// The Firmware Slot Information log: slot 1 active, holding this build.

@@ -11,7 +11,7 @@ use unvme_proto::nvme::{Sqe, Status};
 use unvme_proto::regs::{self, cc, csts};
 
 use super::{Completion, Controller, Outcome};
-use crate::subsystem::{CtrlShared, Subsystem};
+use crate::subsystem::{CreateCtrlError, CtrlShared, Subsystem};
 
 /// Controller ready timeout reported in CAP.TO, in 500 ms units.
 const CAP_TIMEOUT: u8 = 20;
@@ -89,13 +89,28 @@ impl Controller {
         if data.cntlid != fabrics::CNTLID_DYNAMIC {
             return invalid_parameter(true, 16);
         }
-        let Some(ctrl) = subsys.create_ctrl(
+        let ctrl = match subsys.create_ctrl(
             &data.hostnqn,
             data.hostid,
             c.kato,
             self.params.max_io_queues,
-        ) else {
-            return Outcome::status(Status::CONNECT_CTRL_BUSY);
+            self.params.max_ctrls_per_host,
+        ) {
+            Ok(ctrl) => ctrl,
+            Err(e) => {
+                // NVMe over Fabrics 1.1 §3.3 (Figure 21): Connect Controller
+                // Busy, "the controller is already associated with a host"
+                // / cannot be allocated; Linux hosts retry it later.
+                match e {
+                    CreateCtrlError::HostLimit(n) => {
+                        tracing::warn!(peer = %self.peer, hostnqn = %data.hostnqn, subnqn = %subsys.nqn, controllers = n, "host has its limit of controllers: Connect Controller Busy")
+                    }
+                    CreateCtrlError::NoCntlid => {
+                        tracing::warn!(peer = %self.peer, subnqn = %subsys.nqn, "no free CNTLID: Connect Controller Busy")
+                    }
+                }
+                return Outcome::status(Status::CONNECT_CTRL_BUSY);
+            }
         };
         tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, subnqn = %subsys.nqn, hostnqn = %data.hostnqn, kato_ms = c.kato, "admin queue connected");
         self.bind(c, ctrl, subsys)
@@ -153,7 +168,8 @@ impl Controller {
 
     /// Property Set: only CC is writable. EN 0→1 makes the controller ready,
     /// 1→0 resets it (its I/O queues close), a shutdown notification flushes
-    /// every namespace before SHST reports completion.
+    /// every namespace off the reactor ([`start_shutdown_flush`]) before
+    /// SHST reports completion.
     fn prop_set(&mut self, p: PropertyCmd) -> Status {
         let Some(ctrl) = self.ctrl.clone() else {
             return Status::INVALID_FIELD;
@@ -175,16 +191,53 @@ impl Controller {
             tracing::info!(cntlid = ctrl.cntlid, "controller reset");
         }
         if new & cc::SHN_MASK != 0 && old & cc::SHN_MASK == 0 {
-            drop(r);
-            for n in &ctrl.subsys.namespaces {
-                if let Err(e) = n.bdev.flush_all() {
-                    tracing::error!(nsid = n.nsid, "flush at shutdown notification failed: {e}");
-                }
+            r.csts = (r.csts & !csts::SHST_MASK) | csts::SHST_OCCURRING;
+            if r.shn_running {
+                r.shn_again = true;
+            } else {
+                r.shn_running = true;
+                drop(r);
+                start_shutdown_flush(ctrl);
             }
-            let mut r = ctrl.regs();
-            r.csts = (r.csts & !csts::SHST_MASK) | csts::SHST_COMPLETE;
-            tracing::info!(cntlid = ctrl.cntlid, "shutdown notification processed");
         }
         Status::SUCCESS
+    }
+}
+
+/// Runs a shutdown notification's flush of every namespace on a helper
+/// thread, so a slow backend (a file's fsync) stalls no reactor; CSTS.SHST
+/// stays "processing occurring" (01b) until it is done, then "complete"
+/// (10b). Should no thread start, the flush runs here instead.
+fn start_shutdown_flush(ctrl: Arc<CtrlShared>) {
+    let c = ctrl.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("unvme-shn-{}", ctrl.cntlid))
+        .spawn(move || shutdown_flush(&c));
+    if let Err(e) = spawned {
+        tracing::warn!(
+            cntlid = ctrl.cntlid,
+            "no thread for the shutdown flush, flushing inline: {e}"
+        );
+        shutdown_flush(&ctrl);
+    }
+}
+
+/// Flushes every namespace of `ctrl`'s subsystem (again while more
+/// shutdown notifications arrived meanwhile), then reports SHST complete.
+fn shutdown_flush(ctrl: &CtrlShared) {
+    loop {
+        for n in &ctrl.subsys.namespaces {
+            if let Err(e) = n.bdev.flush_all() {
+                tracing::error!(nsid = n.nsid, "flush at shutdown notification failed: {e}");
+            }
+        }
+        let mut r = ctrl.regs();
+        if std::mem::take(&mut r.shn_again) {
+            continue;
+        }
+        r.shn_running = false;
+        r.csts = (r.csts & !csts::SHST_MASK) | csts::SHST_COMPLETE;
+        tracing::info!(cntlid = ctrl.cntlid, "shutdown notification processed");
+        return;
     }
 }

@@ -4,9 +4,10 @@
 //! length that does not match NLB), then handed to the backend.
 
 use unvme_proto::nvm::{IoOp, NvmCommand};
-use unvme_proto::nvme::{Sqe, Status};
+use unvme_proto::nvme::{io_opc, Sqe, Status};
 
 use super::{Controller, Outcome};
+use crate::namespace::ALL;
 use crate::subsystem::Subsystem;
 
 impl Controller {
@@ -25,7 +26,9 @@ impl Controller {
 /// command's data buffer (its length is the transfer length).
 #[inline]
 fn validate(subsys: &Subsystem, sqe: &Sqe, data: Option<&[u8]>) -> Result<Outcome, Status> {
-    let ns = subsys.namespace(sqe.nsid).ok_or(Status::INVALID_NS)?;
+    let Some(ns) = subsys.namespace(sqe.nsid) else {
+        return broadcast_flush(subsys, sqe);
+    };
     let info = ns.bdev.info();
     let in_range = |lba: u64, nlb: u32| {
         info.check_range(lba, nlb)
@@ -49,4 +52,32 @@ fn validate(subsys: &Subsystem, sqe: &Sqe, data: Option<&[u8]>) -> Result<Outcom
         IoOp::Deallocate { .. } if !info.deallocate => Ok(Outcome::ok(0)),
         op => Ok(Outcome::Io { gidx: ns.gidx, op }),
     }
+}
+
+/// A command whose NSID names no active namespace: a Flush with NSID
+/// FFFFFFFFh flushes every namespace where Identify Controller says so
+/// (VWC.FB = 11b, [`flush_broadcast_supported`]): a subsystem of one
+/// namespace (or none) has it flushed as an ordinary Flush. A broadcast to
+/// several namespaces would need one backend operation per namespace and a
+/// transport that joins their results; VWC.FB says 10b for such a
+/// subsystem, and the NVMe Base specification (2.0 §7.1) then prescribes
+/// Invalid Namespace or Format, what every other NSID gets here.
+#[cold]
+fn broadcast_flush(subsys: &Subsystem, sqe: &Sqe) -> Result<Outcome, Status> {
+    if sqe.nsid != ALL || sqe.opc != io_opc::FLUSH || !flush_broadcast_supported(subsys) {
+        return Err(Status::INVALID_NS);
+    }
+    Ok(match subsys.namespaces.first() {
+        Some(ns) => Outcome::Io {
+            gidx: ns.gidx,
+            op: IoOp::Flush,
+        },
+        None => Outcome::ok(0),
+    })
+}
+
+/// Whether a Flush with NSID FFFFFFFFh flushes every namespace of
+/// `subsys` (what VWC.FB in Identify Controller advertises).
+pub(super) fn flush_broadcast_supported(subsys: &Subsystem) -> bool {
+    subsys.namespaces.len() <= 1
 }

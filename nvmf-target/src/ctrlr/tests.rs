@@ -34,7 +34,12 @@ struct Env {
 }
 
 fn env_with(allowed_hosts: Vec<String>) -> Env {
-    let cfg = TargetConfig {
+    env_from(test_config(allowed_hosts), unvme_bdev::from_spec)
+}
+
+/// The test subsystem: `ram:4M` as NSID 1 and `null:1M` as NSID 5.
+fn test_config(allowed_hosts: Vec<String>) -> TargetConfig {
+    TargetConfig {
         subsystems: vec![SubsystemConfig {
             nqn: NQN.into(),
             serial: "S1".into(),
@@ -53,8 +58,15 @@ fn env_with(allowed_hosts: Vec<String>) -> Env {
         }],
         listen: vec!["127.0.0.1:4420".parse().unwrap()],
         ..TargetConfig::default()
-    };
-    let subsystems = Arc::new(Subsystems::from_config(&cfg).expect("RAM target opens"));
+    }
+}
+
+/// A target of `cfg` whose backends `open` makes from their specs.
+fn env_from(
+    cfg: TargetConfig,
+    open: impl Fn(&str) -> unvme_bdev::Result<Arc<dyn unvme_bdev::Bdev>>,
+) -> Env {
+    let subsystems = Arc::new(Subsystems::from_config_with(&cfg, open).expect("RAM target opens"));
     subsystems.set_listen_addrs(&cfg.listen);
     Env {
         subsystems,
@@ -251,6 +263,41 @@ fn connect_from_a_host_not_on_the_allow_list_is_refused() {
 }
 
 #[test]
+fn a_host_gets_at_most_its_limit_of_controllers_then_connect_controller_busy() {
+    let mut cfg = test_config(Vec::new());
+    cfg.max_controllers_per_host = 3;
+    let e = env_from(cfg, unvme_bdev::from_spec);
+    let mut held: Vec<_> = (0..3).map(|_| e.admin(NQN, false)).collect();
+    let mut q = e.queue();
+    assert_eq!(
+        status(connect(&mut q, 0, 31, NQN, CNTLID_DYNAMIC)),
+        Status::CONNECT_CTRL_BUSY
+    );
+    assert!(!q.connected());
+    // Another host is not affected by this host's controllers.
+    let mut other = e.queue();
+    let c = ConnectCmd {
+        qid: 0,
+        sqsize: 31,
+        ..ConnectCmd::default()
+    };
+    let d = ConnectData {
+        hostid: [9; 16],
+        cntlid: CNTLID_DYNAMIC,
+        subnqn: NQN.into(),
+        hostnqn: "nqn.2014-08.org.nvmexpress:uuid:other".into(),
+    };
+    assert!(status(connect_with(&mut other, c, &d)).is_success());
+    // Nor is the discovery subsystem (a limit per subsystem).
+    let (_disc, _) = e.admin(DISCOVERY_NQN, false);
+    // A controller that goes frees its place.
+    let (mut gone, _) = held.pop().unwrap();
+    gone.release();
+    let mut q = e.queue();
+    assert!(status(connect(&mut q, 0, 31, NQN, CNTLID_DYNAMIC)).is_success());
+}
+
+#[test]
 fn connect_checks_queue_size_format_and_data() {
     let e = env();
     let max = e.params.max_queue_size;
@@ -440,6 +487,22 @@ fn a_controller_reset_or_teardown_ends_its_io_queues() {
     );
 }
 
+/// Waits (up to 10 s) until CSTS.SHST of `q`'s controller reads `shst`.
+fn wait_shst(q: &mut Controller, shst: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = prop_get(q, prop::CSTS, false).unwrap() as u32;
+        if v & csts::SHST_MASK == shst {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CSTS {v:#x}: SHST never became {shst:#x}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn shutdown_notification_reports_shst_complete() {
     let e = env();
@@ -448,8 +511,105 @@ fn shutdown_notification_reports_shst_complete() {
         prop_set(&mut a, prop::CC, cc::EN | (1 << cc::SHN_SHIFT)),
         Status::SUCCESS
     );
+    wait_shst(&mut a, csts::SHST_COMPLETE);
+}
+
+/// A RAM device whose `flush_all` waits until the test opens its gate, and
+/// counts the flushes that finished.
+struct GatedFlush {
+    inner: Arc<dyn unvme_bdev::Bdev>,
+    gate: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    entered: std::sync::atomic::AtomicUsize,
+    flushed: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedFlush {
+    fn open_gate(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl unvme_bdev::Bdev for GatedFlush {
+    fn info(&self) -> &unvme_bdev::BdevInfo {
+        self.inner.info()
+    }
+    fn open_queue(&self) -> unvme_bdev::Result<Box<dyn unvme_bdev::BdevQueue>> {
+        self.inner.open_queue()
+    }
+    fn flush_all(&self) -> unvme_bdev::Result<()> {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.gate.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        self.flushed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[test]
+fn shutdown_flush_runs_off_the_caller_and_shst_reports_processing_until_done() {
+    let slow = Arc::new(GatedFlush {
+        inner: unvme_bdev::from_spec("ram:4M").unwrap(),
+        gate: std::sync::Mutex::new(false),
+        opened: std::sync::Condvar::new(),
+        entered: Default::default(),
+        flushed: Default::default(),
+    });
+    let dev = slow.clone();
+    let e = env_from(test_config(Vec::new()), move |spec| {
+        if spec == "ram:4M" {
+            Ok(dev.clone() as Arc<dyn unvme_bdev::Bdev>)
+        } else {
+            unvme_bdev::from_spec(spec)
+        }
+    });
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let mut q = e.io(cntlid, 1);
+    // The Property Set returns while the backend's flush is blocked: the
+    // caller (a reactor) is not the thread that flushes.
+    assert_eq!(
+        prop_set(&mut a, prop::CC, cc::EN | (1 << cc::SHN_SHIFT)),
+        Status::SUCCESS
+    );
     let v = prop_get(&mut a, prop::CSTS, false).unwrap() as u32;
-    assert_eq!(v & csts::SHST_MASK, csts::SHST_COMPLETE);
+    assert_eq!(
+        v & csts::SHST_MASK,
+        csts::SHST_OCCURRING,
+        "processing occurring"
+    );
+    assert_eq!(v & csts::RDY, csts::RDY);
+    // The controller's queues keep being served meanwhile.
+    assert!(features(&mut a, nvm::get_features(fid::NUM_QUEUES, 0, 0))
+        .status
+        .is_success());
+    let g = gidx_of(&e, 1);
+    assert_eq!(
+        io_cmd(&mut q, &IoOp::Flush, 1, None),
+        Outcome::Io {
+            gidx: g,
+            op: IoOp::Flush
+        }
+    );
+    // A second notification while the first is processed starts no second
+    // thread; it is folded into one more pass.
+    assert_eq!(prop_set(&mut a, prop::CC, cc::EN), Status::SUCCESS);
+    assert_eq!(
+        prop_set(&mut a, prop::CC, cc::EN | (1 << cc::SHN_SHIFT)),
+        Status::SUCCESS
+    );
+    assert_eq!(slow.flushed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    slow.open_gate();
+    wait_shst(&mut a, csts::SHST_COMPLETE);
+    assert_eq!(
+        slow.flushed.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "flushed again for the second notification"
+    );
 }
 
 #[test]
@@ -528,6 +688,11 @@ fn identify_namespace_and_lists() {
     assert_eq!(ns.current_lba_format().map(|f| f.lbads), Some(9));
     let inactive = identify(&mut a, cns::NS, 3).unwrap();
     assert!(inactive.iter().all(|&b| b == 0), "inactive NSID: zeroes");
+    assert_eq!(
+        identify(&mut a, cns::NS, 6),
+        Err(Status::INVALID_NS),
+        "an NSID beyond NN (5) is invalid, not inactive"
+    );
     assert_eq!(identify(&mut a, cns::NS, 0), Err(Status::INVALID_NS));
     assert_eq!(
         identify(&mut a, cns::NS, 0xFFFF_FFFF),
@@ -811,6 +976,42 @@ fn io_commands_become_backend_operations() {
     assert_eq!(
         io_cmd(&mut q, &wz, 1, None),
         Outcome::Io { gidx: g, op: wz }
+    );
+}
+
+#[test]
+fn broadcast_flush_flushes_the_one_namespace_or_is_refused_as_vwc_says() {
+    // Two namespaces: VWC.FB = 10b (no broadcast) and Invalid Namespace.
+    let e = env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let id = IdentifyController::decode(&identify(&mut a, cns::CTRL, 0).unwrap()).unwrap();
+    assert_eq!(id.vwc, 0x5, "VWC present, FB 10b");
+    let mut q = e.io(cntlid, 1);
+    assert_eq!(
+        status(io_cmd(&mut q, &IoOp::Flush, 0xFFFF_FFFF, None)),
+        Status::INVALID_NS
+    );
+    // One namespace: VWC.FB = 11b, and the broadcast flushes it.
+    let mut cfg = test_config(Vec::new());
+    cfg.subsystems[0].namespaces.truncate(1);
+    let e = env_from(cfg, unvme_bdev::from_spec);
+    let (mut a, cntlid) = e.admin(NQN, true);
+    let id = IdentifyController::decode(&identify(&mut a, cns::CTRL, 0).unwrap()).unwrap();
+    assert_eq!(id.vwc, 0x7, "VWC present, FB 11b");
+    let mut q = e.io(cntlid, 1);
+    assert_eq!(
+        io_cmd(&mut q, &IoOp::Flush, 0xFFFF_FFFF, None),
+        Outcome::Io {
+            gidx: gidx_of(&e, 1),
+            op: IoOp::Flush
+        }
+    );
+    // Only Flush is broadcast: a read to FFFFFFFFh is still refused.
+    let mut buf = vec![0u8; 512];
+    let read = IoOp::Read { lba: 0, nlb: 1 };
+    assert_eq!(
+        status(io_cmd(&mut q, &read, 0xFFFF_FFFF, Some(&mut buf))),
+        Status::INVALID_NS
     );
 }
 
