@@ -6,65 +6,92 @@ use unvme_target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
 
 /// Arguments of `unvme target`. With none, it serves a 1 GiB RAM namespace
 /// as `nqn.2024-11.io.unvme:default` on 127.0.0.1:4420 (plus discovery).
+///
+/// Every flag applies together with `--config`: each one's help says
+/// whether it overrides the file's value or adds to it, and a combination
+/// that cannot mean one thing is refused with an error.
 #[derive(clap::Args, Debug)]
 pub struct TargetArgs {
-    /// TOML configuration file (flags given as well override its values).
+    /// TOML configuration file; the flags below apply on top of it.
     #[arg(long, short = 'c')]
     config: Option<std::path::PathBuf>,
-    /// Address to listen on (repeatable). Default 127.0.0.1:4420.
+    /// Address to listen on (repeatable). Default 127.0.0.1:4420. Replaces
+    /// the file's `listen` list.
     #[arg(long)]
     listen: Vec<SocketAddr>,
-    /// Subsystem NQN for the namespaces given by --ram/--null/--file/--ns.
-    #[arg(long, default_value = unvme_proto::DEFAULT_SUBNQN)]
-    nqn: String,
-    /// RAM namespace of SIZE (e.g. 1G) (repeatable).
+    /// Subsystem the namespace flags (--ram/--null/--file/--ns) add to, and
+    /// --allow-host/--serial/--model apply to [default:
+    /// nqn.2024-11.io.unvme:default for namespace flags]. With --config, a
+    /// subsystem of the file of that NQN is extended, else the namespace
+    /// flags create it; an NQN that names neither is an error.
+    #[arg(long)]
+    nqn: Option<String>,
+    /// RAM namespace of SIZE (e.g. 1G) (repeatable; added to --nqn's subsystem).
     #[arg(long, value_name = "SIZE")]
     ram: Vec<String>,
-    /// Null namespace of SIZE: writes discarded, reads untouched (repeatable).
+    /// Null namespace of SIZE: writes discarded, reads untouched (repeatable;
+    /// added to --nqn's subsystem).
     #[arg(long, value_name = "SIZE")]
     null: Vec<String>,
-    /// File-backed namespace: PATH[:BS][:create=SIZE] (repeatable).
+    /// File-backed namespace: PATH[:BS][:create=SIZE] (repeatable; added to
+    /// --nqn's subsystem).
     #[arg(long, value_name = "PATH")]
     file: Vec<String>,
     /// NVMe controller bound to vfio-pci, served through the user-space
-    /// VFIO driver: DDDD:BB:DD.F[:NSID] (repeatable; adds `vfio:ADDR`).
+    /// VFIO driver: DDDD:BB:DD.F[:NSID] (repeatable; adds `vfio:ADDR` to
+    /// --nqn's subsystem).
     #[cfg(feature = "vfio")]
     #[arg(long, value_name = "PCI_ADDR")]
     vfio: Vec<String>,
-    /// Namespace by backend spec (ram:SIZE[:BS], null:SIZE[:BS], file:PATH…) (repeatable).
+    /// Namespace by backend spec (ram:SIZE[:BS], null:SIZE[:BS], file:PATH…)
+    /// (repeatable; added to --nqn's subsystem).
     #[arg(long, value_name = "SPEC")]
     ns: Vec<String>,
-    /// Host NQN allowed to connect (repeatable; default: any host).
+    /// Host NQN allowed to connect (repeatable; default: any host). Added to
+    /// the `allowed_hosts` of --nqn's subsystem, or without --nqn of every
+    /// subsystem: once given, only listed hosts may connect.
     #[arg(long, value_name = "HOSTNQN")]
     allow_host: Vec<String>,
-    /// Serial number.
+    /// Serial number of --nqn's subsystem (or of the only one); replaces the file's.
     #[arg(long)]
     serial: Option<String>,
-    /// Model number.
+    /// Model number of --nqn's subsystem (or of the only one); replaces the file's.
     #[arg(long)]
     model: Option<String>,
-    /// Reactor threads (default: one per CPU this process may run on).
+    /// Reactor threads (default: one per CPU this process may run on, or
+    /// one per --cpus entry). Replaces the file's `reactors`.
     #[arg(long)]
     reactors: Option<usize>,
-    /// CPUs to pin reactors to, e.g. `0,1` (reactor i → i-th CPU).
+    /// CPUs to pin reactors to, e.g. `0,1` (reactor i → i-th CPU). Replaces
+    /// the file's `cpus`.
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
-    /// In-capsule data size for I/O queues, bytes.
+    /// In-capsule data size for I/O queues, bytes [default: 8192]. Replaces
+    /// the file's `in_capsule_data_size`.
     #[arg(long)]
     in_capsule: Option<u32>,
-    /// MAXH2CDATA, bytes.
+    /// MAXH2CDATA, bytes [default: 131072]. Replaces the file's `max_h2c_data`.
     #[arg(long)]
     max_h2c_data: Option<u32>,
-    /// Maximum data transfer size, bytes (MDTS).
+    /// Maximum data transfer size, bytes (MDTS) [default: 1048576]. Replaces
+    /// the file's `max_transfer_size`.
     #[arg(long)]
     max_transfer: Option<u32>,
-    /// Maximum queue size (entries) per queue pair.
+    /// Maximum queue size (entries) per queue pair [default: 128]. Replaces
+    /// the file's `max_queue_size`.
     #[arg(long)]
     queue_size: Option<u16>,
-    /// Maximum I/O queues per controller.
+    /// Maximum I/O queues per controller [default: 64]. Replaces the file's
+    /// `max_io_queues`.
     #[arg(long)]
     io_queues: Option<u16>,
-    /// Microseconds a reactor spins without work before sleeping.
+    /// Most live controllers one host NQN may have in one subsystem; a
+    /// Connect beyond it gets Connect Controller Busy [default: 16].
+    /// Replaces the file's `max_controllers_per_host`.
+    #[arg(long, value_name = "N")]
+    max_ctrls_per_host: Option<usize>,
+    /// Microseconds a reactor spins without work before sleeping [default:
+    /// 1000]. Replaces the file's `spin_us`.
     #[arg(long)]
     spin_us: Option<u64>,
 }
@@ -80,7 +107,7 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     let mut cfg = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            TargetConfig::from_toml(&text)?
+            TargetConfig::from_toml(&text).map_err(|e| format!("{}: {e}", p.display()))?
         }
         None => TargetConfig {
             reactors: available_cpus(),
@@ -94,42 +121,37 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     #[cfg(feature = "vfio")]
     specs.extend(a.vfio.iter().map(|s| format!("vfio:{s}")));
     specs.extend(a.ns.iter().cloned());
+    let nqn = a.nqn.as_deref().unwrap_or(unvme_proto::DEFAULT_SUBNQN);
     if !specs.is_empty() {
         let namespaces = specs
             .into_iter()
-            .map(|bdev| NamespaceConfig { bdev, nsid: None })
-            .collect();
-        match cfg.subsystems.iter_mut().find(|s| s.nqn == a.nqn) {
-            Some(s) => s.namespaces.extend::<Vec<_>>(namespaces),
-            None => cfg.subsystems.push(SubsystemConfig {
-                nqn: a.nqn.clone(),
-                serial: a
-                    .serial
-                    .clone()
-                    .unwrap_or_else(|| "UNVME0000000000001".into()),
-                model: a.model.clone().unwrap_or_else(|| "unvme target".into()),
-                allowed_hosts: a.allow_host.clone(),
-                namespaces,
-            }),
+            .map(|bdev| NamespaceConfig { bdev, nsid: None });
+        match cfg.subsystems.iter_mut().find(|s| s.nqn == nqn) {
+            Some(s) => s.namespaces.extend(namespaces),
+            None => {
+                let mut s = new_subsystem(nqn);
+                s.namespaces.extend(namespaces);
+                cfg.subsystems.push(s);
+            }
         }
     } else if cfg.subsystems.is_empty() {
         let mut d = TargetConfig::default_ram();
-        if let Some(s) = d.subsystems.first_mut() {
-            s.allowed_hosts = a.allow_host.clone();
-            s.nqn = a.nqn.clone();
+        for s in &mut d.subsystems {
+            s.nqn = nqn.to_string();
         }
         cfg.subsystems = d.subsystems;
     }
+    apply_subsystem_flags(a, &mut cfg)?;
     if !a.listen.is_empty() {
         cfg.listen = a.listen.clone();
     }
     if let Some(n) = a.reactors {
         cfg.reactors = n;
     }
-    if a.cpus.is_some() {
-        cfg.cpus = a.cpus.clone();
+    if let Some(cpus) = &a.cpus {
+        cfg.cpus = Some(cpus.clone());
         if a.reactors.is_none() && a.config.is_none() {
-            cfg.reactors = a.cpus.as_ref().map_or(1, |c| c.len().max(1));
+            cfg.reactors = cpus.len().max(1);
         }
     }
     if let Some(v) = a.in_capsule {
@@ -147,19 +169,99 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     if let Some(v) = a.io_queues {
         cfg.max_io_queues = v;
     }
+    if let Some(v) = a.max_ctrls_per_host {
+        cfg.max_controllers_per_host = v;
+    }
     if let Some(v) = a.spin_us {
         cfg.spin_us = v;
     }
     Ok(cfg)
 }
 
+/// A subsystem created by namespace flags, with the default serial and model.
+fn new_subsystem(nqn: &str) -> SubsystemConfig {
+    let mut d = TargetConfig::default_ram();
+    let mut s = d.subsystems.remove(0);
+    s.nqn = nqn.to_string();
+    s.namespaces.clear();
+    s
+}
+
+/// Applies --allow-host, --serial and --model: to --nqn's subsystem, which
+/// must exist by now, or without --nqn to every subsystem (--serial and
+/// --model only where there is exactly one).
+fn apply_subsystem_flags(
+    a: &TargetArgs,
+    cfg: &mut TargetConfig,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let selected: Vec<&mut SubsystemConfig> = match &a.nqn {
+        Some(nqn) => {
+            let Some(s) = cfg.subsystems.iter_mut().find(|s| &s.nqn == nqn) else {
+                return Err(format!(
+                    "--nqn {nqn}: no such subsystem in the configuration, and no namespace flag \
+                     (--ram/--null/--file/--ns) creates it"
+                )
+                .into());
+            };
+            vec![s]
+        }
+        None => cfg.subsystems.iter_mut().collect(),
+    };
+    let n = selected.len();
+    if (a.serial.is_some() || a.model.is_some()) && n != 1 {
+        return Err(format!(
+            "--serial/--model apply to one subsystem and the configuration has {n}: name it with --nqn"
+        )
+        .into());
+    }
+    for s in selected {
+        for h in &a.allow_host {
+            if !s.allowed_hosts.contains(h) {
+                s.allowed_hosts.push(h.clone());
+            }
+        }
+        if let Some(v) = &a.serial {
+            s.serial = v.clone();
+        }
+        if let Some(v) = &a.model {
+            s.model = v.clone();
+        }
+    }
+    Ok(())
+}
+
 /// Runs the target until SIGINT/SIGTERM, then flushes the backends.
 pub fn run(a: TargetArgs) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = build_config(&a)?;
     for s in &cfg.subsystems {
-        tracing::info!(subnqn = %s.nqn, namespaces = s.namespaces.len(), "subsystem");
+        let hosts = if s.allowed_hosts.is_empty() {
+            "any".to_string()
+        } else {
+            s.allowed_hosts.join(",")
+        };
+        tracing::info!(subnqn = %s.nqn, namespaces = s.namespaces.len(), serial = %s.serial, model = %s.model, allowed_hosts = %hosts, "subsystem");
     }
-    tracing::info!(reactors = cfg.reactors, spin_us = cfg.spin_us, "starting");
+    let cpus = cfg.cpus.as_ref().map_or_else(
+        || "any".to_string(),
+        |c| {
+            c.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    );
+    tracing::info!(
+        reactors = cfg.reactors,
+        cpus = %cpus,
+        in_capsule = cfg.in_capsule_data_size,
+        max_h2c_data = cfg.max_h2c_data,
+        max_transfer = cfg.max_transfer_size,
+        queue_size = cfg.max_queue_size,
+        io_queues = cfg.max_io_queues,
+        max_ctrls_per_host = cfg.max_controllers_per_host,
+        spin_us = cfg.spin_us,
+        "starting"
+    );
     let target = Target::start(cfg)?;
     let stop = target.stop_flag();
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
