@@ -3,7 +3,9 @@
 //! host can see it, else in the startup log line) or is refused with an
 //! error. Each test runs the real binary with a configuration file whose
 //! own `listen` address is taken, so a target that used the file's value
-//! instead of `--listen` would not start.
+//! instead of `--listen` would not start. Also the controller-side limits
+//! a hostile host meets at Connect: controllers per host, and log lines
+//! per refused Connect.
 
 mod common;
 
@@ -88,6 +90,8 @@ struct Target {
     child: Child,
     addr: SocketAddr,
     log: Vec<String>,
+    /// Every later log line, as it arrives.
+    later: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Target {
@@ -127,12 +131,15 @@ fn start(cfg: &ConfigFile, args: &[&str]) -> Target {
     let mut child = command(cfg, args).spawn().expect("spawn unvme");
     let stderr = child.stderr.take().expect("stderr piped");
     let (tx, rx) = std::sync::mpsc::channel();
+    let (later_tx, later) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = Vec::new();
         let mut sent = false;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if !sent {
+            if sent {
+                let _ = later_tx.send(line);
+            } else {
                 lines.push(line.clone());
                 if line.contains("listening") {
                     let _ = tx.send(std::mem::take(&mut lines));
@@ -155,7 +162,12 @@ fn start(cfg: &ConfigFile, args: &[&str]) -> Target {
     else {
         panic!("the target did not start listening: {log:#?}");
     };
-    Target { child, addr, log }
+    Target {
+        child,
+        addr,
+        log,
+        later,
+    }
 }
 
 /// Runs the target expecting it to refuse its arguments: returns stderr.
@@ -462,5 +474,63 @@ fn spin_us_with_config_replaces_the_files() {
         t.starting().contains("spin_us=77"),
         "the file's: {}",
         t.starting()
+    );
+}
+
+#[test]
+fn the_default_limit_is_16_controllers_per_host() {
+    let cfg = two_subsystems();
+    let t = start(&cfg, &["--max-ctrls-per-host", "16"]);
+    let _held: Vec<RawHost> = (0..16)
+        .map(|_| RawHost::admin(t.addr, B, false, false))
+        .collect();
+    let st = connect_as(&t, B, HOSTNQN).status();
+    assert!(st.same_code(Status::CONNECT_CTRL_BUSY), "{st}");
+    // Without the flag or the file's key, the default is the same 16.
+    let cfg = config(&format!(
+        "[[subsystems]]\nnqn = \"{B}\"\nnamespaces = [{{ bdev = \"ram:1M\" }}]\n"
+    ));
+    let t = start(&cfg, &[]);
+    assert!(
+        t.starting().contains("max_ctrls_per_host=16"),
+        "{}",
+        t.starting()
+    );
+    let _held: Vec<RawHost> = (0..16)
+        .map(|_| RawHost::admin(t.addr, B, false, false))
+        .collect();
+    let st = connect_as(&t, B, HOSTNQN).status();
+    assert!(st.same_code(Status::CONNECT_CTRL_BUSY), "{st}");
+}
+
+#[test]
+fn a_host_repeating_a_refused_connect_gets_a_log_line_a_second() {
+    let cfg = two_subsystems();
+    let t = start(&cfg, &[]);
+    let began = std::time::Instant::now();
+    for _ in 0..200 {
+        assert!(!accepted(&t, A, STRANGER));
+    }
+    let secs = began.elapsed().as_secs();
+    // The target logs a Connect before answering it, so once this host's
+    // Connect is answered every earlier line is in the pipe.
+    assert!(accepted(&t, A, FILE_HOST));
+    let mut refused_lines = 0;
+    loop {
+        let line = t
+            .later
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the target logs the accepted Connect");
+        if line.contains("host not allowed") {
+            refused_lines += 1;
+        }
+        if line.contains("admin queue connected") && line.contains(FILE_HOST) {
+            break;
+        }
+    }
+    assert!(refused_lines >= 1, "the first refusal is logged");
+    assert!(
+        refused_lines <= secs + 2,
+        "{refused_lines} lines for 200 refusals in {secs} s"
     );
 }

@@ -614,8 +614,18 @@ fn shutdown_notification_reports_shst_complete() {
     let t = TargetProc::start(&["--ram", "1M"]);
     let mut a = RawHost::admin(t.addr, DEFAULT_SUBNQN, false, false);
     a.prop_set(unvme_proto::regs::CC, 1 | (1 << 14));
-    let csts = a.prop_get(unvme_proto::regs::CSTS, false);
-    assert_eq!(csts & 0xc, 0x8, "SHST = shutdown processing complete");
+    // The flush runs off the reactor: SHST reads 01b (processing) until it
+    // is done, then 10b (complete).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let shst = a.prop_get(unvme_proto::regs::CSTS, false) & 0xc;
+        if shst == 0x8 {
+            break;
+        }
+        assert_eq!(shst, 0x4, "SHST = shutdown processing occurring");
+        assert!(std::time::Instant::now() < deadline, "SHST never complete");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let cap = a.prop_get(unvme_proto::regs::CAP, true);
     assert_eq!(cap & 0xffff, 127, "MQES = max queue size - 1");
 }

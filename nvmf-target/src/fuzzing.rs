@@ -5,7 +5,9 @@
 //! host sends: it never panics, it answers with data only into a buffer the
 //! command has, it hands the backend only operations inside the namespace
 //! they name, and it holds no more Asynchronous Event Requests than it
-//! advertises.
+//! advertises. A shutdown notification's flush runs on a helper thread:
+//! CSTS.SHST never reads the reserved 11b, and every such flush ends (SHST
+//! complete, no flush left running) however the host toggles CC meanwhile.
 
 use std::sync::Arc;
 
@@ -92,6 +94,9 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
     connect(&mut io, 1, cntlid).expect("I/O Connect");
     let info = subsystems.list[1].namespaces[0].bdev.info().clone();
     let (blocks, bs) = (info.num_blocks, info.block_size as usize);
+    let ctrl = subsystems.list[1]
+        .ctrl(cntlid)
+        .expect("the controller is live");
     let mut held = 0;
     for c in cmds {
         let Ok(sqe) = Sqe::decode(&c.sqe) else {
@@ -127,7 +132,26 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
             }
             Outcome::Complete(_) | Outcome::Disconnect => {}
         }
+        let shst = ctrl.regs().csts & regs::csts::SHST_MASK;
+        assert_ne!(shst, regs::csts::SHST_MASK, "SHST 11b is reserved");
     }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ctrl.regs().shn_running {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a shutdown flush never finished"
+        );
+        std::thread::yield_now();
+    }
+    let r = ctrl.regs();
+    if r.cc & cc::SHN_MASK != 0 && r.csts & regs::csts::RDY != 0 {
+        assert_eq!(
+            r.csts & regs::csts::SHST_MASK,
+            regs::csts::SHST_COMPLETE,
+            "a shutdown notification ends in SHST complete"
+        );
+    }
+    drop(r);
     // Queues go away as their connections would: the admin queue takes
     // its controller out of the subsystem (which holds it until then).
     for q in [&mut io, &mut fresh, &mut admin] {

@@ -10,6 +10,7 @@ use unvme_proto::fabrics::{self, fctype, ConnectCmd, ConnectData, PropertyCmd};
 use unvme_proto::nvme::{Sqe, Status};
 use unvme_proto::regs::{self, cc, csts};
 
+use super::ratelimit::log_limited;
 use super::{Completion, Controller, Outcome};
 use crate::subsystem::{CreateCtrlError, CtrlShared, Subsystem};
 
@@ -61,11 +62,11 @@ impl Controller {
             return Outcome::status(Status::CONNECT_INCOMPATIBLE_FORMAT);
         }
         let Some(subsys) = self.subsystems.by_nqn(&data.subnqn).cloned() else {
-            tracing::info!(peer = %self.peer, subnqn = %data.subnqn, "connect to unknown subsystem");
+            log_limited!(info, peer = %self.peer, subnqn = %data.subnqn, "connect to unknown subsystem");
             return invalid_parameter(true, 256);
         };
         if !subsys.host_allowed(&data.hostnqn) {
-            tracing::info!(peer = %self.peer, hostnqn = %data.hostnqn, subnqn = %subsys.nqn, "host not allowed");
+            log_limited!(info, peer = %self.peer, hostnqn = %data.hostnqn, subnqn = %subsys.nqn, "host not allowed");
             return Outcome::status(Status::CONNECT_INVALID_HOST);
         }
         let max_q = self.params.max_queue_size;
@@ -103,10 +104,10 @@ impl Controller {
                 // / cannot be allocated; Linux hosts retry it later.
                 match e {
                     CreateCtrlError::HostLimit(n) => {
-                        tracing::warn!(peer = %self.peer, hostnqn = %data.hostnqn, subnqn = %subsys.nqn, controllers = n, "host has its limit of controllers: Connect Controller Busy")
+                        log_limited!(warn, peer = %self.peer, hostnqn = %data.hostnqn, subnqn = %subsys.nqn, controllers = n, "host has its limit of controllers: Connect Controller Busy")
                     }
                     CreateCtrlError::NoCntlid => {
-                        tracing::warn!(peer = %self.peer, subnqn = %subsys.nqn, "no free CNTLID: Connect Controller Busy")
+                        log_limited!(warn, peer = %self.peer, subnqn = %subsys.nqn, "no free CNTLID: Connect Controller Busy")
                     }
                 }
                 return Outcome::status(Status::CONNECT_CTRL_BUSY);

@@ -22,6 +22,7 @@ mod fabrics;
 mod identify;
 mod io;
 mod passthru;
+pub(crate) mod ratelimit;
 #[cfg(test)]
 mod tests;
 
@@ -268,7 +269,7 @@ impl Controller {
             let kato = Duration::from_millis(u64::from(r.kato_ms));
             let grace = kato.min(Duration::from_secs(5));
             if now.duration_since(r.last_keep_alive) > kato + grace {
-                tracing::warn!(cntlid = ctrl.cntlid, peer = %self.peer, "keep-alive timeout: destroying controller");
+                ratelimit::log_limited!(warn, cntlid = ctrl.cntlid, peer = %self.peer, "keep-alive timeout: destroying controller");
                 return Some(Teardown::KeepAliveExpired);
             }
             None
