@@ -48,8 +48,8 @@ impl BdevQueues {
     fn open(&mut self, gidx: usize) -> Result<(), QueueUnavailable> {
         let slot = self.queues.get_mut(gidx).ok_or(QueueUnavailable)?;
         let (sidx, nsid) = self.subsystems.all_namespaces[gidx];
-        let opened = match self.subsystems.list[sidx].namespace(nsid) {
-            Some(ns) => ns.bdev.open_queue().map_err(|e| e.to_string()),
+        let opened = match self.subsystems.list[sidx].queue_bdev(nsid) {
+            Some(bdev) => bdev.open_queue().map_err(|e| e.to_string()),
             None => Err("namespace vanished".to_string()),
         };
         match opened {

@@ -16,8 +16,10 @@ use std::time::Instant;
 use unvme_proto::discovery::DISCOVERY_NQN;
 
 use crate::config::TargetConfig;
+use crate::ctrlr::flush_all::FlushAllBdev;
 use crate::error::{Error, Result};
-use crate::namespace::Namespace;
+use crate::namespace::{Namespace, ALL};
+use unvme_bdev::Bdev;
 
 /// An NVM subsystem (or the discovery subsystem).
 pub(crate) struct Subsystem {
@@ -33,6 +35,9 @@ pub(crate) struct Subsystem {
     pub namespaces: Vec<Namespace>,
     /// True for the discovery subsystem.
     pub is_discovery: bool,
+    /// With several namespaces: the global index and device of the
+    /// broadcast Flush (NSID FFFFFFFFh), which flushes them all.
+    pub flush_all: Option<(usize, Arc<dyn Bdev>)>,
     ctrls: Mutex<CtrlTable>,
 }
 
@@ -178,13 +183,25 @@ impl Subsystem {
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.nsid == nsid)
     }
+
+    /// The device a reactor opens a queue on for an entry of
+    /// [`Subsystems::all_namespaces`]: namespace `nsid`'s, or for
+    /// FFFFFFFFh the broadcast-flush device.
+    pub fn queue_bdev(&self, nsid: u32) -> Option<&Arc<dyn Bdev>> {
+        match (nsid, &self.flush_all) {
+            (ALL, Some((_, dev))) => Some(dev),
+            _ => self.namespace(nsid).map(|n| &n.bdev),
+        }
+    }
 }
 
 /// All subsystems of a target, including discovery.
 pub(crate) struct Subsystems {
     /// Subsystems; index 0 is discovery.
     pub list: Vec<Arc<Subsystem>>,
-    /// Every namespace, by global index (for reactors' queue tables).
+    /// Every namespace, by global index (for reactors' queue tables), as
+    /// (subsystem index, NSID); NSID FFFFFFFFh is a subsystem's broadcast
+    /// flush ([`Subsystem::queue_bdev`]).
     pub all_namespaces: Vec<(usize, u32)>,
     listen: Mutex<Vec<SocketAddr>>,
     /// Target-wide settings the controllers report.
@@ -210,6 +227,7 @@ impl Subsystems {
             allowed_hosts: Vec::new(),
             namespaces: Vec::new(),
             is_discovery: true,
+            flush_all: None,
             ctrls: Mutex::new(CtrlTable {
                 next: 1,
                 live: HashMap::new(),
@@ -241,6 +259,13 @@ impl Subsystems {
                 namespaces.push(ns);
             }
             namespaces.sort_by_key(|n| n.nsid);
+            let flush_all = (namespaces.len() > 1).then(|| {
+                let gidx = all.len();
+                all.push((si + 1, ALL));
+                let members = namespaces.iter().map(|n| n.bdev.clone()).collect();
+                let dev: Arc<dyn Bdev> = Arc::new(FlushAllBdev::new(&s.nqn, members));
+                (gidx, dev)
+            });
             list.push(Arc::new(Subsystem {
                 nqn: s.nqn.clone(),
                 serial: s.serial.clone(),
@@ -248,6 +273,7 @@ impl Subsystems {
                 allowed_hosts: s.allowed_hosts.clone(),
                 namespaces,
                 is_discovery: false,
+                flush_all,
                 ctrls: Mutex::new(CtrlTable {
                     next: 1,
                     live: HashMap::new(),

@@ -38,15 +38,9 @@ pub(crate) fn identify_controller(cfg: &TargetConfig, ctrl: &CtrlShared) -> Iden
         nn: s.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0),
         // Compare, Write Zeroes, Dataset Management.
         oncs: if s.is_discovery { 0 } else { 0x1 | 0x4 | 0x8 },
-        // A volatile write cache; VWC.FB (bits 2:1) 11b when a Flush with
-        // NSID FFFFFFFFh flushes every namespace, else 10b (not supported).
-        vwc: if s.is_discovery {
-            0
-        } else if super::io::flush_broadcast_supported(s) {
-            0x7
-        } else {
-            0x5
-        },
+        // A volatile write cache; VWC.FB (bits 2:1) 11b: a Flush with NSID
+        // FFFFFFFFh flushes every namespace (`io::broadcast_flush`).
+        vwc: if s.is_discovery { 0 } else { 0x7 },
         awun: 0,
         awupf: 0,
         // SGLs supported; Offset addressing (in-capsule data) supported. No

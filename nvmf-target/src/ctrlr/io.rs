@@ -55,29 +55,23 @@ fn validate(subsys: &Subsystem, sqe: &Sqe, data: Option<&[u8]>) -> Result<Outcom
 }
 
 /// A command whose NSID names no active namespace: a Flush with NSID
-/// FFFFFFFFh flushes every namespace where Identify Controller says so
-/// (VWC.FB = 11b, [`flush_broadcast_supported`]): a subsystem of one
-/// namespace (or none) has it flushed as an ordinary Flush. A broadcast to
-/// several namespaces would need one backend operation per namespace and a
-/// transport that joins their results; VWC.FB says 10b for such a
-/// subsystem, and the NVMe Base specification (2.0 §7.1) then prescribes
-/// Invalid Namespace or Format, what every other NSID gets here.
+/// FFFFFFFFh (broadcast, VWC.FB = 11b in Identify Controller) flushes every
+/// namespace of the subsystem: the one namespace's own Flush, or with
+/// several the subsystem's broadcast-flush device (`ctrlr::flush_all`),
+/// which completes once all of them are flushed. Every other NSID is
+/// Invalid Namespace or Format.
 #[cold]
 fn broadcast_flush(subsys: &Subsystem, sqe: &Sqe) -> Result<Outcome, Status> {
-    if sqe.nsid != ALL || sqe.opc != io_opc::FLUSH || !flush_broadcast_supported(subsys) {
+    if sqe.nsid != ALL || sqe.opc != io_opc::FLUSH {
         return Err(Status::INVALID_NS);
     }
-    Ok(match subsys.namespaces.first() {
-        Some(ns) => Outcome::Io {
-            gidx: ns.gidx,
-            op: IoOp::Flush,
-        },
-        None => Outcome::ok(0),
+    let gidx = match (&subsys.flush_all, subsys.namespaces.first()) {
+        (Some((gidx, _)), _) => *gidx,
+        (None, Some(ns)) => ns.gidx,
+        (None, None) => return Ok(Outcome::ok(0)),
+    };
+    Ok(Outcome::Io {
+        gidx,
+        op: IoOp::Flush,
     })
-}
-
-/// Whether a Flush with NSID FFFFFFFFh flushes every namespace of
-/// `subsys` (what VWC.FB in Identify Controller advertises).
-pub(super) fn flush_broadcast_supported(subsys: &Subsystem) -> bool {
-    subsys.namespaces.len() <= 1
 }

@@ -19,6 +19,7 @@
 mod admin;
 mod discovery;
 mod fabrics;
+pub(crate) mod flush_all;
 mod identify;
 mod io;
 mod passthru;

@@ -980,29 +980,23 @@ fn io_commands_become_backend_operations() {
 }
 
 #[test]
-fn broadcast_flush_flushes_the_one_namespace_or_is_refused_as_vwc_says() {
-    // Two namespaces: VWC.FB = 10b (no broadcast) and Invalid Namespace.
+fn broadcast_flush_goes_to_every_namespace_as_vwc_says() {
+    // Two namespaces: the subsystem's broadcast-flush device, at a global
+    // index of its own that is no namespace's.
     let e = env();
     let (mut a, cntlid) = e.admin(NQN, true);
     let id = IdentifyController::decode(&identify(&mut a, cns::CTRL, 0).unwrap()).unwrap();
-    assert_eq!(id.vwc, 0x5, "VWC present, FB 10b");
-    let mut q = e.io(cntlid, 1);
-    assert_eq!(
-        status(io_cmd(&mut q, &IoOp::Flush, 0xFFFF_FFFF, None)),
-        Status::INVALID_NS
-    );
-    // One namespace: VWC.FB = 11b, and the broadcast flushes it.
-    let mut cfg = test_config(Vec::new());
-    cfg.subsystems[0].namespaces.truncate(1);
-    let e = env_from(cfg, unvme_bdev::from_spec);
-    let (mut a, cntlid) = e.admin(NQN, true);
-    let id = IdentifyController::decode(&identify(&mut a, cns::CTRL, 0).unwrap()).unwrap();
     assert_eq!(id.vwc, 0x7, "VWC present, FB 11b");
+    let subsys = e.subsystems.by_nqn(NQN).unwrap();
+    let (fa, _) = subsys.flush_all.as_ref().expect("a broadcast-flush device");
+    assert!(subsys.namespaces.iter().all(|n| n.gidx != *fa));
+    assert_eq!(e.subsystems.all_namespaces[*fa], (1, 0xFFFF_FFFF));
+    assert!(subsys.queue_bdev(0xFFFF_FFFF).is_some());
     let mut q = e.io(cntlid, 1);
     assert_eq!(
         io_cmd(&mut q, &IoOp::Flush, 0xFFFF_FFFF, None),
         Outcome::Io {
-            gidx: gidx_of(&e, 1),
+            gidx: *fa,
             op: IoOp::Flush
         }
     );
@@ -1012,6 +1006,20 @@ fn broadcast_flush_flushes_the_one_namespace_or_is_refused_as_vwc_says() {
     assert_eq!(
         status(io_cmd(&mut q, &read, 0xFFFF_FFFF, Some(&mut buf))),
         Status::INVALID_NS
+    );
+    // One namespace: its own Flush, and no extra device.
+    let mut cfg = test_config(Vec::new());
+    cfg.subsystems[0].namespaces.truncate(1);
+    let e = env_from(cfg, unvme_bdev::from_spec);
+    assert!(e.subsystems.by_nqn(NQN).unwrap().flush_all.is_none());
+    let (_a, cntlid) = e.admin(NQN, true);
+    let mut q = e.io(cntlid, 1);
+    assert_eq!(
+        io_cmd(&mut q, &IoOp::Flush, 0xFFFF_FFFF, None),
+        Outcome::Io {
+            gidx: gidx_of(&e, 1),
+            op: IoOp::Flush
+        }
     );
 }
 
