@@ -58,7 +58,7 @@ fn connect(q: &mut Controller, qid: u16, cntlid: u16) -> Option<u16> {
     }
 }
 
-/// Runs `cmds` against a target with one RAM namespace and checks the
+/// Runs `cmds` against a target with two RAM namespaces and checks the
 /// controller's promises (see the module documentation); panics if one
 /// is broken.
 pub fn controller_sequence(cmds: &[FuzzCommand]) {
@@ -68,10 +68,18 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
             serial: "F".into(),
             model: "fuzz".into(),
             allowed_hosts: Vec::new(),
-            namespaces: vec![NamespaceConfig {
-                bdev: "ram:1M".into(),
-                nsid: None,
-            }],
+            // Two namespaces of one size: a broadcast Flush then goes to
+            // the subsystem's broadcast-flush device.
+            namespaces: vec![
+                NamespaceConfig {
+                    bdev: "ram:1M".into(),
+                    nsid: None,
+                },
+                NamespaceConfig {
+                    bdev: "ram:1M".into(),
+                    nsid: Some(3),
+                },
+            ],
         }],
         ..TargetConfig::default()
     };
@@ -115,7 +123,14 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
         let buf = has_data.then_some(&mut data[..]);
         match q.execute(&sqe, buf) {
             Outcome::Data(_) => assert!(has_data, "data answered into no buffer"),
-            Outcome::Io { op, .. } => {
+            Outcome::Io { gidx, op } => {
+                let subsys = &subsystems.list[1];
+                let broadcast = subsys.flush_all.as_ref().is_some_and(|(g, _)| *g == gidx);
+                assert!(
+                    subsys.namespaces.iter().any(|n| n.gidx == gidx)
+                        || (broadcast && op == IoOp::Flush),
+                    "{op:?} for global index {gidx}, no namespace's"
+                );
                 let inside =
                     op.try_for_each_range(|lba, nlb| match lba.checked_add(u64::from(nlb)) {
                         Some(end) if end <= blocks => Ok(()),
