@@ -224,7 +224,8 @@ fn start_shutdown_flush(ctrl: Arc<CtrlShared>) {
 }
 
 /// Flushes every namespace of `ctrl`'s subsystem (again while more
-/// shutdown notifications arrived meanwhile), then reports SHST complete.
+/// shutdown notifications arrived meanwhile), then reports SHST complete
+/// (if CC.SHN is still set).
 fn shutdown_flush(ctrl: &CtrlShared) {
     loop {
         for n in &ctrl.subsys.namespaces {
@@ -237,7 +238,14 @@ fn shutdown_flush(ctrl: &CtrlShared) {
             continue;
         }
         r.shn_running = false;
-        r.csts = (r.csts & !csts::SHST_MASK) | csts::SHST_COMPLETE;
+        // A host that took its notification back (CC.SHN cleared) meanwhile
+        // sees normal operation (SHST 00b), not a shutdown it cancelled.
+        let shst = if r.cc & cc::SHN_MASK != 0 {
+            csts::SHST_COMPLETE
+        } else {
+            0
+        };
+        r.csts = (r.csts & !csts::SHST_MASK) | shst;
         tracing::info!(cntlid = ctrl.cntlid, "shutdown notification processed");
         return;
     }

@@ -551,8 +551,8 @@ impl unvme_bdev::Bdev for GatedFlush {
     }
 }
 
-#[test]
-fn shutdown_flush_runs_off_the_caller_and_shst_reports_processing_until_done() {
+/// The test target with NSID 1 behind a [`GatedFlush`].
+fn gated_env() -> (Env, Arc<GatedFlush>) {
     let slow = Arc::new(GatedFlush {
         inner: unvme_bdev::from_spec("ram:4M").unwrap(),
         gate: std::sync::Mutex::new(false),
@@ -568,6 +568,33 @@ fn shutdown_flush_runs_off_the_caller_and_shst_reports_processing_until_done() {
             unvme_bdev::from_spec(spec)
         }
     });
+    (e, slow)
+}
+
+#[test]
+fn a_shutdown_notification_taken_back_during_the_flush_ends_in_shst_normal() {
+    let (e, slow) = gated_env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    assert_eq!(
+        prop_set(&mut a, prop::CC, cc::EN | (1 << cc::SHN_SHIFT)),
+        Status::SUCCESS
+    );
+    assert_eq!(prop_set(&mut a, prop::CC, cc::EN), Status::SUCCESS);
+    slow.open_gate();
+    let ctrl = e.subsystems.by_nqn(NQN).unwrap().ctrl(cntlid).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctrl.regs().shn_running {
+        assert!(Instant::now() < deadline, "the flush never finished");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let v = prop_get(&mut a, prop::CSTS, false).unwrap() as u32;
+    assert_eq!(v & csts::SHST_MASK, 0, "normal operation");
+    assert_eq!(slow.flushed.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn shutdown_flush_runs_off_the_caller_and_shst_reports_processing_until_done() {
+    let (e, slow) = gated_env();
     let (mut a, cntlid) = e.admin(NQN, true);
     let mut q = e.io(cntlid, 1);
     // The Property Set returns while the backend's flush is blocked: the
