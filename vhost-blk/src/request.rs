@@ -154,17 +154,26 @@ impl Parser {
         self.descs.clear();
         let mut truncated = false;
         let mut last_has_next = false;
+        // The last non-empty descriptor of the whole chain, kept past
+        // MAX_CHAIN_DESCS: an over-long chain is answered in its own status
+        // byte (the walk is bounded by the chain iterator: at most the
+        // table size, one indirect table of at most 2^16 - 1 entries).
+        let mut tail: Option<Desc> = None;
         for d in chain {
-            if self.descs.len() == MAX_CHAIN_DESCS {
-                truncated = true;
-                break;
-            }
             last_has_next = d.has_next();
-            self.descs.push(Desc {
+            let desc = Desc {
                 addr: d.addr(),
                 len: d.len(),
                 write: d.is_write_only(),
-            });
+            };
+            if desc.len > 0 {
+                tail = Some(desc);
+            }
+            if self.descs.len() == MAX_CHAIN_DESCS {
+                truncated = true;
+                continue;
+            }
+            self.descs.push(desc);
         }
         // A chain cut short by virtio-queue (loop, bad next index, bad
         // indirect table, over 4 GiB) ends on a descriptor that still says
@@ -172,10 +181,9 @@ impl Parser {
         truncated |= last_has_next;
 
         // The status byte is the last byte of the last non-empty descriptor.
-        let Some(last) = self.descs.iter().rposition(|d| d.len > 0) else {
+        let Some(ld) = tail else {
             return Parsed::NoStatus;
         };
-        let ld = self.descs[last];
         if !ld.write {
             return Parsed::NoStatus;
         }

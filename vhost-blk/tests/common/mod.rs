@@ -24,7 +24,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -316,6 +316,43 @@ impl Guest {
     /// kicking; returns its head.
     pub fn post(&mut self, q: usize, segs: &[(GuestAddress, u32, bool)]) -> u16 {
         let head = self.write_chain(q, segs);
+        self.publish(q, head);
+        head
+    }
+
+    /// Makes an indirect chain (VIRTIO 1.2, 2.7.5.3) of (addr, len,
+    /// writable) available on ring `q` without kicking: the table in a
+    /// buffer of its own, one ring descriptor pointing at it. Returns the
+    /// head.
+    pub fn post_indirect(&mut self, q: usize, segs: &[(GuestAddress, u32, bool)]) -> u16 {
+        let table = self.buf(16 * segs.len());
+        for (i, (a, l, w)) in segs.iter().enumerate() {
+            let last = i + 1 == segs.len();
+            let flags = if *w { W } else { 0 } | if last { 0 } else { N };
+            let desc = RawDescriptor::from(SplitDesc::new(a.0, *l, flags, i as u16 + 1));
+            self.mem
+                .write_obj(desc, table.unchecked_add(16 * i as u64))
+                .expect("indirect descriptor");
+        }
+        let ring = &mut self.rings[q];
+        let head = ring.next_desc;
+        ring.next_desc = (head + 1) % ring.size;
+        let len = u32::try_from(16 * segs.len()).expect("indirect table length");
+        let desc = RawDescriptor::from(SplitDesc::new(
+            table.0,
+            len,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ));
+        let at = ring.base.unchecked_add(16 * u64::from(head));
+        self.mem.write_obj(desc, at).expect("descriptor");
+        self.publish(q, head);
+        head
+    }
+
+    /// Puts `head` in the next available-ring slot of ring `q` and
+    /// publishes the new available index.
+    pub fn publish(&mut self, q: usize, head: u16) {
         let ring = &mut self.rings[q];
         // avail->ring[idx % size] = head; then publish avail->idx.
         let avail = ring.base.unchecked_add(AVAIL);
@@ -328,7 +365,6 @@ impl Guest {
         self.mem
             .write_obj(ring.submitted, avail.unchecked_add(2))
             .expect("avail idx");
-        head
     }
 
     pub fn kick(&self, q: usize) {
