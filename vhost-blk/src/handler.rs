@@ -327,6 +327,33 @@ impl Drop for BlkHandler {
     }
 }
 
+/// Whether `file` is sealed against shrinking (F_SEAL_SHRINK): `None` if
+/// it cannot be sealed at all (not a memfd).
+fn shrink_sealed(file: &File) -> Option<bool> {
+    // SAFETY: F_GET_SEALS only reads the seals of a valid, open descriptor.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    (seals >= 0).then_some(seals & libc::F_SEAL_SHRINK != 0)
+}
+
+/// Logs whether a frontend's file is protected from being shrunk under the
+/// mapping: the size was checked when it was mapped, but an unsealed file
+/// truncated later still faults (SIGBUS) on the next access.
+fn log_seals(what: &str, gpa: u64, file: &File) {
+    match shrink_sealed(file) {
+        Some(true) => tracing::debug!(gpa, "{what}: memfd sealed against shrinking"),
+        Some(false) => tracing::warn!(
+            gpa,
+            "{what}: memfd not sealed against shrinking (F_SEAL_SHRINK); a frontend that \
+             truncates it can crash this process"
+        ),
+        None => tracing::info!(
+            gpa,
+            "{what}: not a memfd, cannot be sealed; whoever can truncate it can crash this \
+             process (memory-backend-memfd seals by default)"
+        ),
+    }
+}
+
 /// One virtqueue's thread: sleep until kicked or woken, then serve the ring.
 fn queue_thread(backend: &BlkBackend, qidx: usize, vring: &VringRwLock<GuestMem>, ctl: &QueueCtl) {
     let mut events = [EpollEvent::default(); 4];
@@ -433,19 +460,23 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             // Fields of a packed message: copied out.
             let (gpa, size, offset, user_addr) =
                 (r.guest_phys_addr, r.memory_size, r.mmap_offset, r.user_addr);
-            // A mapping past the end of a file faults on first touch.
-            if let Ok(meta) = file.metadata() {
-                let end = offset.checked_add(size);
-                if meta.is_file() && end.is_none_or(|end| meta.len() < end) {
-                    return self.refuse(
-                        "SET_MEM_TABLE",
-                        format_args!(
-                            "region at {gpa:#x}: file of {} bytes cannot hold {size} bytes at {offset}",
-                            meta.len()
-                        ),
-                    );
-                }
+            // A mapping past the end of a file faults (SIGBUS, the whole
+            // process) on first touch: the file must hold the region.
+            let meta = match file.metadata() {
+                Ok(m) => m,
+                Err(e) => return self.refuse("SET_MEM_TABLE", format_args!("fstat: {e}")),
+            };
+            let end = offset.checked_add(size);
+            if meta.is_file() && end.is_none_or(|end| meta.len() < end) {
+                return self.refuse(
+                    "SET_MEM_TABLE",
+                    format_args!(
+                        "region at {gpa:#x}: file of {} bytes cannot hold {size} bytes at {offset}",
+                        meta.len()
+                    ),
+                );
             }
+            log_seals("guest memory", gpa, &file);
             let mmap = match r.mmap_region::<()>(file) {
                 Ok(m) => m,
                 Err(e) => return self.refuse("SET_MEM_TABLE", e),
@@ -647,6 +678,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
         let max_queues = u16::try_from(self.vrings.len()).unwrap_or(u16::MAX);
         let max_size = u16::try_from(self.backend.max_queue_size()).unwrap_or(u16::MAX);
+        log_seals("inflight region", 0, &file);
         match InflightRegion::open(file, inflight, max_queues, max_size) {
             Ok(region) => {
                 tracing::info!(

@@ -52,6 +52,9 @@
 
 mod backend;
 mod chain;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handler;
 mod inflight;
 mod request;
@@ -60,7 +63,9 @@ mod spec;
 mod worker;
 
 pub use backend::{DeviceOptions, Geometry};
-pub use server::{Server, ServerConfig};
+pub use server::{
+    Server, ServerConfig, SocketOptions, DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_SOCKET_MODE,
+};
 pub use spec::{features, req_type, DiscardWriteZeroes, OutHdr, Status};
 
 #[cfg(feature = "test-utils")]
@@ -83,11 +88,11 @@ pub enum Error {
         socket: std::path::PathBuf,
         /// The underlying error.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
     },
     /// Accepting a frontend connection failed.
     #[error("vhost-user: accept: {0}")]
-    Accept(#[source] vhost::vhost_user::Error),
+    Accept(#[source] std::io::Error),
     /// A virtqueue's ring state cannot be created.
     #[error("vhost-user: virtqueue {queue}: {source}")]
     Virtqueue {

@@ -112,6 +112,7 @@ fn device_process(role: &str) -> ! {
         socket: sock.into(),
         bdev,
         device: DeviceOptions::default(),
+        listen: Default::default(),
     })
     .expect("server");
     // Server::start returns with the socket listening: a connect from now

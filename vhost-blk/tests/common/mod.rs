@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use unvme_bdev::{Bdev, RamBdev};
 use unvme_vhost_blk::{features as f, OutHdr};
-use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
+use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig, SocketOptions};
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
@@ -496,11 +496,21 @@ pub fn start_with(tag: &str, blocks: u64, device: DeviceOptions) -> (Server, Pat
 }
 
 pub fn start_bdev(tag: &str, bdev: Arc<dyn Bdev>, device: DeviceOptions) -> (Server, PathBuf) {
+    start_listen(tag, bdev, device, SocketOptions::default())
+}
+
+pub fn start_listen(
+    tag: &str,
+    bdev: Arc<dyn Bdev>,
+    device: DeviceOptions,
+    listen: SocketOptions,
+) -> (Server, PathBuf) {
     let sock = socket_path(tag);
     let server = Server::start(ServerConfig {
         socket: sock.clone(),
         bdev,
         device,
+        listen,
     })
     .expect("server");
     (server, sock)
