@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use unvme_bdev::Bdev;
 use unvme_initiator::{Controller, RemoteNamespace};
-use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig};
+use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig, SocketOptions};
 
 use crate::connect_args::ConnectArgs;
 
@@ -21,8 +21,22 @@ use crate::connect_args::ConnectArgs;
 #[derive(clap::Args, Debug)]
 pub struct VhostArgs {
     /// vhost-user Unix socket to listen on (replaced if it exists).
+    /// Whoever can connect to it has the whole disk.
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
+    /// Permission bits of the socket, in octal (connecting needs write
+    /// permission).
+    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group of the socket (a name or a numeric gid), e.g. QEMU's, with
+    /// --socket-mode 0660 (default: this process's group).
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// Milliseconds a new connection has to send its first message before
+    /// it is dropped (one frontend is served at a time, so a silent peer
+    /// would keep QEMU out).
+    #[arg(long, value_name = "MS", default_value_t = unvme_vhost_blk::DEFAULT_FIRST_MESSAGE_TIMEOUT.as_millis() as u64)]
+    first_message_timeout_ms: u64,
     /// Export a RAM disk of SIZE (e.g. 1G, or 1G:4096 for 4 KiB blocks).
     #[arg(long, value_name = "SIZE", conflicts_with = "file")]
     ram: Option<String>,
@@ -60,6 +74,43 @@ pub struct VhostArgs {
     /// default, applies to requests whose data is contiguous in host memory).
     #[arg(long)]
     no_zero_copy: bool,
+}
+
+/// `0600`, `600` or `0o600`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?}: permission bits in octal, 0 to 0777")),
+    }
+}
+
+/// A numeric gid, or a group name looked up in the group database.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(s).map_err(|_| format!("{s:?}: not a group name"))?;
+    // SAFETY: group is plain old data; all zeroes is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated; `grp`, `buf` (of its length) and
+    // `out` are valid for writes for the duration of the call.
+    let r = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if r == 0 && !out.is_null() {
+        Ok(grp.gr_gid)
+    } else {
+        Err(format!("{s:?}: no such group"))
+    }
 }
 
 /// The device and the GET_ID serial it suggests (a remote namespace: its
@@ -103,6 +154,11 @@ pub fn run(a: VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
             spin: Duration::from_micros(a.spin_us),
             serial: a.serial.clone().or(serial),
             zero_copy: !a.no_zero_copy,
+        },
+        listen: SocketOptions {
+            mode: a.socket_mode,
+            group: a.socket_group,
+            first_message_timeout: Duration::from_millis(a.first_message_timeout_ms),
         },
     };
     let server = Server::start(cfg)?;
