@@ -19,10 +19,12 @@
 //! a peer that connects and says nothing would keep QEMU out: the first
 //! message must arrive within [`SocketOptions::first_message_timeout`]
 //! (default 10 s), whole, or the peer is logged (pid, uid, gid from
-//! SO_PEERCRED) and dropped. After its first message a frontend may stay
-//! silent as long as it likes (QEMU does, until the guest driver starts the
-//! device) — so a peer that sends one message and then stalls, even in the
-//! middle of the next, still holds the socket until it goes away.
+//! SO_PEERCRED) and dropped. After that a frontend may stay silent between
+//! messages as long as it likes (QEMU does, until the guest driver starts
+//! the device), but a message once begun must arrive whole within the same
+//! timeout. So a peer that speaks and then falls silent between messages
+//! still holds the socket until it goes away; that cannot be told apart
+//! from an idle QEMU.
 
 use std::io;
 use std::net::Shutdown;
@@ -61,7 +63,8 @@ pub struct SocketOptions {
     /// in that group can connect with mode 0660). Default: the process's.
     pub group: Option<u32>,
     /// How long a connection has to send its first message before it is
-    /// dropped (it would keep every other frontend out). Default
+    /// dropped (it would keep every other frontend out), and how long any
+    /// later message may take to arrive whole once begun. Default
     /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`] (10 s).
     pub first_message_timeout: Duration,
 }
@@ -240,25 +243,39 @@ fn peer_cred(s: &UnixStream) -> Option<(i32, u32, u32)> {
 
 /// vhost-user message header: request (u32), flags (u32), size (u32).
 const HDR_LEN: usize = 12;
-/// Largest first message waited for whole (GET_FEATURES has no payload;
-/// anything larger is left to the vhost crate to refuse).
-const FIRST_MSG_MAX: usize = HDR_LEN + 256;
+/// Largest message waited for whole (the vhost-user limit on a payload);
+/// anything larger is left to the vhost crate to refuse.
+const MSG_MAX: usize = HDR_LEN + 0x1000;
 
-/// Waits until `s` holds a whole first message (or EOF, or our own
-/// shutdown), at most until `deadline`. False if the deadline passed
-/// first. The bytes are only peeked at: the vhost crate reads them.
+/// Waits until `s` holds a whole message (or EOF, or our own shutdown).
+/// Its first byte must arrive by `first_byte` (`None`: no limit; a
+/// frontend may stay silent between messages), the whole message within
+/// `timeout` of that (and by `first_byte` too). False if a deadline passed
+/// first. The bytes are only peeked at: the vhost crate reads them (an
+/// honest frontend sends each message, descriptors included, in one
+/// `sendmsg`, which one peek sees whole).
 ///
 /// While a message is partial the socket stays readable, so between peeks
 /// the wait sleeps in short steps (a hostile peer's half message costs a
 /// wake-up every 10 ms, and only until the deadline).
-fn first_message_before(s: &UnixStream, deadline: Instant) -> io::Result<bool> {
-    let mut buf = [0u8; FIRST_MSG_MAX];
+fn message_before(
+    s: &UnixStream,
+    first_byte: Option<Instant>,
+    timeout: Duration,
+    buf: &mut [u8],
+) -> io::Result<bool> {
+    let mut deadline = first_byte;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(false);
-        }
-        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        let ms = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+            }
+            None => -1,
+        };
         let mut p = libc::pollfd {
             fd: s.as_raw_fd(),
             events: libc::POLLIN,
@@ -307,7 +324,14 @@ fn first_message_before(s: &UnixStream, deadline: Instant) -> io::Result<bool> {
                 return Ok(true);
             }
         }
-        std::thread::sleep(left.min(Duration::from_millis(10)));
+        // Part of a message is here: the rest is due within `timeout`.
+        let rest = Instant::now() + timeout;
+        let d = deadline.map_or(rest, |d| d.min(rest));
+        deadline = Some(d);
+        std::thread::sleep(
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(10)),
+        );
     }
 }
 
@@ -336,7 +360,8 @@ fn serve(
         }
         let timeout = cfg.listen.first_message_timeout;
         let deadline = Instant::now() + timeout;
-        match first_message_before(&stream, deadline) {
+        let mut buf = vec![0u8; MSG_MAX];
+        match message_before(&stream, Some(deadline), timeout, &mut buf) {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(
@@ -344,7 +369,7 @@ fn serve(
                     uid,
                     gid,
                     timeout_ms = timeout.as_millis() as u64,
-                    "vhost-user peer sent nothing before the first-message deadline; dropped"
+                    "vhost-user peer sent no whole message before the first-message deadline; dropped"
                 );
                 clear(current);
                 continue;
@@ -358,10 +383,34 @@ fn serve(
         if stop.load(Ordering::SeqCst) {
             break;
         }
+        let peek = stream.try_clone().map_err(|source| Error::Io {
+            what: "dup of the frontend connection",
+            source,
+        })?;
         let handler = Arc::new(Mutex::new(BlkHandler::new(backend)?));
         let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         tracing::info!(pid, uid, gid, "frontend connected");
+        let mut first = true;
+        // None: the frontend stalled in the middle of a message (logged).
         let end = loop {
+            // Silent between messages as long as it likes; each message,
+            // once begun, whole within the timeout.
+            if !std::mem::take(&mut first) {
+                match message_before(&peek, None, timeout, &mut buf) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            pid,
+                            uid,
+                            gid,
+                            timeout_ms = timeout.as_millis() as u64,
+                            "frontend stalled in the middle of a message; dropped"
+                        );
+                        break None;
+                    }
+                    Err(e) => break Some(VhostUserError::SocketError(e)),
+                }
+            }
             let Err(e) = conn.handle_request() else {
                 continue;
             };
@@ -372,20 +421,22 @@ fn serve(
                 .map(|mut h| h.take_refused())
                 .unwrap_or(false);
             if !refused || stop.load(Ordering::SeqCst) {
-                break e;
+                break Some(e);
             }
         };
         clear(current);
         match end {
-            VhostUserError::Disconnected | VhostUserError::PartialMessage => {
+            None => {}
+            Some(VhostUserError::Disconnected | VhostUserError::PartialMessage) => {
                 tracing::info!(pid, uid, "frontend disconnected")
             }
-            VhostUserError::SocketBroken(_) if stop.load(Ordering::SeqCst) => {
+            Some(VhostUserError::SocketBroken(_)) if stop.load(Ordering::SeqCst) => {
                 tracing::info!(pid, uid, "frontend disconnected")
             }
-            e => tracing::warn!(pid, uid, error = %e, "frontend connection ended"),
+            Some(e) => tracing::warn!(pid, uid, error = %e, "frontend connection ended"),
         }
         drop(conn);
+        drop(peek);
         // Queue threads finish what is in flight and exit.
         if let Ok(mut h) = handler.lock() {
             h.shutdown();

@@ -106,7 +106,10 @@ fn memory_region_larger_than_its_file_is_refused_and_the_device_serves_the_next_
         file.set_len(1 << 20).expect("shrink memfd");
         let region = mem.find_region(GuestAddress(0)).expect("region");
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
-        assert!(fe.set_mem_table(&[info]).is_err(), "region past EOF accepted");
+        assert!(
+            fe.set_mem_table(&[info]).is_err(),
+            "region past EOF accepted"
+        );
         // An inflight region in a file too small for it is refused too.
         let msg = VhostUserInflight {
             mmap_size: region_size(1, QSIZE),
@@ -179,5 +182,22 @@ fn silent_peer_is_dropped_at_the_first_message_deadline_and_the_frontend_gets_in
     );
     g.fe.get_features().expect("the connection is still up");
     drop(g);
+    server.shutdown().expect("shutdown");
+}
+
+#[test]
+fn frontend_that_stalls_in_the_middle_of_a_message_is_dropped_and_the_next_gets_in() {
+    let opts = SocketOptions {
+        first_message_timeout: Duration::from_millis(200),
+        ..SocketOptions::default()
+    };
+    let bdev: Arc<dyn Bdev> = Arc::new(RamBdev::new("stall", 4096, 512).expect("ram"));
+    let (server, sock) = start_listen("stall", bdev, DeviceOptions::default(), opts);
+    let mut g = Guest::connect(&sock, 1);
+    // Half a message header on the live connection, then nothing.
+    g.conn.write_all(&[1, 0, 0, 0, 1]).expect("partial header");
+    wait_closed(&mut g.conn);
+    drop(g);
+    honest_request(&sock);
     server.shutdown().expect("shutdown");
 }
