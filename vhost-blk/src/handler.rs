@@ -773,6 +773,28 @@ mod tests {
     }
 
     #[test]
+    fn shrink_seal_is_seen_on_memfds_and_other_files_are_unsealable() {
+        let memfd = |flags| {
+            // SAFETY: a constant NUL-terminated name; the result is checked.
+            let fd = unsafe { libc::memfd_create(c"unvme-seal".as_ptr(), flags) };
+            assert!(fd >= 0, "memfd_create");
+            // SAFETY: `fd` was just created and is owned by nothing else.
+            unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        };
+        let open = memfd(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING);
+        assert_eq!(shrink_sealed(&open), Some(false));
+        // SAFETY: F_ADD_SEALS on a valid memfd created with sealing allowed.
+        let r = unsafe { libc::fcntl(open.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(r, 0);
+        assert_eq!(shrink_sealed(&open), Some(true));
+        // Sealed against shrinking only: it still grows, it no longer shrinks.
+        open.set_len(4096).expect("grow");
+        assert!(open.set_len(0).is_err(), "a sealed memfd shrank");
+        let plain = File::open("/proc/self/status").expect("a regular file");
+        assert_eq!(shrink_sealed(&plain), None);
+    }
+
+    #[test]
     fn inflight_fd_of_a_wrong_geometry_is_refused() {
         let mut h = handler(1);
         let good = VhostUserInflight {
