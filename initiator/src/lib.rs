@@ -21,6 +21,8 @@
 #![deny(missing_docs)]
 
 mod controller;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod namespace;
 mod options;
 mod qpair;

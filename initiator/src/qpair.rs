@@ -952,6 +952,16 @@ impl Core {
     /// is still queued for sending.
     fn complete(&mut self, slot: u16, cqe: Option<Cqe>, result: std::result::Result<(), IoError>) {
         let s = &mut self.slots[usize::from(slot)];
+        // The promise of this module: no success without all the data.
+        debug_assert!(
+            result.is_err()
+                || match s.dir {
+                    DataDir::ControllerToHost => s.received == s.len,
+                    DataDir::HostToController => s.requested == s.len,
+                    DataDir::None => true,
+                },
+            "successful completion of a command whose data did not all move"
+        );
         if s.tx_refs > 0 {
             s.deferred = Some((cqe, result));
             return;
