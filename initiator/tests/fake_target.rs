@@ -61,6 +61,9 @@ struct Behaviour {
     /// Before answering the first `attacks` reads, send this many
     /// CapsuleResps for commands that do not exist.
     unknown_cqes: usize,
+    /// Answer this many R2T writes with an R2T each, then stop reading
+    /// (with a receive buffer of a few KiB).
+    stall_on_r2t: usize,
 }
 
 /// Lies a hostile controller tells about a read's data.
@@ -98,6 +101,7 @@ impl Default for Behaviour {
             attacks: 0,
             r2t_flood: 0,
             unknown_cqes: 0,
+            stall_on_r2t: 0,
         }
     }
 }
@@ -128,6 +132,9 @@ struct Fake {
 fn start(b: Behaviour) -> Fake {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    if b.stall_on_r2t > 0 {
+        small_receive_buffer(&l);
+    }
     let log = Arc::new(Mutex::new(Log::default()));
     let disk = Arc::new(Mutex::new(vec![0u8; NBLOCKS as usize * BS]));
     let (log2, b2) = (log.clone(), b.clone());
@@ -142,6 +149,29 @@ fn start(b: Behaviour) -> Fake {
         }
     });
     Fake { port, log }
+}
+
+/// Gives the sockets `l` accepts a 4 KiB receive buffer (inherited from the
+/// listener), so a peer that stops reading holds little of the host's data.
+fn small_receive_buffer(l: &TcpListener) {
+    small_buffer(l, libc::SO_RCVBUF);
+}
+
+/// Sets socket buffer option `opt` (SO_RCVBUF, SO_SNDBUF) of `s` to 4 KiB.
+fn small_buffer(s: &impl std::os::fd::AsRawFd, opt: libc::c_int) {
+    let v: libc::c_int = 4096;
+    // SAFETY: the fd is open for the call (`s` is borrowed across it); the
+    // option value is a c_int that lives across it, and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt {opt}");
 }
 
 struct Conn {
@@ -406,10 +436,22 @@ impl Conn {
                     r2to: 0,
                     r2tl: len as u32,
                 };
-                if self.b.r2t_flood > 0 && self.take_attack() {
+                if self.b.stall_on_r2t > 0 {
+                    self.send(&Pdu::R2t(r2t), &[], false)?;
+                    let n = {
+                        let mut l = self.log.lock().unwrap();
+                        l.attacked += 1;
+                        l.attacked
+                    };
+                    if n < self.b.stall_on_r2t {
+                        return Ok(());
+                    }
+                }
+                let flood = self.b.r2t_flood;
+                if (flood > 0 && self.take_attack()) || self.b.stall_on_r2t > 0 {
                     let mut v = Vec::new();
                     let mut h = [0u8; MAX_HEADER];
-                    for _ in 0..self.b.r2t_flood {
+                    for _ in 0..flood {
                         let n = encode_header(&Pdu::R2t(r2t), &self.tx, &mut h);
                         v.extend_from_slice(&h[..n]);
                     }
@@ -1146,4 +1188,35 @@ fn responses_for_unknown_commands_end_the_connection_without_a_log_line_each() {
     }
     // Invalid PDU Header Field, at the CQE's CID.
     assert_eq!(f.log.lock().unwrap().term_reqs, vec![(0x01, 20)]);
+}
+
+#[test]
+fn write_to_a_controller_that_stops_reading_times_out_and_ends_the_connection() {
+    let f = start(Behaviour {
+        stall_on_r2t: 8,
+        ioccsz: 4,
+        ..Behaviour::default()
+    });
+    let mut o = opts(f.port);
+    o.command_timeout = Duration::from_millis(300);
+    let ctrl = Controller::connect(o).unwrap();
+    let mut qp = ctrl.create_io_qpair().unwrap();
+    small_buffer(&qp, libc::SO_SNDBUF);
+    let t0 = Instant::now();
+    // 1 MiB of writes: far more than the socket buffers hold.
+    for t in 0..8 {
+        qp.submit(1, write(t * 256, &pattern(128 * 1024, t as u8), t))
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    while out.len() < 8 && t0.elapsed() < Duration::from_secs(5) {
+        qp.poll(&mut out);
+        qp.wait(5);
+    }
+    assert_eq!(out.len(), 8, "every write ends");
+    assert!(out.iter().all(|c| c.result.is_err()));
+    assert!(out.iter().any(|c| c.result == Err(IoError::Timeout)));
+    assert!(out.iter().all(|c| c.buf.is_some()), "buffers come back");
+    assert!(qp.is_closed(), "a controller that does not read is left");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
