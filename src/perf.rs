@@ -180,6 +180,10 @@ struct Job {
     seed: u64,
     index: usize,
     threads: usize,
+    /// How long a stopping worker waits for its commands before it drops
+    /// the connection (the command timeout and a margin: the queue pair
+    /// times commands out itself, this is the backstop).
+    drain: Duration,
 }
 
 struct WorkerResult {
@@ -224,8 +228,20 @@ fn worker(
     let mut out = Vec::with_capacity(job.qd);
     let t0 = Instant::now();
     let mut fill_done = my_units == 0;
+    let mut stopping_since: Option<Instant> = None;
     loop {
         let stopping = stop.load(Ordering::Relaxed) || (fill && fill_done);
+        if stopping && !qp.is_closed() {
+            let since = *stopping_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > job.drain {
+                tracing::error!(
+                    qid = qp.qid(),
+                    outstanding = job.qd - free_tags.len(),
+                    "commands still outstanding after the command timeout; dropping the connection"
+                );
+                qp.disconnect();
+            }
+        }
         while !stopping && !free_tags.is_empty() {
             let unit = if fill {
                 if seq >= my_units {
@@ -463,6 +479,7 @@ pub fn run(a: PerfArgs) -> Result<(), BoxErr> {
         seed,
         index: 0,
         threads: a.threads,
+        drain: ctrl.options().command_timeout + Duration::from_secs(1),
     };
     let open = |n: usize| -> Result<Vec<IoQpair>, BoxErr> {
         (0..n)

@@ -833,6 +833,13 @@ impl IoQpair {
         self.qp.is_closed()
     }
 
+    /// Ends the connection now: every outstanding command completes with
+    /// [`IoError::Unavailable`] (handed out by the next poll). For a caller
+    /// that must stop by a deadline whatever the controller does.
+    pub fn disconnect(&mut self) {
+        self.qp.shutdown();
+    }
+
     /// Records the block size of `nsid` so the first I/O need not ask the
     /// controller.
     pub fn register_namespace(&mut self, nsid: u32, block_size: u32) {

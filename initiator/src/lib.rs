@@ -12,15 +12,35 @@
 //!   not allocate. Read data lands straight in the request's buffer.
 //! - [`RemoteNamespace`]: a remote namespace as an [`unvme_bdev::Bdev`].
 //!
-//! This crate is not a multipath layer and does not reconnect: a vanished
-//! peer fails every outstanding command with [`unvme_bdev::IoError::Unavailable`]
-//! and the queue pair reports itself closed. Identify data, the discovery
+//! This crate is not a multipath layer, and a queue pair does not
+//! reconnect: a vanished peer fails every outstanding command with
+//! [`unvme_bdev::IoError::Unavailable`] and the queue pair reports itself
+//! closed ([`RemoteNamespace`] then opens a new one).
+//!
+//! The controller is not trusted. A command completes successfully only
+//! when every byte of its data moved exactly once: C2HData in order (DATAO
+//! where the previous PDU ended), inside the command's length, SUCCESS only
+//! on the PDU that ends the data, a successful CapsuleResp only after all of
+//! it; for writes, every byte asked for by R2T and sent. The host offers
+//! MAXR2T 0 (one outstanding R2T per command), and an R2T is accepted only
+//! for a write moved by R2T, once the previous one's data is sent, for the
+//! next bytes in order — so the send queue holds at most each outstanding
+//! command's data once. A response, C2HData or R2T for a command that does
+//! not exist is a protocol violation too. Each of these ends the connection
+//! (H2CTermReq with the Fatal Error Status, unless a PDU is half sent, then
+//! close), failing its commands with `Unavailable`, never completing one
+//! with whatever was in its buffer. Command timeouts fire whatever the
+//! socket does: a command past its deadline whose data the controller is
+//! not reading ends the connection. One poll reads the socket at most 32
+//! times (a flooding controller cannot starve sending and deadlines). Identify data, the discovery
 //! log page and admin command dwords are [`unvme_proto`]'s; this crate
 //! only drives them.
 
 #![deny(missing_docs)]
 
 mod controller;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod namespace;
 mod options;
 mod qpair;

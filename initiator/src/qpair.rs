@@ -260,8 +260,12 @@ struct Slot {
     /// The slot's own buffer (Dataset Management range list), kept across uses.
     aux: Option<IoBuf>,
     use_aux: bool,
-    /// C2H bytes received so far.
+    /// C2H bytes received so far (C2HData must arrive in order, so this is
+    /// also where the next PDU must start).
     received: u32,
+    /// H2C bytes the controller asked for so far with R2Ts (the command's
+    /// length for in-capsule writes, which take no R2T).
+    requested: u32,
     ddgst_err: bool,
     /// Data items of this slot still in the send queue.
     tx_refs: u32,
@@ -282,6 +286,7 @@ impl Slot {
             aux: None,
             use_aux: false,
             received: 0,
+            requested: 0,
             ddgst_err: false,
             tx_refs: 0,
             deferred: None,
@@ -432,6 +437,10 @@ pub(crate) struct QueuePair {
 
 /// Staging buffer for received bytes.
 const RBUF_SIZE: usize = 64 * 1024;
+/// Socket reads per [`QueuePair::progress`] (each up to [`RBUF_SIZE`], or a
+/// C2HData's data straight into its buffer), so a controller that floods the
+/// connection cannot starve sending and deadline checks.
+const RX_READS_PER_PROGRESS: usize = 32;
 /// How often outstanding commands are checked for their deadline.
 const TIMEOUT_TICK: Duration = Duration::from_millis(1);
 
@@ -545,6 +554,9 @@ impl QueuePair {
     ) {
         let core = &mut self.core;
         let now = Instant::now();
+        let incapsule = dir == DataDir::HostToController
+            && len > 0
+            && (force_incapsule || len <= core.incapsule_max);
         {
             let s = &mut core.slots[usize::from(slot)];
             s.state = SlotState::Active;
@@ -554,6 +566,7 @@ impl QueuePair {
             s.buf = buf;
             s.use_aux = use_aux;
             s.received = 0;
+            s.requested = if incapsule { len } else { 0 };
             s.ddgst_err = false;
             s.tx_refs = 0;
             s.deferred = None;
@@ -565,9 +578,6 @@ impl QueuePair {
             return;
         }
         sqe.cid = slot;
-        let incapsule = dir == DataDir::HostToController
-            && len > 0
-            && (force_incapsule || len <= core.incapsule_max);
         let sgl = if incapsule {
             SglDescriptor::in_capsule(0, len)
         } else {
@@ -623,7 +633,15 @@ impl QueuePair {
             let now = Instant::now();
             if now >= self.next_timeout_check {
                 self.next_timeout_check = now + TIMEOUT_TICK;
-                self.core.check_timeouts(now);
+                if self.core.check_timeouts(now) && !self.closed {
+                    warn!(
+                        qid = self.core.qid,
+                        "controller stopped reading its connection; closing it"
+                    );
+                    let _ = self.stream.shutdown(Shutdown::Both);
+                    self.core.drop_tx_and_expire(now);
+                    self.fail_all();
+                }
             }
         }
     }
@@ -754,7 +772,10 @@ impl QueuePair {
     }
 
     fn recv(&mut self) -> std::result::Result<(), RxFail> {
-        loop {
+        // A controller that never stops sending must not keep us from
+        // sending and from checking deadlines: a bounded number of reads
+        // per call, the rest at the next one.
+        for _ in 0..RX_READS_PER_PROGRESS {
             self.process_buffered()?;
             // The staging buffer is empty now.
             self.rpos = 0;
@@ -785,6 +806,7 @@ impl QueuePair {
             }
             self.rlen = n - direct;
         }
+        self.process_buffered()
     }
 
     fn process_buffered(&mut self) -> std::result::Result<(), RxFail> {
@@ -930,6 +952,16 @@ impl Core {
     /// is still queued for sending.
     fn complete(&mut self, slot: u16, cqe: Option<Cqe>, result: std::result::Result<(), IoError>) {
         let s = &mut self.slots[usize::from(slot)];
+        // The promise of this module: no success without all the data.
+        debug_assert!(
+            result.is_err()
+                || match s.dir {
+                    DataDir::ControllerToHost => s.received == s.len,
+                    DataDir::HostToController => s.requested == s.len,
+                    DataDir::None => true,
+                },
+            "successful completion of a command whose data did not all move"
+        );
         if s.tx_refs > 0 {
             s.deferred = Some((cqe, result));
             return;
@@ -947,14 +979,19 @@ impl Core {
         self.outstanding = self.outstanding.saturating_sub(1);
     }
 
-    fn check_timeouts(&mut self, now: Instant) {
+    /// Completes the commands past their deadline with a timeout. Returns
+    /// true if one of them still has data in the send queue: the controller
+    /// is not reading, so the connection must end (its buffer cannot be
+    /// handed back while the queue points into it).
+    fn check_timeouts(&mut self, now: Instant) -> bool {
+        let mut stuck = false;
         for i in 0..self.slots.len() {
             let s = &mut self.slots[i];
-            if s.state == SlotState::Active
-                && s.tx_refs == 0
-                && s.deferred.is_none()
-                && s.deadline <= now
-            {
+            if s.state == SlotState::Active && s.deadline <= now {
+                if s.tx_refs > 0 || s.deferred.is_some() {
+                    stuck = true;
+                    continue;
+                }
                 warn!(qid = self.qid, cid = i, tag = s.tag, "command timed out");
                 self.done.push(NvmeCompletion {
                     tag: s.tag,
@@ -965,6 +1002,32 @@ impl Core {
                 s.more.clear();
                 s.state = SlotState::Abandoned;
                 self.outstanding = self.outstanding.saturating_sub(1);
+            }
+        }
+        stuck
+    }
+
+    /// Empties the send queue (the connection is ending) and completes the
+    /// commands past their deadline with a timeout, the others waiting only
+    /// for their data to be sent with their deferred completion.
+    fn drop_tx_and_expire(&mut self, now: Instant) {
+        self.tx.clear();
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            s.tx_refs = 0;
+            if s.state != SlotState::Active {
+                continue;
+            }
+            if let Some((cqe, r)) = s.deferred.take() {
+                self.complete(i as u16, cqe, r);
+            } else if s.deadline <= now {
+                warn!(
+                    qid = self.qid,
+                    cid = i,
+                    tag = s.tag,
+                    "command timed out with its data unsent"
+                );
+                self.complete(i as u16, None, Err(IoError::Timeout));
             }
         }
     }
@@ -991,117 +1054,204 @@ impl Core {
         }
     }
 
-    fn active_slot(&self, cid: u16) -> Option<&Slot> {
-        self.slots
-            .get(usize::from(cid))
-            .filter(|s| s.state == SlotState::Active)
-    }
-
     fn on_pdu(&mut self, p: Pdu) -> std::result::Result<(), RxFail> {
         match p {
-            Pdu::CapsuleResp(r) => {
-                let cid = r.cqe.cid;
-                match self.slots.get(usize::from(cid)).map(|s| s.state) {
-                    Some(SlotState::Active) => {
-                        let s = &self.slots[usize::from(cid)];
-                        let status = r.cqe.status();
-                        let result = if s.ddgst_err && status.is_success() {
-                            Err(IoError::Media("data digest mismatch".into()))
-                        } else {
-                            unvme_bdev::status::from_nvme(status)
-                        };
-                        if !status.is_success() {
-                            debug!(qid = self.qid, cid, %status, "command failed");
-                        }
-                        self.complete(cid, Some(r.cqe), result);
-                    }
-                    Some(SlotState::Abandoned) => {
-                        debug!(qid = self.qid, cid, "late response to a timed-out command");
-                        let s = &mut self.slots[usize::from(cid)];
-                        s.state = SlotState::Free;
-                        s.drop_data();
-                        self.free.push(cid);
-                    }
-                    _ => warn!(
-                        qid = self.qid,
-                        cid, "response for an unknown command ignored"
-                    ),
-                }
-            }
+            Pdu::CapsuleResp(r) => self.on_capsule_resp(r.cqe)?,
             Pdu::C2hData(d) => self.on_c2h(d)?,
-            Pdu::R2t(r) => {
-                let ok = self.active_slot(r.cccid).is_some_and(|s| {
-                    s.dir == DataDir::HostToController
-                        && r.r2tl > 0
-                        && r.r2to.checked_add(r.r2tl).is_some_and(|e| e <= s.len)
-                });
-                if !ok {
-                    if self
-                        .slots
-                        .get(usize::from(r.cccid))
-                        .is_some_and(|s| s.state == SlotState::Abandoned)
-                    {
-                        warn!(
-                            qid = self.qid,
-                            cid = r.cccid,
-                            "R2T for a timed-out command ignored"
-                        );
-                        return Ok(());
-                    }
-                    return Err(RxFail::Fatal(FatalError {
-                        fes: pdu::fes::DATA_OUT_OF_RANGE,
-                        fei: 0,
-                        msg: "R2T outside the command's data",
-                    }));
-                }
-                for c in h2c_chunks(r.r2to, r.r2tl, self.maxh2cdata) {
-                    self.push_header(&Pdu::H2cData(DataPdu {
-                        cccid: r.cccid,
-                        ttag: r.ttag,
-                        datao: c.datao,
-                        datal: c.datal,
-                        last: c.last,
-                        success: false,
-                    }));
-                    self.push_data(r.cccid, c.datao, c.datal);
-                }
-            }
+            Pdu::R2t(r) => self.on_r2t(r)?,
             Pdu::C2hTermReq(t) => return Err(RxFail::Terminated(t)),
             _ => {
-                return Err(RxFail::Fatal(FatalError {
-                    fes: pdu::fes::INVALID_HEADER_FIELD,
-                    fei: 0,
-                    msg: "unexpected PDU type",
-                }))
+                return Err(fatal(
+                    pdu::fes::INVALID_HEADER_FIELD,
+                    0,
+                    "unexpected PDU type",
+                ))
             }
         }
         Ok(())
     }
 
-    fn on_c2h(&mut self, d: DataPdu) -> std::result::Result<(), RxFail> {
-        let state = self.slots.get(usize::from(d.cccid)).map(|s| s.state);
-        if state == Some(SlotState::Abandoned) {
-            self.rx_target = RxTarget::Discard;
-            if d.success {
-                let s = &mut self.slots[usize::from(d.cccid)];
+    /// A CapsuleResp. A successful status is believed only if the command's
+    /// data moved completely: every C2H byte arrived, every H2C byte was
+    /// asked for and sent. Anything else from the controller (an unknown
+    /// CID, success without the data) is a protocol violation that ends the
+    /// connection — never a completion carrying what was in the buffer.
+    fn on_capsule_resp(&mut self, cqe: Cqe) -> std::result::Result<(), RxFail> {
+        let cid = cqe.cid;
+        match self.slots.get(usize::from(cid)).map(|s| s.state) {
+            Some(SlotState::Active) => {
+                let s = &self.slots[usize::from(cid)];
+                let status = cqe.status();
+                if status.is_success() {
+                    let moved = match s.dir {
+                        DataDir::ControllerToHost => s.received == s.len,
+                        DataDir::HostToController => s.requested == s.len && s.tx_refs == 0,
+                        DataDir::None => true,
+                    };
+                    if !moved {
+                        return Err(fatal(
+                            pdu::fes::SEQUENCE_ERROR,
+                            0,
+                            "successful CapsuleResp before all of the command's data moved",
+                        ));
+                    }
+                }
+                let result = if s.ddgst_err && status.is_success() {
+                    Err(IoError::Media("data digest mismatch".into()))
+                } else {
+                    unvme_bdev::status::from_nvme(status)
+                };
+                if !status.is_success() {
+                    debug!(qid = self.qid, cid, %status, "command failed");
+                }
+                self.complete(cid, Some(cqe), result);
+            }
+            Some(SlotState::Abandoned) => {
+                debug!(qid = self.qid, cid, "late response to a timed-out command");
+                let s = &mut self.slots[usize::from(cid)];
                 s.state = SlotState::Free;
                 s.drop_data();
-                self.free.push(d.cccid);
+                self.free.push(cid);
             }
-            return Ok(());
+            _ => {
+                // The CQE's CID (offset 12 in the CQE, 8 + 12 in the PDU).
+                return Err(fatal(
+                    pdu::fes::INVALID_HEADER_FIELD,
+                    20,
+                    "CapsuleResp for an unknown command",
+                ));
+            }
         }
-        let ok = self.active_slot(d.cccid).is_some_and(|s| {
-            s.dir == DataDir::ControllerToHost
-                && d.datao == s.received
-                && d.datao.checked_add(d.datal).is_some_and(|e| e <= s.len)
-                && s.capacity() >= s.len as usize
-        });
-        if !ok {
-            return Err(RxFail::Fatal(FatalError {
-                fes: pdu::fes::DATA_OUT_OF_RANGE,
-                fei: 0,
-                msg: "C2HData outside the command's data",
+        Ok(())
+    }
+
+    /// An R2T. We offer MAXR2T 0 (one outstanding R2T per command), so it is
+    /// accepted only for a write moved by R2T, after the data of the previous
+    /// R2T is all sent, asking for the next bytes in order (no overlap, no
+    /// gap) inside the command's length. So the send queue holds at most each
+    /// outstanding command's data once, whatever the controller sends.
+    fn on_r2t(&mut self, r: pdu::R2t) -> std::result::Result<(), RxFail> {
+        let Some(s) = self.slots.get(usize::from(r.cccid)) else {
+            return Err(fatal(
+                pdu::fes::INVALID_HEADER_FIELD,
+                8,
+                "R2T for an unknown command",
+            ));
+        };
+        match s.state {
+            SlotState::Active => {}
+            SlotState::Abandoned => {
+                // Allowed: we gave up on it, the controller did not yet.
+                trace!(
+                    qid = self.qid,
+                    cid = r.cccid,
+                    "R2T for a timed-out command ignored"
+                );
+                return Ok(());
+            }
+            SlotState::Free => {
+                return Err(fatal(
+                    pdu::fes::INVALID_HEADER_FIELD,
+                    8,
+                    "R2T for an unknown command",
+                ))
+            }
+        }
+        if s.dir != DataDir::HostToController || s.requested == s.len {
+            return Err(fatal(
+                pdu::fes::INVALID_HEADER_FIELD,
+                8,
+                "R2T for a command with no data left to send",
+            ));
+        }
+        if s.tx_refs > 0 {
+            return Err(fatal(
+                pdu::fes::DATA_LIMIT_EXCEEDED,
+                0,
+                "R2T while the previous R2T's data is unsent (MAXR2T exceeded)",
+            ));
+        }
+        if r.r2to != s.requested {
+            return Err(fatal(
+                pdu::fes::DATA_OUT_OF_RANGE,
+                12,
+                "R2T offset out of order",
+            ));
+        }
+        if r.r2tl == 0 || r.r2to.checked_add(r.r2tl).is_none_or(|e| e > s.len) {
+            return Err(fatal(
+                pdu::fes::DATA_OUT_OF_RANGE,
+                16,
+                "R2T outside the command's data",
+            ));
+        }
+        self.slots[usize::from(r.cccid)].requested = r.r2to + r.r2tl;
+        for c in h2c_chunks(r.r2to, r.r2tl, self.maxh2cdata) {
+            self.push_header(&Pdu::H2cData(DataPdu {
+                cccid: r.cccid,
+                ttag: r.ttag,
+                datao: c.datao,
+                datal: c.datal,
+                last: c.last,
+                success: false,
             }));
+            self.push_data(r.cccid, c.datao, c.datal);
+        }
+        Ok(())
+    }
+
+    /// A C2HData header. Data must arrive in order (DATAO where the last PDU
+    /// ended: no overlap, no gap, no duplicate), inside the command's length,
+    /// and SUCCESS only on the PDU that ends the data.
+    fn on_c2h(&mut self, d: DataPdu) -> std::result::Result<(), RxFail> {
+        let state = self.slots.get(usize::from(d.cccid)).map(|s| s.state);
+        let s = match state {
+            Some(SlotState::Abandoned) => {
+                self.rx_target = RxTarget::Discard;
+                if d.success {
+                    let s = &mut self.slots[usize::from(d.cccid)];
+                    s.state = SlotState::Free;
+                    s.drop_data();
+                    self.free.push(d.cccid);
+                }
+                return Ok(());
+            }
+            Some(SlotState::Active) => &self.slots[usize::from(d.cccid)],
+            _ => {
+                return Err(fatal(
+                    pdu::fes::INVALID_HEADER_FIELD,
+                    8,
+                    "C2HData for an unknown command",
+                ))
+            }
+        };
+        if s.dir != DataDir::ControllerToHost || s.capacity() < s.len as usize {
+            return Err(fatal(
+                pdu::fes::INVALID_HEADER_FIELD,
+                8,
+                "C2HData for a command that reads no data",
+            ));
+        }
+        if d.datao != s.received {
+            return Err(fatal(
+                pdu::fes::DATA_OUT_OF_RANGE,
+                12,
+                "C2HData offset out of order",
+            ));
+        }
+        let Some(end) = d.datao.checked_add(d.datal).filter(|&e| e <= s.len) else {
+            return Err(fatal(
+                pdu::fes::DATA_OUT_OF_RANGE,
+                16,
+                "C2HData beyond the command's data",
+            ));
+        };
+        if d.success && end != s.len {
+            return Err(fatal(
+                pdu::fes::INVALID_HEADER_FIELD,
+                1,
+                "SUCCESS on a C2HData that does not end the command's data",
+            ));
         }
         self.rx_target = RxTarget::C2h {
             slot: d.cccid,
@@ -1140,6 +1290,8 @@ impl Core {
         };
         let s = &mut self.slots[usize::from(slot)];
         s.received = off;
+        // on_c2h allows SUCCESS only on the PDU that ends the data.
+        debug_assert!(!success || s.received == s.len);
         if !digest_ok {
             warn!(qid = self.qid, cid = slot, "C2HData digest mismatch");
             s.ddgst_err = true;
@@ -1159,6 +1311,11 @@ impl Core {
             self.complete(slot, cqe, result);
         }
     }
+}
+
+/// A transport error of the controller's that ends the connection.
+fn fatal(fes: u16, fei: u32, msg: &'static str) -> RxFail {
+    RxFail::Fatal(FatalError { fes, fei, msg })
 }
 
 /// Waits up to `ms` milliseconds for the socket to become readable (or

@@ -1,7 +1,9 @@
 //! The initiator against a minimal fake NVMe/TCP controller on a loopback
 //! socket, built from `unvme-proto`: the bring-up sequence, in-capsule and
 //! R2T writes, reads split over C2HData PDUs, digests, statuses, and a target
-//! that vanishes or terminates mid-I/O.
+//! that vanishes or terminates mid-I/O, and a hostile one: reads answered
+//! with too little, overlapping, out-of-range or duplicated data, floods of
+//! R2Ts, and responses for commands that do not exist.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -48,6 +50,37 @@ struct Behaviour {
     /// Answer the first N I/O queue Connects with Command Sequence Error (as
     /// Linux nvmet does while the qid's previous queue is being torn down).
     busy_io_connects: usize,
+    /// How to lie about the data of the first `attacks` I/O reads.
+    bad_read: Option<BadRead>,
+    /// Number of I/O reads (and writes, for `r2t_flood`) attacked; the
+    /// ones after them are answered honestly.
+    attacks: usize,
+    /// Answer the first `attacks` R2T writes with this many R2Ts for the
+    /// whole transfer, then stop reading.
+    r2t_flood: usize,
+    /// Before answering the first `attacks` reads, send this many
+    /// CapsuleResps for commands that do not exist.
+    unknown_cqes: usize,
+    /// Answer this many R2T writes with an R2T each, then stop reading
+    /// (with a receive buffer of a few KiB).
+    stall_on_r2t: usize,
+}
+
+/// Lies a hostile controller tells about a read's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BadRead {
+    /// One 512-byte C2HData flagged LAST_PDU|SUCCESS for the whole read.
+    ShortSuccess,
+    /// 512 bytes of C2HData, then a successful CapsuleResp.
+    ShortCapsuleResp,
+    /// The first half, then a PDU starting 512 bytes before its end.
+    Overlap,
+    /// The first half twice, then the second half.
+    Duplicate,
+    /// The second half only, with SUCCESS.
+    Gap,
+    /// A PDU reaching 512 bytes past the read's end.
+    OutOfRange,
 }
 
 impl Default for Behaviour {
@@ -64,6 +97,11 @@ impl Default for Behaviour {
             dribble: false,
             corrupt_hdgst: false,
             busy_io_connects: 0,
+            bad_read: None,
+            attacks: 0,
+            r2t_flood: 0,
+            unknown_cqes: 0,
+            stall_on_r2t: 0,
         }
     }
 }
@@ -80,6 +118,10 @@ struct Log {
     h2c: Vec<(u16, u32, u32, bool)>,
     sgl_types: Vec<(u8, u8)>,
     term_reqs: Vec<(u16, u32)>,
+    /// I/O commands attacked so far.
+    attacked: usize,
+    /// Connections the fake saw end (EOF or error).
+    closed: usize,
 }
 
 struct Fake {
@@ -90,6 +132,9 @@ struct Fake {
 fn start(b: Behaviour) -> Fake {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    if b.stall_on_r2t > 0 {
+        small_receive_buffer(&l);
+    }
     let log = Arc::new(Mutex::new(Log::default()));
     let disk = Arc::new(Mutex::new(vec![0u8; NBLOCKS as usize * BS]));
     let (log2, b2) = (log.clone(), b.clone());
@@ -98,11 +143,35 @@ fn start(b: Behaviour) -> Fake {
             let Ok(s) = s else { return };
             let (log, disk, b) = (log2.clone(), disk.clone(), b2.clone());
             std::thread::spawn(move || {
-                let _ = Conn::new(s, b, log, disk).run();
+                let _ = Conn::new(s, b, log.clone(), disk).run();
+                log.lock().unwrap().closed += 1;
             });
         }
     });
     Fake { port, log }
+}
+
+/// Gives the sockets `l` accepts a 4 KiB receive buffer (inherited from the
+/// listener), so a peer that stops reading holds little of the host's data.
+fn small_receive_buffer(l: &TcpListener) {
+    small_buffer(l, libc::SO_RCVBUF);
+}
+
+/// Sets socket buffer option `opt` (SO_RCVBUF, SO_SNDBUF) of `s` to 4 KiB.
+fn small_buffer(s: &impl std::os::fd::AsRawFd, opt: libc::c_int) {
+    let v: libc::c_int = 4096;
+    // SAFETY: the fd is open for the call (`s` is borrowed across it); the
+    // option value is a c_int that lives across it, and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt {opt}");
 }
 
 struct Conn {
@@ -342,6 +411,9 @@ impl Conn {
                 match self.lba_range(&sqe) {
                     Some(r) => {
                         let d = self.disk.lock().unwrap()[r].to_vec();
+                        if self.take_attack() {
+                            return self.attack_read(&sqe, &d);
+                        }
                         let corrupt = self.b.corrupt_read_lba == Some(sqe.slba());
                         self.send_read(&sqe, &d, corrupt)
                     }
@@ -364,12 +436,117 @@ impl Conn {
                     r2to: 0,
                     r2tl: len as u32,
                 };
+                if self.b.stall_on_r2t > 0 {
+                    self.send(&Pdu::R2t(r2t), &[], false)?;
+                    let n = {
+                        let mut l = self.log.lock().unwrap();
+                        l.attacked += 1;
+                        l.attacked
+                    };
+                    if n < self.b.stall_on_r2t {
+                        return Ok(());
+                    }
+                }
+                let flood = self.b.r2t_flood;
+                if (flood > 0 && self.take_attack()) || self.b.stall_on_r2t > 0 {
+                    let mut v = Vec::new();
+                    let mut h = [0u8; MAX_HEADER];
+                    for _ in 0..flood {
+                        let n = encode_header(&Pdu::R2t(r2t), &self.tx, &mut h);
+                        v.extend_from_slice(&h[..n]);
+                    }
+                    // The flood may be cut short by the host closing.
+                    let _ = self.s.write_all(&v);
+                    // Never read again (the host's data piles up), until
+                    // the host closes the connection.
+                    // (A reset or EOF shows as a failed or empty peek; the
+                    // unread data keeps a peek succeeding otherwise, so
+                    // the wait is bounded.)
+                    let mut one = [0u8; 1];
+                    let end = Instant::now() + Duration::from_secs(10);
+                    while Instant::now() < end && self.s.peek(&mut one).is_ok_and(|n| n > 0) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    return Err(std::io::ErrorKind::ConnectionAborted.into());
+                }
                 self.pending = Some((sqe, vec![0; len], 0));
                 self.send(&Pdu::R2t(r2t), &[], false)
             }
             io_opc::FLUSH => self.respond(&sqe, Status::SUCCESS, 0, 0),
             _ => self.respond(&sqe, Status::INVALID_OPCODE, 0, 0),
         }
+    }
+
+    /// Whether this I/O command is one of the first `attacks`.
+    fn take_attack(&mut self) -> bool {
+        let mut l = self.log.lock().unwrap();
+        if l.attacked >= self.b.attacks {
+            return false;
+        }
+        l.attacked += 1;
+        true
+    }
+
+    /// Answers a read with the lie of `bad_read`, after the CapsuleResps
+    /// for unknown commands of `unknown_cqes`.
+    fn attack_read(&mut self, sqe: &Sqe, data: &[u8]) -> std::io::Result<()> {
+        if self.b.unknown_cqes > 0 {
+            let mut v = Vec::new();
+            let mut h = [0u8; MAX_HEADER];
+            for i in 0..self.b.unknown_cqes {
+                let cqe = Cqe {
+                    sqid: self.qid,
+                    cid: 0x8000 | i as u16,
+                    ..Cqe::default()
+                };
+                let n = encode_header(&Pdu::CapsuleResp(CapsuleResp { cqe }), &self.tx, &mut h);
+                v.extend_from_slice(&h[..n]);
+            }
+            // The host may close the connection before all of it is sent.
+            let _ = self.s.write_all(&v);
+        }
+        let len = data.len();
+        let half = len / 2;
+        let c2h = |datao: usize, datal: usize, success: bool| DataPdu {
+            cccid: sqe.cid,
+            ttag: 0,
+            datao: datao as u32,
+            datal: datal as u32,
+            last: success,
+            success,
+        };
+        let pdus: Vec<(DataPdu, Vec<u8>)> = match self.b.bad_read {
+            None => Vec::new(),
+            Some(BadRead::ShortSuccess) => vec![(c2h(0, 512, true), data[..512].to_vec())],
+            Some(BadRead::ShortCapsuleResp) => vec![(c2h(0, 512, false), data[..512].to_vec())],
+            Some(BadRead::Overlap) => vec![
+                (c2h(0, half, false), data[..half].to_vec()),
+                (
+                    c2h(half - 512, len - half + 512, true),
+                    data[half - 512..].to_vec(),
+                ),
+            ],
+            Some(BadRead::Duplicate) => vec![
+                (c2h(0, half, false), data[..half].to_vec()),
+                (c2h(0, half, false), data[..half].to_vec()),
+                (c2h(half, len - half, true), data[half..].to_vec()),
+            ],
+            Some(BadRead::Gap) => vec![(c2h(half, len - half, true), data[half..].to_vec())],
+            Some(BadRead::OutOfRange) => vec![
+                (c2h(0, half, false), data[..half].to_vec()),
+                (
+                    c2h(half, len - half + 512, true),
+                    vec![0x5a; len - half + 512],
+                ),
+            ],
+        };
+        for (d, bytes) in pdus {
+            self.send(&Pdu::C2hData(d), &bytes, false)?;
+        }
+        if self.b.bad_read == Some(BadRead::ShortCapsuleResp) || self.b.bad_read.is_none() {
+            self.respond(sqe, Status::SUCCESS, 0, 0)?;
+        }
+        Ok(())
     }
 
     fn fabrics(&mut self, sqe: Sqe, data: Vec<u8>) -> std::io::Result<()> {
@@ -838,4 +1015,208 @@ fn io_connect_refused_while_the_qid_is_torn_down_is_retried() {
     );
     drop(qp);
     ctrl.disconnect().unwrap();
+}
+
+/// A read the hostile controller lies about fails, is never reported
+/// successful with what was in the buffer before, and ends the connection
+/// with an H2CTermReq carrying `fes`.
+fn lying_read_fails_and_ends_the_connection(bad: BadRead, fes: u16) {
+    let f = start(Behaviour {
+        bad_read: Some(bad),
+        attacks: 1,
+        ..Behaviour::default()
+    });
+    let ctrl = Controller::connect(opts(f.port)).unwrap();
+    let mut qp = ctrl.create_io_qpair().unwrap();
+    // 64 KiB of data on the disk, and a buffer full of a previous request's.
+    let data = pattern(64 * 1024, 3);
+    assert_eq!(qp.run_sync(1, write(0, &data, 1)).unwrap().result, Ok(()));
+    let mut req = read(0, 128, 2);
+    req.buf.as_mut().unwrap().fill(0xee);
+    let c = qp.run_sync(1, req).unwrap();
+    assert_eq!(c.result, Err(IoError::Unavailable), "{bad:?}");
+    assert!(qp.is_closed(), "{bad:?}: the connection ends");
+    let end = Instant::now() + Duration::from_secs(5);
+    while f.log.lock().unwrap().term_reqs.is_empty() && Instant::now() < end {
+        std::thread::yield_now();
+    }
+    let l = f.log.lock().unwrap();
+    assert_eq!(l.term_reqs.len(), 1, "{bad:?}: one H2CTermReq");
+    assert_eq!(l.term_reqs[0].0, fes, "{bad:?}: FES");
+}
+
+#[test]
+fn c2h_success_with_512_of_65536_bytes_fails_the_read() {
+    lying_read_fails_and_ends_the_connection(BadRead::ShortSuccess, 0x01);
+}
+
+#[test]
+fn capsule_resp_success_after_short_c2h_data_fails_the_read() {
+    lying_read_fails_and_ends_the_connection(BadRead::ShortCapsuleResp, 0x02);
+}
+
+#[test]
+fn overlapping_c2h_data_fails_the_read() {
+    lying_read_fails_and_ends_the_connection(BadRead::Overlap, 0x04);
+}
+
+#[test]
+fn duplicated_c2h_data_fails_the_read() {
+    lying_read_fails_and_ends_the_connection(BadRead::Duplicate, 0x04);
+}
+
+#[test]
+fn c2h_data_leaving_a_gap_fails_the_read() {
+    lying_read_fails_and_ends_the_connection(BadRead::Gap, 0x04);
+}
+
+#[test]
+fn c2h_data_past_the_read_fails_the_read() {
+    lying_read_fails_and_ends_the_connection(BadRead::OutOfRange, 0x04);
+}
+
+#[test]
+fn remote_namespace_fails_a_lying_read_then_reconnects_and_reads_true_data() {
+    let f = start(Behaviour {
+        bad_read: Some(BadRead::ShortSuccess),
+        attacks: 1,
+        ..Behaviour::default()
+    });
+    let ctrl = Controller::connect(opts(f.port)).unwrap();
+    let ns = RemoteNamespace::open(&ctrl, 1).unwrap();
+    let mut q = ns.open_queue().unwrap();
+    let data = pattern(64 * 1024, 9);
+    let mut out = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut run = |q: &mut Box<dyn unvme_bdev::BdevQueue>, req: IoRequest| {
+        q.submit(req).unwrap();
+        out.clear();
+        while out.is_empty() && Instant::now() < end {
+            q.poll(&mut out);
+        }
+        out.pop().expect("a completion before the deadline")
+    };
+    assert_eq!(run(&mut q, write(0, &data, 1)).result, Ok(()));
+    let mut req = read(0, 128, 2);
+    req.buf.as_mut().unwrap().fill(0xee);
+    let c = run(&mut q, req);
+    assert_eq!(
+        c.result,
+        Err(IoError::Unavailable),
+        "never OK with stale data"
+    );
+    // The queue reconnects; the next reads get the disk's data.
+    loop {
+        let c = run(&mut q, read(0, 128, 3));
+        if c.result == Ok(()) {
+            assert_eq!(&c.buf.unwrap()[..], &data[..]);
+            break;
+        }
+        assert_eq!(c.result, Err(IoError::Unavailable));
+        assert!(Instant::now() < end, "reconnected in time");
+        std::thread::yield_now();
+    }
+}
+
+/// Resident set size of this process, from /proc/self/status.
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn r2t_flood_for_one_write_ends_the_connection_with_bounded_memory() {
+    let f = start(Behaviour {
+        r2t_flood: 3000,
+        attacks: 1,
+        maxh2cdata: 4096,
+        ioccsz: 4,
+        ..Behaviour::default()
+    });
+    let mut o = opts(f.port);
+    o.command_timeout = Duration::from_millis(1000);
+    let ctrl = Controller::connect(o).unwrap();
+    let mut qp = ctrl.create_io_qpair().unwrap();
+    let before = rss_kib();
+    let t0 = Instant::now();
+    let data = pattern(128 * 1024, 4);
+    let c = qp.run_sync(1, write(0, &data, 1)).unwrap();
+    assert!(c.result.is_err(), "{:?}", c.result);
+    assert!(qp.is_closed());
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "RSS grew by {grown} KiB");
+}
+
+/// Counts the events logged at WARN or above while `f` runs on this thread.
+fn count_warnings(f: impl FnOnce()) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    struct Counter(Arc<AtomicUsize>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Counter {
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            if *e.metadata().level() <= tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    use tracing_subscriber::layer::SubscriberExt;
+    let n = Arc::new(AtomicUsize::new(0));
+    let sub = tracing_subscriber::registry().with(Counter(n.clone()));
+    tracing::subscriber::with_default(sub, f);
+    n.load(Ordering::Relaxed)
+}
+
+#[test]
+fn responses_for_unknown_commands_end_the_connection_without_a_log_line_each() {
+    let f = start(Behaviour {
+        unknown_cqes: 20_000,
+        attacks: 1,
+        ..Behaviour::default()
+    });
+    let ctrl = Controller::connect(opts(f.port)).unwrap();
+    let mut qp = ctrl.create_io_qpair().unwrap();
+    let warnings = count_warnings(|| {
+        let c = qp.run_sync(1, read(0, 8, 1)).unwrap();
+        assert_eq!(c.result, Err(IoError::Unavailable));
+    });
+    assert!(qp.is_closed());
+    assert!(warnings <= 2, "{warnings} warnings");
+    let end = Instant::now() + Duration::from_secs(5);
+    while f.log.lock().unwrap().term_reqs.is_empty() && Instant::now() < end {
+        std::thread::yield_now();
+    }
+    // Invalid PDU Header Field, at the CQE's CID.
+    assert_eq!(f.log.lock().unwrap().term_reqs, vec![(0x01, 20)]);
+}
+
+#[test]
+fn write_to_a_controller_that_stops_reading_times_out_and_ends_the_connection() {
+    let f = start(Behaviour {
+        stall_on_r2t: 8,
+        ioccsz: 4,
+        ..Behaviour::default()
+    });
+    let mut o = opts(f.port);
+    o.command_timeout = Duration::from_millis(300);
+    let ctrl = Controller::connect(o).unwrap();
+    let mut qp = ctrl.create_io_qpair().unwrap();
+    small_buffer(&qp, libc::SO_SNDBUF);
+    let t0 = Instant::now();
+    // 1 MiB of writes: far more than the socket buffers hold.
+    for t in 0..8 {
+        qp.submit(1, write(t * 256, &pattern(128 * 1024, t as u8), t))
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    while out.len() < 8 && t0.elapsed() < Duration::from_secs(5) {
+        qp.poll(&mut out);
+        qp.wait(5);
+    }
+    assert_eq!(out.len(), 8, "every write ends");
+    assert!(out.iter().all(|c| c.result.is_err()));
+    assert!(out.iter().any(|c| c.result == Err(IoError::Timeout)));
+    assert!(out.iter().all(|c| c.buf.is_some()), "buffers come back");
+    assert!(qp.is_closed(), "a controller that does not read is left");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
