@@ -247,7 +247,10 @@ fn capsule_bytes(sqe: &Sqe, data: &[u8]) -> Vec<u8> {
     use unvme_proto::pdu::{self, CapsuleCmd, Framing, Pdu};
     let mut sqe = *sqe;
     if !data.is_empty() {
-        sqe.set_sgl(unvme_proto::nvme::SglDescriptor::in_capsule(0, data.len() as u32));
+        sqe.set_sgl(unvme_proto::nvme::SglDescriptor::in_capsule(
+            0,
+            data.len() as u32,
+        ));
     }
     let mut h = [0u8; pdu::MAX_HEADER];
     let n = pdu::encode_header(
@@ -386,7 +389,10 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
         };
         Conn::new(s, peer, subsystems.clone(), params.clone())
     };
-    let run = |c: &mut Conn<MemStream>, pool: &mut BufPool, queues: &mut BdevQueues, comps: &mut Vec<unvme_bdev::IoCompletion>| {
+    let run = |c: &mut Conn<MemStream>,
+               pool: &mut BufPool,
+               queues: &mut BdevQueues,
+               comps: &mut Vec<unvme_bdev::IoCompletion>| {
         for _ in 0..4096 {
             let more = c.stream.next_turn();
             let mut ctx = Ctx {
@@ -426,7 +432,11 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
         }
         Prelude::Io => {
             let mut a = new_conn(
-                vec![icreq_bytes(), connect_bytes(0, CNTLID_DYNAMIC), enable_bytes()],
+                vec![
+                    icreq_bytes(),
+                    connect_bytes(0, CNTLID_DYNAMIC),
+                    enable_bytes(),
+                ],
                 1 << 20,
             );
             run(&mut a, &mut pool, &mut queues, &mut comps);
@@ -450,5 +460,8 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
     if let Some(mut a) = admin {
         a.release(&mut pool);
     }
-    assert_eq!(pool.xfer_used, 0, "transfer budget left charged after close");
+    assert_eq!(
+        pool.xfer_used, 0,
+        "transfer budget left charged after close"
+    );
 }

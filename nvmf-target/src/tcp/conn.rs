@@ -606,50 +606,57 @@ impl<S: Read + std::io::Write> Conn<S> {
         }
     }
 
-    /// Starts the waiting transfers, in order, while the connection's and
-    /// (for an I/O queue) the reactor's budget allow; a connection holding
-    /// nothing may always start one, so every queue makes progress. A write
-    /// gets its buffer and R2T, a read its buffer and runs.
+    /// Starts the waiting transfers, in order, while the budgets allow
+    /// (see [`Conn::try_grant`]).
     pub fn grant_transfers(&mut self, ctx: &mut Ctx<'_>) {
-        let shared = self.ctrl.qid() != 0;
-        let conn_limit = self.ctrl.params().conn_xfer_bytes;
         while let Some(&slot) = self.xfer_wait.front() {
-            if self.close.is_some() || self.phase == Phase::Closing {
-                return;
-            }
-            let si = usize::from(slot);
-            let len = self.slots[si].len as usize;
-            let conn_ok = self.xfer_held == 0 || self.xfer_held + len <= conn_limit;
-            let pool = &*ctx.pool;
-            let reactor_ok =
-                !shared || pool.xfer_used == 0 || pool.xfer_used + len <= pool.xfer_limit;
-            if !(conn_ok && reactor_ok) {
+            if self.close.is_some() || self.phase == Phase::Closing || !self.try_grant(slot, ctx) {
                 return;
             }
             self.xfer_wait.pop_front();
-            self.xfer_held += len;
-            if shared {
-                ctx.pool.xfer_used += len;
-            }
-            let sqe = self.slots[si].sqe;
-            let buf = self.data_buf(&sqe, len, ctx);
-            let s = &mut self.slots[si];
-            s.charged = len as u32;
-            s.buf = Some(buf);
-            if sqe.data_dir() == DataDir::ControllerToHost {
-                s.state = SlotState::Executing;
-                self.dispatch(slot, ctx);
-            } else {
-                s.state = SlotState::AwaitH2c;
-                let r2t = R2t {
-                    cccid: s.cid,
-                    ttag: slot,
-                    r2to: 0,
-                    r2tl: s.len,
-                };
-                self.tx.push_pdu(&Pdu::R2t(r2t));
-            }
         }
+    }
+
+    /// Starts `slot`'s transfer if the connection's and (for an I/O queue)
+    /// the reactor's transfer budget allow it; a connection holding nothing
+    /// may always start one, so every queue makes progress. A write gets
+    /// its buffer and R2T, a read its buffer and runs. Returns whether it
+    /// started.
+    #[inline]
+    fn try_grant(&mut self, slot: u16, ctx: &mut Ctx<'_>) -> bool {
+        let si = usize::from(slot);
+        let len = self.slots[si].len as usize;
+        let shared = self.ctrl.qid() != 0;
+        let conn_ok =
+            self.xfer_held == 0 || self.xfer_held + len <= self.ctrl.params().conn_xfer_bytes;
+        let pool = &mut *ctx.pool;
+        let reactor_ok = !shared || pool.xfer_used == 0 || pool.xfer_used + len <= pool.xfer_limit;
+        if !(conn_ok && reactor_ok) {
+            return false;
+        }
+        self.xfer_held += len;
+        if shared {
+            pool.xfer_used += len;
+        }
+        let sqe = self.slots[si].sqe;
+        let buf = self.data_buf(&sqe, len, ctx);
+        let s = &mut self.slots[si];
+        s.charged = len as u32;
+        s.buf = Some(buf);
+        if sqe.data_dir() == DataDir::ControllerToHost {
+            s.state = SlotState::Executing;
+            self.dispatch(slot, ctx);
+        } else {
+            s.state = SlotState::AwaitH2c;
+            let r2t = R2t {
+                cccid: s.cid,
+                ttag: slot,
+                r2to: 0,
+                r2tl: s.len,
+            };
+            self.tx.push_pdu(&Pdu::R2t(r2t));
+        }
+        true
     }
 
     fn cid_test_set(&mut self, cid: u16) -> bool {
@@ -788,11 +795,14 @@ impl<S: Read + std::io::Write> Conn<S> {
         if sgl.length > self.ctrl.params().max_transfer {
             return self.complete(slot, Completion::status(Status::INVALID_FIELD));
         }
-        let s = &mut self.slots[usize::from(slot)];
-        s.len = sgl.length;
-        s.state = SlotState::AwaitBudget;
+        self.slots[usize::from(slot)].len = sgl.length;
+        // Transfers start in arrival order: one may start now only if none
+        // waits.
+        if self.xfer_wait.is_empty() && self.try_grant(slot, ctx) {
+            return;
+        }
+        self.slots[usize::from(slot)].state = SlotState::AwaitBudget;
         self.xfer_wait.push_back(slot);
-        self.grant_transfers(ctx);
     }
 
     /// The data buffer of a command: from its namespace's queue when that
