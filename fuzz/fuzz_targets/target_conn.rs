@@ -16,7 +16,7 @@ use unvme_target::fuzzing::{conn_stream, Prelude};
 // room per turn (bytes 1-2, little endian, plus one), then the host's bytes
 // as chunks, one per turn, each a 2-byte little-endian length and that many
 // bytes (a short last chunk takes what is left). The explicit framing lets
-// a seed be a real session (fuzz/seeds/target_conn).
+// a seed be a real session (fuzz/corpus/target_conn holds such seeds).
 fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {
         return;
