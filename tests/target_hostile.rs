@@ -276,6 +276,47 @@ fn the_reactor_budget_holds_across_connections_and_frees_on_close() {
 }
 
 #[test]
+fn a_host_holding_the_reactor_budget_without_sending_data_is_closed() {
+    // A connected host takes the whole reactor budget with writes whose
+    // data never comes; once no data has moved for the transfer deadline
+    // it is closed and another host's write gets its R2T.
+    let (t, _cfg) = target_1r(
+        "transfer-timeout",
+        "max_transfer_bytes_per_connection = 2097152\nmax_transfer_bytes_per_reactor = 2097152\ntransfer_timeout_ms = 500\n",
+    );
+    let admin_q = RawHost::admin(t.addr, DEFAULT_SUBNQN, false, false);
+    let mut hog = io_queue(t.addr, admin_q.cntlid, 1, 32);
+    for cid in 0..2u16 {
+        capsule(&mut hog, rw_sqe(io_opc::WRITE, cid, 0, MIB as u32));
+    }
+    assert_eq!(r2ts_before_flush(&mut hog, 100).len(), 2);
+    let mut other = io_queue(t.addr, admin_q.cntlid, 2, 32);
+    capsule(&mut other, rw_sqe(io_opc::WRITE, 7, 0, MIB as u32));
+    assert!(
+        r2ts_before_flush(&mut other, 101).is_empty(),
+        "the reactor budget is held"
+    );
+    let t0 = Instant::now();
+    assert!(
+        closed_within(&mut hog.s, Duration::from_secs(5)),
+        "the stalled host stays connected"
+    );
+    let (p, _) = other.recv_pdu();
+    let Pdu::R2t(r) = p else {
+        panic!("expected the R2T, got {p:?}")
+    };
+    assert_eq!(r.cccid, 7);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    send_h2c(&mut other, 7, r.ttag, MIB, 0x33);
+    match other.recv_pdu().0 {
+        Pdu::CapsuleResp(c) => assert!(c.cqe.status().is_success()),
+        p => panic!("unexpected PDU {p:?}"),
+    }
+    drop((other, admin_q));
+    assert!(t.stop().success());
+}
+
+#[test]
 fn a_host_exceeding_its_queue_size_gets_a_sequence_error() {
     // A 4-entry queue takes 4 outstanding commands; the 5th breaks the
     // queue's flow control: fatal transport error, PDU Sequence Error.

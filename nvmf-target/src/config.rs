@@ -103,6 +103,11 @@ pub struct TargetConfig {
     /// Milliseconds from accept to a successful Connect before the socket
     /// is closed. Default 10000.
     pub connect_timeout_ms: u64,
+    /// Milliseconds a connection may hold transfer budget with no data
+    /// moving (no H2CData arriving, none of its queued data going out)
+    /// before it is closed, so a host cannot hold the reactor's budget
+    /// forever. Default 10000.
+    pub transfer_timeout_ms: u64,
 }
 
 impl Default for TargetConfig {
@@ -129,6 +134,7 @@ impl Default for TargetConfig {
             turn_budget_bytes: 256 << 10,
             icreq_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
+            transfer_timeout_ms: 10_000,
         }
     }
 }
@@ -265,6 +271,8 @@ pub(crate) struct Params {
     pub icreq_timeout: std::time::Duration,
     /// Accept to Connect.
     pub connect_timeout: std::time::Duration,
+    /// Budget held with no data moving.
+    pub transfer_timeout: std::time::Duration,
 }
 
 impl Params {
@@ -285,6 +293,7 @@ impl Params {
             turn_budget: c.turn_budget_bytes,
             icreq_timeout: std::time::Duration::from_millis(c.icreq_timeout_ms),
             connect_timeout: std::time::Duration::from_millis(c.connect_timeout_ms),
+            transfer_timeout: std::time::Duration::from_millis(c.transfer_timeout_ms),
         }
     }
 }

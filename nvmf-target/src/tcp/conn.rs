@@ -189,6 +189,11 @@ pub(crate) struct Conn<S = mio::net::TcpStream> {
     xfer_wait: std::collections::VecDeque<u16>,
     /// A data digest error was already logged on this connection.
     digest_warned: bool,
+    /// Data moved (H2CData arrived, or queued bytes went out) since the
+    /// last tick.
+    xfer_progress: bool,
+    /// When the transfer budget this connection holds last saw progress.
+    xfer_stalled_since: Option<Instant>,
 }
 
 impl<S: Read + std::io::Write> Conn<S> {
@@ -240,6 +245,8 @@ impl<S: Read + std::io::Write> Conn<S> {
             xfer_held: 0,
             xfer_wait: std::collections::VecDeque::with_capacity(nslots),
             digest_warned: false,
+            xfer_progress: false,
+            xfer_stalled_since: None,
         }
     }
 
@@ -279,6 +286,20 @@ impl<S: Read + std::io::Write> Conn<S> {
                 self.close = Some(CloseReason::Deadline(what));
             }
             return;
+        }
+        // Budget held with no data moving: a host that asked for transfers
+        // and neither sends the write data nor reads the read data would
+        // hold the reactor's budget (and every other host's transfers).
+        if self.xfer_held == 0 || std::mem::take(&mut self.xfer_progress) {
+            self.xfer_stalled_since = None;
+        } else {
+            let since = *self.xfer_stalled_since.get_or_insert(now);
+            if now.saturating_duration_since(since) > self.ctrl.params().transfer_timeout {
+                self.close = Some(CloseReason::Deadline(
+                    "no data moved for the transfers it holds",
+                ));
+                return;
+            }
         }
         if let Some(t) = self.ctrl.tick(now) {
             self.close = Some(CloseReason::Controller(t));
@@ -508,6 +529,7 @@ impl<S: Read + std::io::Write> Conn<S> {
     }
 
     fn on_h2c(&mut self, d: DataPdu) {
+        self.xfer_progress = true;
         let si = usize::from(d.ttag);
         let ok = self
             .slots
@@ -989,12 +1011,18 @@ impl<S: Read + std::io::Write> Conn<S> {
             &mut self.freed,
         );
         let mut freed = std::mem::take(&mut self.freed);
+        if !freed.is_empty() {
+            // A command's answer went out in full.
+            self.xfer_progress = true;
+        }
         for slot in freed.drain(..) {
             self.free_slot(slot, pool);
         }
         self.freed = freed;
-        if let Ok(false) = r {
-            self.writable = false;
+        match r {
+            Ok(false) => self.writable = false,
+            Ok(true) => self.xfer_progress = true,
+            Err(_) => {}
         }
         r
     }
