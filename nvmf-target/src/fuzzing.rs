@@ -411,6 +411,7 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
                 c.io_done(comp.tag as u16, comp.result, comp.buf, pool);
             }
             let _ = c.flush(pool);
+            c.tick(std::time::Instant::now());
             assert!(
                 pool.xfer_used <= pool.xfer_limit.max(params.max_transfer as usize),
                 "reactor transfer budget overrun"
