@@ -80,8 +80,34 @@ pub struct TargetConfig {
     pub max_controllers_per_host: usize,
     /// Microseconds a reactor spins without work before sleeping in epoll.
     pub spin_us: u64,
-    /// Most connections per reactor.
+    /// Most connections per reactor. When a new connection would exceed
+    /// it, the oldest connection that has not completed Connect is closed
+    /// to make room (a connected queue is never evicted).
     pub max_connections_per_reactor: usize,
+    /// Data bytes one connection may hold in buffers for transfers the host
+    /// has not finished: writes whose R2T is out and data not yet in, reads
+    /// whose data is not yet sent. Further transfers wait, in order, until
+    /// it allows (one transfer is always allowed). Default 8 MiB.
+    pub max_transfer_bytes_per_connection: usize,
+    /// The same, for all I/O connections of one reactor. Default 64 MiB.
+    pub max_transfer_bytes_per_reactor: usize,
+    /// Bytes of queued responses (PDU headers) above which a connection is
+    /// not read until its host drains them (backpressure). Default 64 KiB.
+    pub max_send_queue_bytes: usize,
+    /// Bytes read from one connection per reactor turn before the reactor
+    /// serves the others (fairness). Default 256 KiB.
+    pub turn_budget_bytes: usize,
+    /// Milliseconds from accept to ICReq before the socket is closed.
+    /// Default 10000.
+    pub icreq_timeout_ms: u64,
+    /// Milliseconds from accept to a successful Connect before the socket
+    /// is closed. Default 10000.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds a connection may hold transfer budget with no data
+    /// moving (no H2CData arriving, none of its queued data going out)
+    /// before it is closed, so a host cannot hold the reactor's budget
+    /// forever. Default 10000.
+    pub transfer_timeout_ms: u64,
 }
 
 impl Default for TargetConfig {
@@ -102,6 +128,13 @@ impl Default for TargetConfig {
             max_controllers_per_host: DEFAULT_MAX_CONTROLLERS_PER_HOST,
             spin_us: 1000,
             max_connections_per_reactor: 1024,
+            max_transfer_bytes_per_connection: 8 << 20,
+            max_transfer_bytes_per_reactor: 64 << 20,
+            max_send_queue_bytes: 64 << 10,
+            turn_budget_bytes: 256 << 10,
+            icreq_timeout_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            transfer_timeout_ms: 10_000,
         }
     }
 }
@@ -153,6 +186,14 @@ impl TargetConfig {
         }
         if !(2..=1024).contains(&self.max_queue_size) {
             return Err(Error::Config("max queue size must be 2..=1024".into()));
+        }
+        if self.max_connections_per_reactor == 0
+            || self.turn_budget_bytes == 0
+            || self.max_send_queue_bytes == 0
+        {
+            return Err(Error::Config(
+                "connection limit, turn budget and send queue bound must be positive".into(),
+            ));
         }
         if self.max_io_queues == 0 {
             return Err(Error::Config("at least one I/O queue".into()));
@@ -218,6 +259,20 @@ pub(crate) struct Params {
     pub spin: std::time::Duration,
     /// Connections one reactor serves.
     pub max_conns: usize,
+    /// Transfer bytes a connection may hold (see [`TargetConfig`]).
+    pub conn_xfer_bytes: usize,
+    /// Transfer bytes the I/O connections of a reactor may hold.
+    pub reactor_xfer_bytes: usize,
+    /// Queued response bytes above which a connection is not read.
+    pub sendq_limit: usize,
+    /// Bytes read from one connection per turn.
+    pub turn_budget: usize,
+    /// Accept to ICReq.
+    pub icreq_timeout: std::time::Duration,
+    /// Accept to Connect.
+    pub connect_timeout: std::time::Duration,
+    /// Budget held with no data moving.
+    pub transfer_timeout: std::time::Duration,
 }
 
 impl Params {
@@ -232,6 +287,13 @@ impl Params {
             max_ctrls_per_host: c.max_controllers_per_host,
             spin: std::time::Duration::from_micros(c.spin_us),
             max_conns: c.max_connections_per_reactor,
+            conn_xfer_bytes: c.max_transfer_bytes_per_connection,
+            reactor_xfer_bytes: c.max_transfer_bytes_per_reactor,
+            sendq_limit: c.max_send_queue_bytes,
+            turn_budget: c.turn_budget_bytes,
+            icreq_timeout: std::time::Duration::from_millis(c.icreq_timeout_ms),
+            connect_timeout: std::time::Duration::from_millis(c.connect_timeout_ms),
+            transfer_timeout: std::time::Duration::from_millis(c.transfer_timeout_ms),
         }
     }
 }

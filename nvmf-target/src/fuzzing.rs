@@ -1,5 +1,7 @@
 //! Entry points for the fuzz targets (feature `fuzzing`): the controller
-//! model driven with arbitrary commands, with no socket. Not a stable API.
+//! model driven with arbitrary commands, with no socket, and a whole
+//! connection (the transport's receive path, the controller, a null
+//! backend) fed arbitrary bytes ([`conn_stream`]). Not a stable API.
 //!
 //! The checks are the controller's promises to the transport, whatever a
 //! host sends: it never panics, it answers with data only into a buffer the
@@ -172,4 +174,295 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
     for q in [&mut io, &mut fresh, &mut admin] {
         q.release();
     }
+}
+
+/// How [`conn_stream`] brings the connection up before the fuzzed bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Prelude {
+    /// Nothing: the fuzzed bytes are the first the target sees.
+    Raw,
+    /// ICReq (no digests).
+    IcReq,
+    /// ICReq, admin Connect, CC.EN = 1.
+    Admin,
+    /// An enabled admin queue on another connection, then ICReq and an I/O
+    /// Connect (queue 1, 32 entries) on this one.
+    Io,
+}
+
+/// An in-memory stream: reads hand out one chunk per turn (then
+/// `WouldBlock`), end of stream after the last; writes take up to `wcap`
+/// bytes per turn, so a host that reads slowly is played too.
+struct MemStream {
+    chunks: std::collections::VecDeque<Vec<u8>>,
+    pos: usize,
+    wcap: usize,
+    wleft: usize,
+    out: Vec<u8>,
+}
+
+impl std::io::Read for MemStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(c) = self.chunks.front() else {
+            return Ok(0);
+        };
+        if self.pos == c.len() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(c.len() - self.pos);
+        buf[..n].copy_from_slice(&c[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl std::io::Write for MemStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.wleft == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.wleft);
+        self.wleft -= n;
+        self.out.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MemStream {
+    /// Starts a turn: the next chunk, fresh write room. False at the end.
+    fn next_turn(&mut self) -> bool {
+        if self.chunks.front().is_some_and(|c| self.pos == c.len()) {
+            self.chunks.pop_front();
+            self.pos = 0;
+        }
+        self.wleft = self.wcap;
+        !self.chunks.is_empty()
+    }
+}
+
+fn capsule_bytes(sqe: &Sqe, data: &[u8]) -> Vec<u8> {
+    use unvme_proto::pdu::{self, CapsuleCmd, Framing, Pdu};
+    let mut sqe = *sqe;
+    if !data.is_empty() {
+        sqe.set_sgl(unvme_proto::nvme::SglDescriptor::in_capsule(
+            0,
+            data.len() as u32,
+        ));
+    }
+    let mut h = [0u8; pdu::MAX_HEADER];
+    let n = pdu::encode_header(
+        &Pdu::CapsuleCmd(CapsuleCmd {
+            sqe,
+            data_len: data.len() as u32,
+        }),
+        &Framing::default(),
+        &mut h,
+    );
+    let mut v = h[..n].to_vec();
+    v.extend_from_slice(data);
+    v
+}
+
+fn icreq_bytes() -> Vec<u8> {
+    use unvme_proto::pdu::{self, Framing, IcReq, Pdu};
+    let mut h = [0u8; pdu::MAX_HEADER];
+    let ic = Pdu::IcReq(IcReq {
+        pfv: 0,
+        hpda: 0,
+        dgst: 0,
+        maxr2t: 0,
+    });
+    let n = pdu::encode_header(&ic, &Framing::default(), &mut h);
+    h[..n].to_vec()
+}
+
+fn connect_bytes(qid: u16, cntlid: u16) -> Vec<u8> {
+    let mut sqe = Sqe {
+        cid: 0x7001,
+        ..Sqe::default()
+    };
+    ConnectCmd {
+        qid,
+        sqsize: 31,
+        cattr: unvme_proto::fabrics::CATTR_DISABLE_SQFLOW,
+        kato: 0,
+        ..ConnectCmd::default()
+    }
+    .to_sqe(&mut sqe);
+    let data = ConnectData {
+        hostid: [1; 16],
+        cntlid,
+        subnqn: NQN.into(),
+        hostnqn: HOST.into(),
+    }
+    .encode();
+    capsule_bytes(&sqe, &data)
+}
+
+fn enable_bytes() -> Vec<u8> {
+    let mut en = Sqe {
+        cid: 0x7002,
+        ..Sqe::default()
+    };
+    PropertyCmd {
+        size8: false,
+        ofst: regs::CC,
+        value: u64::from(cc::EN),
+    }
+    .to_sqe(true, &mut en);
+    capsule_bytes(&en, &[])
+}
+
+/// Checks that `out` is a well-formed stream of controller-to-host PDUs
+/// (no digests) and returns the CQEs in it.
+fn check_output(out: &[u8]) -> Vec<unvme_proto::nvme::Cqe> {
+    use unvme_proto::pdu::{Event, Limits, Pdu, PduDecoder, Role};
+    let mut dec = PduDecoder::new(
+        Role::Host,
+        Limits {
+            max_incapsule: 0,
+            max_data: 16 << 20,
+        },
+    );
+    let mut cqes = Vec::new();
+    let mut at = 0;
+    while at < out.len() {
+        let (n, ev) = match dec.decode(&out[at..]) {
+            Ok(x) => x,
+            // A TermReq ends the stream; the decoder may reject what a
+            // TermReq carries (the offending header), nothing else.
+            Err(e) => panic!("the target sent a malformed PDU: {e}"),
+        };
+        at += n;
+        match ev {
+            Some(Event::Pdu(Pdu::CapsuleResp(r))) => cqes.push(r.cqe),
+            Some(Event::Pdu(Pdu::C2hTermReq(_))) => break,
+            None if n == 0 => break,
+            _ => {}
+        }
+    }
+    cqes
+}
+
+/// Runs a connection (reactor-style turns: grant, read, run, poll the
+/// backend, flush) over `chunks` (one per turn) after `prelude`, with
+/// `wcap` bytes of send room per turn, against a null namespace. Panics if
+/// the connection breaks a promise: a malformed PDU sent after an ICResp
+/// without digests, or transfer budget left charged at close.
+pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
+    use crate::pool::BufPool;
+    use crate::queues::BdevQueues;
+    use crate::tcp::{Conn, Ctx};
+    let cfg = TargetConfig {
+        subsystems: vec![SubsystemConfig {
+            nqn: NQN.into(),
+            serial: "F".into(),
+            model: "fuzz".into(),
+            allowed_hosts: Vec::new(),
+            namespaces: vec![NamespaceConfig {
+                bdev: "null:64M".into(),
+                nsid: None,
+            }],
+        }],
+        max_transfer_bytes_per_connection: 256 << 10,
+        max_transfer_bytes_per_reactor: 512 << 10,
+        max_send_queue_bytes: 4096,
+        turn_budget_bytes: 16 << 10,
+        ..TargetConfig::default()
+    };
+    let subsystems = Arc::new(Subsystems::from_config(&cfg).expect("a null namespace opens"));
+    let params = Arc::new(Params::from_config(&cfg));
+    let peer = "127.0.0.1:1".parse().expect("an address");
+    let mut pool = BufPool::new(1 << 20, params.reactor_xfer_bytes);
+    let mut queues = BdevQueues::new(subsystems.clone());
+    let mut comps = Vec::new();
+    let new_conn = |chunks: Vec<Vec<u8>>, wcap: usize| {
+        let s = MemStream {
+            chunks: chunks.into(),
+            pos: 0,
+            wcap: wcap.max(1),
+            wleft: 0,
+            out: Vec::new(),
+        };
+        Conn::new(s, peer, subsystems.clone(), params.clone())
+    };
+    let run = |c: &mut Conn<MemStream>,
+               pool: &mut BufPool,
+               queues: &mut BdevQueues,
+               comps: &mut Vec<unvme_bdev::IoCompletion>| {
+        for _ in 0..4096 {
+            let more = c.stream.next_turn();
+            let mut ctx = Ctx {
+                queues: &mut *queues,
+                pool: &mut *pool,
+                tag_base: 0,
+            };
+            if c.has_waiting() {
+                c.grant_transfers(&mut ctx);
+            }
+            c.readable = true;
+            c.on_readable(&mut ctx);
+            queues.retry();
+            queues.poll(comps);
+            for comp in comps.drain(..) {
+                c.io_done(comp.tag as u16, comp.result, comp.buf, pool);
+            }
+            let _ = c.flush(pool);
+            c.tick(std::time::Instant::now());
+            assert!(
+                pool.xfer_used <= pool.xfer_limit.max(params.max_transfer as usize),
+                "reactor transfer budget overrun"
+            );
+            if c.close.is_some() || (!more && !c.has_tx() && !queues.pending()) {
+                break;
+            }
+        }
+    };
+    let mut admin = None;
+    let mut pre: Vec<Vec<u8>> = Vec::new();
+    match prelude {
+        Prelude::Raw => {}
+        Prelude::IcReq => pre.push(icreq_bytes()),
+        Prelude::Admin => {
+            pre.push(icreq_bytes());
+            pre.push(connect_bytes(0, CNTLID_DYNAMIC));
+            pre.push(enable_bytes());
+        }
+        Prelude::Io => {
+            let mut a = new_conn(
+                vec![
+                    icreq_bytes(),
+                    connect_bytes(0, CNTLID_DYNAMIC),
+                    enable_bytes(),
+                ],
+                1 << 20,
+            );
+            run(&mut a, &mut pool, &mut queues, &mut comps);
+            let cntlid = check_output(&a.stream.out)
+                .iter()
+                .find(|c| c.cid == 0x7001)
+                .map(|c| c.dw0 as u16)
+                .expect("the admin Connect answers");
+            pre.push(icreq_bytes());
+            pre.push(connect_bytes(1, cntlid));
+            admin = Some(a);
+        }
+    }
+    pre.extend(chunks.iter().map(|c| c.to_vec()));
+    let mut c = new_conn(pre, wcap);
+    run(&mut c, &mut pool, &mut queues, &mut comps);
+    if !matches!(prelude, Prelude::Raw) {
+        check_output(&c.stream.out);
+    }
+    c.release(&mut pool);
+    if let Some(mut a) = admin {
+        a.release(&mut pool);
+    }
+    assert_eq!(
+        pool.xfer_used, 0,
+        "transfer budget left charged after close"
+    );
 }

@@ -1,5 +1,7 @@
 //! A reactor's free lists of data buffers, so the I/O path does not
-//! allocate in steady state.
+//! allocate in steady state, and the reactor's transfer budget: the data
+//! bytes its I/O connections hold for transfers the host has not finished
+//! (writes waiting for H2CData, reads waiting to be sent).
 
 use unvme_bdev::IoBuf;
 
@@ -9,15 +11,22 @@ pub(crate) struct BufPool {
     classes: Vec<Vec<IoBuf>>,
     kept: usize,
     limit: usize,
+    /// Transfer bytes the reactor's I/O connections hold.
+    pub xfer_used: usize,
+    /// The most they may hold.
+    pub xfer_limit: usize,
 }
 
 impl BufPool {
-    /// An empty pool that keeps at most `limit` bytes of free buffers.
-    pub fn new(limit: usize) -> Self {
+    /// An empty pool that keeps at most `limit` bytes of free buffers,
+    /// with a transfer budget of `xfer_limit` bytes.
+    pub fn new(limit: usize, xfer_limit: usize) -> Self {
         BufPool {
             classes: (0..13).map(|_| Vec::new()).collect(),
             kept: 0,
             limit,
+            xfer_used: 0,
+            xfer_limit,
         }
     }
 

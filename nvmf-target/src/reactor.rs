@@ -6,6 +6,12 @@
 //! work outstanding, then flush each connection's responses with one
 //! vectored write. After `spin_us` without work the reactor blocks in
 //! `epoll_wait` (up to 100 ms, for timers), so an idle target sleeps.
+//!
+//! A reactor serves at most `max_connections_per_reactor` connections; a
+//! new one beyond that evicts the oldest connection that has not completed
+//! Connect (a connected queue is never evicted, so a host that connects is
+//! served while idle sockets come and go). Warnings about misbehaving
+//! connections are rate-limited per reactor.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +59,42 @@ pub(crate) struct Reactor {
     gens: Vec<u32>,
     queues: BdevQueues,
     pool: BufPool,
+    warn_limit: WarnLimit,
+}
+
+/// At most [`WarnLimit::BURST`] warnings per second; the rest are counted
+/// and their number logged with the next one allowed.
+struct WarnLimit {
+    window: Instant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl WarnLimit {
+    const BURST: u32 = 20;
+
+    fn new() -> Self {
+        WarnLimit {
+            window: Instant::now(),
+            in_window: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a warning may be logged now; `Some(n)` with the number
+    /// suppressed since the last one logged.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.in_window = 0;
+        }
+        if self.in_window >= Self::BURST {
+            self.suppressed += 1;
+            return None;
+        }
+        self.in_window += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl Reactor {
@@ -68,7 +110,6 @@ impl Reactor {
         Ok((
             Reactor {
                 id,
-                params,
                 subsystems: subsystems.clone(),
                 stop,
                 poll,
@@ -76,7 +117,9 @@ impl Reactor {
                 conns: Vec::new(),
                 gens: Vec::new(),
                 queues: BdevQueues::new(subsystems.clone()),
-                pool: BufPool::new(64 << 20),
+                pool: BufPool::new(64 << 20, params.reactor_xfer_bytes),
+                params,
+                warn_limit: WarnLimit::new(),
             },
             tx,
             waker,
@@ -89,8 +132,10 @@ impl Reactor {
             Err(_) => return,
         };
         let live = self.conns.iter().filter(|c| c.is_some()).count();
-        if live >= self.params.max_conns {
-            tracing::warn!(%peer, "connection limit reached; refusing");
+        if live >= self.params.max_conns && !self.evict_one() {
+            if let Some(n) = self.warn_limit.allow(Instant::now()) {
+                tracing::warn!(%peer, suppressed = n, "connection limit reached and every connection is connected; refusing");
+            }
             return;
         }
         if s.set_nonblocking(true).is_err() || s.set_nodelay(true).is_err() {
@@ -123,14 +168,34 @@ impl Reactor {
         ));
     }
 
+    /// Closes the oldest connection that has not completed Connect, to
+    /// make room for a new one. Returns false if every one is connected.
+    fn evict_one(&mut self) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+            .filter(|(_, c)| !c.connected())
+            .min_by_key(|(_, c)| c.accepted)
+            .map(|(i, _)| i);
+        let Some(idx) = oldest else {
+            return false;
+        };
+        if let Some(c) = self.conns[idx].as_mut() {
+            c.close = Some(CloseReason::Evicted);
+        }
+        self.close(idx);
+        true
+    }
+
     fn close(&mut self, idx: usize) {
         if let Some(mut c) = self.conns[idx].take() {
             let reason = c.close.take().unwrap_or(CloseReason::Shutdown);
-            match &reason {
-                CloseReason::PeerClosed | CloseReason::Shutdown => {
-                    tracing::info!(peer = %c.peer, qid = c.qid(), "connection closed: {reason}")
-                }
-                _ => tracing::warn!(peer = %c.peer, qid = c.qid(), "connection closed: {reason}"),
+            if !reason.is_abnormal() {
+                tracing::info!(peer = %c.peer, qid = c.qid(), "connection closed: {reason}")
+            } else if let Some(n) = self.warn_limit.allow(Instant::now()) {
+                tracing::warn!(peer = %c.peer, qid = c.qid(), suppressed = n, "connection closed: {reason}")
             }
             let _ = self.poll.registry().deregister(&mut c.stream);
             c.release(&mut self.pool);
@@ -213,13 +278,21 @@ impl Reactor {
             let Some(c) = self.conns[idx].as_mut() else {
                 continue;
             };
-            if c.readable && c.close.is_none() {
+            let waiting = c.has_waiting();
+            if (waiting || c.readable) && c.close.is_none() {
                 let mut ctx = Ctx {
                     queues: &mut self.queues,
                     pool: &mut self.pool,
                     tag_base: tag_base(idx, self.gens[idx]),
                 };
-                work |= c.on_readable(&mut ctx) > 0;
+                if waiting {
+                    // Budget freed since (a flush sent read data, another
+                    // connection's write data arrived or it closed).
+                    c.grant_transfers(&mut ctx);
+                }
+                if c.readable {
+                    work |= c.on_readable(&mut ctx) > 0;
+                }
             }
         }
         work

@@ -283,6 +283,12 @@ impl Controller {
         }
     }
 
+    /// The transport dropped a held Asynchronous Event Request (its host
+    /// reused the CID): one fewer is held.
+    pub fn aer_dropped(&mut self) {
+        self.aers = self.aers.saturating_sub(1);
+    }
+
     /// The queue pair is gone: an admin queue takes its controller with it,
     /// an I/O queue frees its queue ID.
     pub fn release(&mut self) {

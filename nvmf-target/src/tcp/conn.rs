@@ -12,6 +12,21 @@
 //!
 //! What a command means is not decided here: no admin, Fabrics or NVM
 //! semantics live in this file.
+//!
+//! What a host may make the target hold is bounded here:
+//! - a command's data buffer is taken only when its data is about to move
+//!   (a write's when its R2T is sent, a read's when it is about to run), and
+//!   only while the connection's and the reactor's transfer budgets allow
+//!   ([`Params::conn_xfer_bytes`], [`BufPool::xfer_limit`]); transfers that
+//!   do not fit wait in order;
+//! - at most SQSIZE commands (the size Connect negotiated) are outstanding;
+//!   one more is a fatal transport error (PDU Sequence Error), as the host
+//!   broke the queue's flow control;
+//! - a connection whose queued responses exceed [`Params::sendq_limit`] is
+//!   not read until its host drains them, and one turn reads at most
+//!   [`Params::turn_budget`] bytes of one connection;
+//! - a connection that has not sent ICReq, or completed Connect, within its
+//!   deadline is closed.
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -69,6 +84,8 @@ enum SlotState {
     Executing,
     /// Held by the controller (Asynchronous Event Request).
     Held,
+    /// Waiting for the transfer budget to allow its data buffer (and R2T).
+    AwaitBudget,
     /// Response queued; the buffer is still referenced by the send queue.
     Sending,
 }
@@ -84,6 +101,8 @@ struct Slot {
     recvd: u32,
     /// A data digest error was seen on this command's data.
     ddgst_err: bool,
+    /// Transfer-budget bytes this command holds.
+    charged: u32,
 }
 
 /// Where the current PDU's data goes.
@@ -101,6 +120,18 @@ pub(crate) enum CloseReason {
     Io(io::Error),
     Controller(Teardown),
     Shutdown,
+    /// No ICReq, or no Connect, within its deadline.
+    Deadline(&'static str),
+    /// Closed to make room for a new connection before it connected.
+    Evicted,
+}
+
+impl CloseReason {
+    /// Whether the close is worth a warning (the host misbehaved or the
+    /// socket failed) rather than an ordinary end.
+    pub fn is_abnormal(&self) -> bool {
+        !matches!(self, CloseReason::PeerClosed | CloseReason::Shutdown)
+    }
 }
 
 impl std::fmt::Display for CloseReason {
@@ -111,12 +142,21 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Io(e) => write!(f, "socket error: {e}"),
             CloseReason::Controller(t) => write!(f, "{t}"),
             CloseReason::Shutdown => write!(f, "target shutting down"),
+            CloseReason::Deadline(what) => write!(f, "deadline passed: {what}"),
+            CloseReason::Evicted => {
+                write!(
+                    f,
+                    "evicted before Connect to make room for a new connection"
+                )
+            }
         }
     }
 }
 
-pub(crate) struct Conn {
-    pub stream: mio::net::TcpStream,
+/// A connection over `S`: a `mio` TCP stream in the target, any
+/// non-blocking `Read + Write` (an in-memory one in the fuzz target).
+pub(crate) struct Conn<S = mio::net::TcpStream> {
+    pub stream: S,
     pub peer: SocketAddr,
     dec: PduDecoder,
     phase: Phase,
@@ -140,15 +180,29 @@ pub(crate) struct Conn {
     pub close: Option<CloseReason>,
     pub close_deadline: Option<Instant>,
     pub outstanding_io: usize,
+    /// When the socket was accepted (ICReq and Connect deadlines, eviction
+    /// order).
+    pub accepted: Instant,
+    /// Transfer-budget bytes the slots hold.
+    xfer_held: usize,
+    /// Slots waiting for the transfer budget, in arrival order.
+    xfer_wait: std::collections::VecDeque<u16>,
+    /// A data digest error was already logged on this connection.
+    digest_warned: bool,
+    /// Data moved (H2CData arrived, or queued bytes went out) since the
+    /// last tick.
+    xfer_progress: bool,
+    /// When the transfer budget this connection holds last saw progress.
+    xfer_stalled_since: Option<Instant>,
 }
 
-impl Conn {
+impl<S: Read + std::io::Write> Conn<S> {
     pub fn new(
-        stream: mio::net::TcpStream,
+        stream: S,
         peer: SocketAddr,
         subsystems: Arc<Subsystems>,
         params: Arc<Params>,
-    ) -> Conn {
+    ) -> Self {
         let nslots = usize::from(params.max_queue_size) + 1;
         let limits = Limits {
             max_incapsule: ADMIN_INCAPSULE,
@@ -177,6 +231,7 @@ impl Conn {
                     len: 0,
                     recvd: 0,
                     ddgst_err: false,
+                    charged: 0,
                 })
                 .collect(),
             free: (0..nslots as u16).rev().collect(),
@@ -186,7 +241,23 @@ impl Conn {
             close: None,
             close_deadline: None,
             outstanding_io: 0,
+            accepted: Instant::now(),
+            xfer_held: 0,
+            xfer_wait: std::collections::VecDeque::with_capacity(nslots),
+            digest_warned: false,
+            xfer_progress: false,
+            xfer_stalled_since: None,
         }
+    }
+
+    /// Whether Connect succeeded on this connection.
+    pub fn connected(&self) -> bool {
+        self.ctrl.connected()
+    }
+
+    /// Whether transfers wait for the budget.
+    pub fn has_waiting(&self) -> bool {
+        !self.xfer_wait.is_empty()
     }
 
     pub fn has_tx(&self) -> bool {
@@ -197,12 +268,41 @@ impl Conn {
         self.ctrl.qid()
     }
 
-    /// Periodic checks of the controller (keep-alive, reset).
+    /// Periodic checks: the ICReq and Connect deadlines, the controller's
+    /// own (keep-alive, reset).
     pub fn tick(&mut self, now: Instant) {
-        if self.close.is_none() {
-            if let Some(t) = self.ctrl.tick(now) {
-                self.close = Some(CloseReason::Controller(t));
+        if self.close.is_some() {
+            return;
+        }
+        if !self.ctrl.connected() {
+            let age = now.saturating_duration_since(self.accepted);
+            let p = self.ctrl.params();
+            let late = match self.phase {
+                Phase::AwaitIc if age > p.icreq_timeout => Some("no ICReq"),
+                Phase::Established if age > p.connect_timeout => Some("no Connect"),
+                _ => None,
+            };
+            if let Some(what) = late {
+                self.close = Some(CloseReason::Deadline(what));
             }
+            return;
+        }
+        // Budget held with no data moving: a host that asked for transfers
+        // and neither sends the write data nor reads the read data would
+        // hold the reactor's budget (and every other host's transfers).
+        if self.xfer_held == 0 || std::mem::take(&mut self.xfer_progress) {
+            self.xfer_stalled_since = None;
+        } else {
+            let since = *self.xfer_stalled_since.get_or_insert(now);
+            if now.saturating_duration_since(since) > self.ctrl.params().transfer_timeout {
+                self.close = Some(CloseReason::Deadline(
+                    "no data moved for the transfers it holds",
+                ));
+                return;
+            }
+        }
+        if let Some(t) = self.ctrl.tick(now) {
+            self.close = Some(CloseReason::Controller(t));
         }
     }
 
@@ -214,9 +314,19 @@ impl Conn {
     }
 
     /// Reads everything available and processes it. Returns bytes received.
+    /// Stops early, leaving the connection readable, when its queued
+    /// responses exceed the send-queue bound (until its host drains them)
+    /// or when this turn's budget is spent (other connections go first).
     pub fn on_readable(&mut self, ctx: &mut Ctx<'_>) -> usize {
         let mut total = 0;
+        let (sendq_limit, budget) = {
+            let p = self.ctrl.params();
+            (p.sendq_limit, p.turn_budget)
+        };
         while self.close.is_none() {
+            if self.tx.queued_bytes() > sendq_limit || total >= budget {
+                break;
+            }
             // Large H2C data with an empty receive buffer: read it straight
             // into the command buffer.
             if self.rx_start == self.rx_end && self.dec.data_remaining() >= DIRECT_READ_MIN {
@@ -350,7 +460,8 @@ impl Conn {
 
     /// Sends a C2HTermReq and closes once it is out.
     fn fatal(&mut self, e: FatalError) {
-        tracing::warn!(peer = %self.peer, fes = e.fes, fei = e.fei, "fatal transport error: {}", e.msg);
+        // The reactor logs the close (rate-limited) with the error.
+        tracing::debug!(peer = %self.peer, fes = e.fes, fei = e.fei, "fatal transport error: {}", e.msg);
         let mut hdr = [0u8; 152];
         let h = self.dec.last_header();
         let n = h.len().min(hdr.len());
@@ -418,6 +529,7 @@ impl Conn {
     }
 
     fn on_h2c(&mut self, d: DataPdu) {
+        self.xfer_progress = true;
         let si = usize::from(d.ttag);
         let ok = self
             .slots
@@ -472,24 +584,101 @@ impl Conn {
         };
         let s = &mut self.slots[usize::from(slot)];
         if !digest_ok {
-            tracing::warn!(peer = %self.peer, cid = s.cid, "data digest error");
+            if !self.digest_warned {
+                self.digest_warned = true;
+                tracing::warn!(peer = %self.peer, cid = s.cid, "data digest error (further ones on this connection are logged at debug)");
+            } else {
+                tracing::debug!(peer = %self.peer, cid = s.cid, "data digest error");
+            }
             s.ddgst_err = true;
         }
-        let complete = match s.state {
-            SlotState::InCapsule => true,
+        let (complete, r2t) = match s.state {
+            SlotState::InCapsule => (true, false),
             SlotState::AwaitH2c => {
                 s.recvd = off;
-                s.recvd == s.len
+                (s.recvd == s.len, true)
             }
-            _ => false,
+            _ => (false, false),
         };
         if !complete {
             return;
         }
-        if s.ddgst_err {
-            return self.complete(slot, Completion::status(Status::TRANSIENT_TRANSPORT_ERROR));
+        if r2t {
+            // The data is in: its bytes no longer wait on the host.
+            self.uncharge(slot, ctx.pool);
         }
-        self.dispatch(slot, ctx);
+        if self.slots[usize::from(slot)].ddgst_err {
+            self.complete(slot, Completion::status(Status::TRANSIENT_TRANSPORT_ERROR));
+        } else {
+            self.dispatch(slot, ctx);
+        }
+        if r2t && !self.xfer_wait.is_empty() {
+            self.grant_transfers(ctx);
+        }
+    }
+
+    /// Gives the transfer budget back for `slot`'s data.
+    fn uncharge(&mut self, slot: u16, pool: &mut BufPool) {
+        let c = std::mem::take(&mut self.slots[usize::from(slot)].charged) as usize;
+        if c > 0 {
+            self.xfer_held = self.xfer_held.saturating_sub(c);
+            if self.ctrl.qid() != 0 {
+                pool.xfer_used = pool.xfer_used.saturating_sub(c);
+            }
+        }
+    }
+
+    /// Starts the waiting transfers, in order, while the budgets allow
+    /// (see [`Conn::try_grant`]).
+    pub fn grant_transfers(&mut self, ctx: &mut Ctx<'_>) {
+        while let Some(&slot) = self.xfer_wait.front() {
+            if self.close.is_some() || self.phase == Phase::Closing || !self.try_grant(slot, ctx) {
+                return;
+            }
+            self.xfer_wait.pop_front();
+        }
+    }
+
+    /// Starts `slot`'s transfer if the connection's and (for an I/O queue)
+    /// the reactor's transfer budget allow it; a connection holding nothing
+    /// may always start one, so every queue makes progress. A write gets
+    /// its buffer and R2T, a read its buffer and runs. Returns whether it
+    /// started.
+    #[inline]
+    fn try_grant(&mut self, slot: u16, ctx: &mut Ctx<'_>) -> bool {
+        let si = usize::from(slot);
+        let len = self.slots[si].len as usize;
+        let shared = self.ctrl.qid() != 0;
+        let conn_ok =
+            self.xfer_held == 0 || self.xfer_held + len <= self.ctrl.params().conn_xfer_bytes;
+        let pool = &mut *ctx.pool;
+        let reactor_ok = !shared || pool.xfer_used == 0 || pool.xfer_used + len <= pool.xfer_limit;
+        if !(conn_ok && reactor_ok) {
+            return false;
+        }
+        self.xfer_held += len;
+        if shared {
+            pool.xfer_used += len;
+        }
+        let sqe = self.slots[si].sqe;
+        let buf = self.data_buf(&sqe, len, ctx);
+        let s = &mut self.slots[si];
+        s.charged = len as u32;
+        s.buf = Some(buf);
+        if sqe.data_dir() == DataDir::ControllerToHost {
+            s.state = SlotState::Executing;
+            self.dispatch(slot, ctx);
+        } else {
+            s.state = SlotState::AwaitH2c;
+            let r2t = R2t {
+                cccid: s.cid,
+                ttag: slot,
+                r2to: 0,
+                r2tl: s.len,
+            };
+            self.tx.push_pdu(&Pdu::R2t(r2t));
+        }
+        true
     }
 
     fn cid_test_set(&mut self, cid: u16) -> bool {
@@ -510,12 +699,21 @@ impl Conn {
         if sqsize > 0 {
             self.sqhd = (self.sqhd + 1) % sqsize;
         }
-        if self.cid_test_set(sqe.cid) {
+        if self.cid_test_set(sqe.cid) && !self.drop_held_aer(sqe.cid) {
             // Respond without disturbing the command that owns the CID.
             self.rx_target = RxTarget::Discard;
             return self.push_resp(sqe.cid, Completion::status(Status::CID_CONFLICT));
         }
-        let Some(slot) = self.free.pop() else {
+        // SQSIZE is the most commands the host may have outstanding (held
+        // AERs included); the slots beyond it exist only for the largest
+        // queue a host may connect.
+        let outstanding = self.slots.len() - self.free.len();
+        let slot = if outstanding < usize::from(self.ctrl.sqsize()) {
+            self.free.pop()
+        } else {
+            None
+        };
+        let Some(slot) = slot else {
             self.cid_clear(sqe.cid);
             return self.fatal(FatalError {
                 fes: fes::SEQUENCE_ERROR,
@@ -530,6 +728,7 @@ impl Conn {
         s.len = 0;
         s.recvd = 0;
         s.ddgst_err = false;
+        s.charged = 0;
         debug_assert!(s.buf.is_none());
         let admitted = if self.phase == Phase::AwaitIc {
             Err(Status::COMMAND_SEQUENCE_ERROR)
@@ -547,8 +746,28 @@ impl Conn {
         }
         match sqe.data_dir() {
             DataDir::None => self.dispatch(slot, ctx),
-            dir => self.start_transfer(slot, dir, ctx),
+            _ => self.start_transfer(slot, ctx),
         }
+    }
+
+    /// A host that gave up on an Asynchronous Event Request may reuse its
+    /// CID (SPDK's does, for the Property Get at shutdown): the held AER
+    /// is dropped silently and its slot freed. Returns whether `cid` was
+    /// such an AER.
+    #[cold]
+    fn drop_held_aer(&mut self, cid: u16) -> bool {
+        let Some(si) = self
+            .slots
+            .iter()
+            .position(|s| s.state == SlotState::Held && s.cid == cid)
+        else {
+            return false;
+        };
+        tracing::debug!(peer = %self.peer, cid, "CID of a held AER reused: dropping the AER");
+        self.slots[si].state = SlotState::Free;
+        self.free.push(si as u16);
+        self.ctrl.aer_dropped();
+        true
     }
 
     /// In-capsule data: an SGL Data Block descriptor with the Offset
@@ -579,10 +798,11 @@ impl Conn {
         self.rx_target = RxTarget::Slot { slot, off: 0 };
     }
 
-    /// Data moved outside the capsule (Transport SGL Data Block): a read
-    /// runs now and answers with C2HData; a write asks for its data with an
-    /// R2T first.
-    fn start_transfer(&mut self, slot: u16, dir: DataDir, ctx: &mut Ctx<'_>) {
+    /// Data moved outside the capsule (Transport SGL Data Block): once the
+    /// transfer budget allows, a read runs and answers with C2HData, a
+    /// write asks for its data with an R2T (see
+    /// [`Conn::grant_transfers`]).
+    fn start_transfer(&mut self, slot: u16, ctx: &mut Ctx<'_>) {
         let sqe = self.slots[usize::from(slot)].sqe;
         let sgl = sqe.sgl();
         if sgl.length == 0 {
@@ -597,21 +817,14 @@ impl Conn {
         if sgl.length > self.ctrl.params().max_transfer {
             return self.complete(slot, Completion::status(Status::INVALID_FIELD));
         }
-        let buf = self.data_buf(&sqe, sgl.length as usize, ctx);
-        let s = &mut self.slots[usize::from(slot)];
-        s.len = sgl.length;
-        s.buf = Some(buf);
-        if dir == DataDir::ControllerToHost {
-            return self.dispatch(slot, ctx);
+        self.slots[usize::from(slot)].len = sgl.length;
+        // Transfers start in arrival order: one may start now only if none
+        // waits.
+        if self.xfer_wait.is_empty() && self.try_grant(slot, ctx) {
+            return;
         }
-        s.state = SlotState::AwaitH2c;
-        let r2t = R2t {
-            cccid: s.cid,
-            ttag: slot,
-            r2to: 0,
-            r2tl: s.len,
-        };
-        self.tx.push_pdu(&Pdu::R2t(r2t));
+        self.slots[usize::from(slot)].state = SlotState::AwaitBudget;
+        self.xfer_wait.push_back(slot);
     }
 
     /// The data buffer of a command: from its namespace's queue when that
@@ -773,6 +986,7 @@ impl Conn {
             pool.put(b);
         }
         self.free.push(slot);
+        self.uncharge(slot, pool);
     }
 
     fn push_resp(&mut self, cid: u16, c: Completion) {
@@ -797,23 +1011,31 @@ impl Conn {
             &mut self.freed,
         );
         let mut freed = std::mem::take(&mut self.freed);
+        if !freed.is_empty() {
+            // A command's answer went out in full.
+            self.xfer_progress = true;
+        }
         for slot in freed.drain(..) {
             self.free_slot(slot, pool);
         }
         self.freed = freed;
-        if let Ok(false) = r {
-            self.writable = false;
+        match r {
+            Ok(false) => self.writable = false,
+            Ok(true) => self.xfer_progress = true,
+            Err(_) => {}
         }
         r
     }
 
     /// Releases buffers and the controller's hold on this queue at close.
     pub fn release(&mut self, pool: &mut BufPool) {
-        for s in &mut self.slots {
-            if let Some(b) = s.buf.take() {
+        for slot in 0..self.slots.len() {
+            if let Some(b) = self.slots[slot].buf.take() {
                 pool.put(b);
             }
+            self.uncharge(slot as u16, pool);
         }
+        self.xfer_wait.clear();
         self.ctrl.release();
     }
 }

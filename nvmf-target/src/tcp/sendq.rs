@@ -57,6 +57,13 @@ impl SendQueue {
         self.segs.is_empty()
     }
 
+    /// Bytes held in the header arena: what the queue has copied (headers,
+    /// responses), not the command data it sends by reference. The arena
+    /// empties whenever the queue does.
+    pub fn queued_bytes(&self) -> usize {
+        self.hdr.len()
+    }
+
     /// Queues a PDU header (with its digest when header digests are on).
     pub fn push_pdu(&mut self, p: &Pdu) {
         let mut h = [0u8; MAX_HEADER];
