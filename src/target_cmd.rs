@@ -94,6 +94,41 @@ pub struct TargetArgs {
     /// 1000]. Replaces the file's `spin_us`.
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Connections one reactor serves; at the limit the oldest socket that
+    /// has not completed Connect is evicted [default: 1024]. Replaces the
+    /// file's `max_connections_per_reactor`.
+    #[arg(long, value_name = "N")]
+    max_conns_per_reactor: Option<usize>,
+    /// Bytes one connection may hold for unfinished transfers (R2T writes
+    /// waiting for data, reads not yet sent); more wait [default: 8 MiB].
+    /// Replaces the file's `max_transfer_bytes_per_connection`.
+    #[arg(long, value_name = "BYTES")]
+    max_conn_transfer: Option<usize>,
+    /// The same for all I/O connections of one reactor [default: 64 MiB].
+    /// Replaces the file's `max_transfer_bytes_per_reactor`.
+    #[arg(long, value_name = "BYTES")]
+    max_reactor_transfer: Option<usize>,
+    /// Queued response bytes above which a connection is not read until its
+    /// host drains them [default: 64 KiB]. Replaces the file's
+    /// `max_send_queue_bytes`.
+    #[arg(long, value_name = "BYTES")]
+    max_send_queue: Option<usize>,
+    /// Bytes read from one connection per reactor turn [default: 256 KiB].
+    /// Replaces the file's `turn_budget_bytes`.
+    #[arg(long, value_name = "BYTES")]
+    turn_budget: Option<usize>,
+    /// Milliseconds from accept to ICReq [default: 10000]. Replaces the
+    /// file's `icreq_timeout_ms`.
+    #[arg(long, value_name = "MS")]
+    icreq_timeout_ms: Option<u64>,
+    /// Milliseconds from accept to a successful Connect [default: 10000].
+    /// Replaces the file's `connect_timeout_ms`.
+    #[arg(long, value_name = "MS")]
+    connect_timeout_ms: Option<u64>,
+    /// Milliseconds a connection may hold transfer budget with no data
+    /// moving [default: 10000]. Replaces the file's `transfer_timeout_ms`.
+    #[arg(long, value_name = "MS")]
+    transfer_timeout_ms: Option<u64>,
 }
 
 fn available_cpus() -> usize {
@@ -174,6 +209,37 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     }
     if let Some(v) = a.spin_us {
         cfg.spin_us = v;
+    }
+    let limits: [(Option<usize>, &mut usize); 5] = [
+        (
+            a.max_conns_per_reactor,
+            &mut cfg.max_connections_per_reactor,
+        ),
+        (
+            a.max_conn_transfer,
+            &mut cfg.max_transfer_bytes_per_connection,
+        ),
+        (
+            a.max_reactor_transfer,
+            &mut cfg.max_transfer_bytes_per_reactor,
+        ),
+        (a.max_send_queue, &mut cfg.max_send_queue_bytes),
+        (a.turn_budget, &mut cfg.turn_budget_bytes),
+    ];
+    for (flag, field) in limits {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
+    let timeouts: [(Option<u64>, &mut u64); 3] = [
+        (a.icreq_timeout_ms, &mut cfg.icreq_timeout_ms),
+        (a.connect_timeout_ms, &mut cfg.connect_timeout_ms),
+        (a.transfer_timeout_ms, &mut cfg.transfer_timeout_ms),
+    ];
+    for (flag, field) in timeouts {
+        if let Some(v) = flag {
+            *field = v;
+        }
     }
     Ok(cfg)
 }
@@ -260,6 +326,14 @@ pub fn run(a: TargetArgs) -> Result<(), Box<dyn std::error::Error>> {
         io_queues = cfg.max_io_queues,
         max_ctrls_per_host = cfg.max_controllers_per_host,
         spin_us = cfg.spin_us,
+        max_conns_per_reactor = cfg.max_connections_per_reactor,
+        max_conn_transfer = cfg.max_transfer_bytes_per_connection,
+        max_reactor_transfer = cfg.max_transfer_bytes_per_reactor,
+        max_send_queue = cfg.max_send_queue_bytes,
+        turn_budget = cfg.turn_budget_bytes,
+        icreq_timeout_ms = cfg.icreq_timeout_ms,
+        connect_timeout_ms = cfg.connect_timeout_ms,
+        transfer_timeout_ms = cfg.transfer_timeout_ms,
         "starting"
     );
     let target = Target::start(cfg)?;

@@ -534,3 +534,60 @@ fn a_host_repeating_a_refused_connect_gets_a_log_line_a_second() {
         "{refused_lines} lines for 200 refusals in {secs} s"
     );
 }
+
+#[test]
+fn hostile_peer_limit_flags_with_config_replace_the_defaults() {
+    let cfg = two_subsystems();
+    let t = start(
+        &cfg,
+        &[
+            "--max-conns-per-reactor",
+            "33",
+            "--max-conn-transfer",
+            "1048576",
+            "--max-reactor-transfer",
+            "4194304",
+            "--max-send-queue",
+            "32768",
+            "--turn-budget",
+            "65536",
+            "--connect-timeout-ms",
+            "4000",
+            "--transfer-timeout-ms",
+            "5000",
+        ],
+    );
+    let s = t.starting();
+    for want in [
+        "max_conns_per_reactor=33",
+        "max_conn_transfer=1048576",
+        "max_reactor_transfer=4194304",
+        "max_send_queue=32768",
+        "turn_budget=65536",
+        "connect_timeout_ms=4000",
+        "transfer_timeout_ms=5000",
+    ] {
+        assert!(s.contains(want), "{want} in {s}");
+    }
+    assert!(accepted(&t, B, HOSTNQN), "a host is still served");
+}
+
+#[test]
+fn icreq_timeout_flag_closes_a_silent_socket_in_time() {
+    use std::io::Read;
+    let cfg = two_subsystems();
+    let t = start(&cfg, &["--icreq-timeout-ms", "300"]);
+    let mut s = std::net::TcpStream::connect(t.addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("read timeout");
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let n = s.read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "the target closes without sending");
+    let took = t0.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "closed after {took:?}, not near the 300 ms deadline"
+    );
+    assert!(accepted(&t, B, HOSTNQN), "a host is still served");
+}
