@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use unvme_bdev::Bdev;
 use unvme_initiator::{Controller, RemoteNamespace};
-use unvme_nbd::{Export, Limits, Listen, Server, ServerConfig};
+use unvme_nbd::{Export, Limits, Listen, Server, ServerConfig, ServerDefaults};
 
 use crate::connect_args::ConnectArgs;
+
+/// The server's defaults (the `--help` text shows them).
+const DEFAULTS: ServerDefaults = ServerDefaults::new();
 
 /// Default NBD port (IANA).
 const NBD_PORT: u16 = 10809;
@@ -52,16 +55,42 @@ pub struct NbdArgs {
     #[arg(long)]
     read_only: bool,
     /// Requests in flight per connection.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = Limits::default().max_inflight)]
     max_inflight: usize,
-    /// Data bytes in flight per connection.
-    #[arg(long, default_value_t = 64 << 20)]
+    /// Data bytes of READ/WRITE requests in flight per connection (declared
+    /// lengths; memory is taken as WRITE payload arrives).
+    #[arg(long, default_value_t = Limits::default().max_inflight_bytes)]
     max_inflight_bytes: usize,
-    /// Connections served at once.
-    #[arg(long, default_value_t = 64)]
+    /// Bytes of data buffers all connections together may hold; a
+    /// connection that would exceed it waits. Memory stays under this plus
+    /// about 1 MiB per connection.
+    #[arg(long, default_value_t = DEFAULTS.max_buffer_bytes)]
+    max_buffer_bytes: usize,
+    /// Bytes of idle buffers a connection keeps for reuse (returned after
+    /// --pool-idle-ms with nothing in flight).
+    #[arg(long, default_value_t = Limits::default().pool_bytes)]
+    pool_bytes: usize,
+    /// Milliseconds with nothing in flight after which a connection returns
+    /// its buffer pool.
+    #[arg(long, default_value_t = Limits::default().pool_idle.as_millis() as u64)]
+    pool_idle_ms: u64,
+    /// Seconds a client may leave the server's replies unread (its socket
+    /// full) before the connection is closed.
+    #[arg(long, default_value_t = Limits::default().send_timeout.as_secs())]
+    send_timeout_s: u64,
+    /// Negotiated connections served at once; a client finishing the
+    /// handshake beyond this is refused.
+    #[arg(long, default_value_t = DEFAULTS.max_connections)]
     max_connections: usize,
+    /// Connections in the handshake at once (they never take a negotiated
+    /// slot); a new one beyond this evicts the oldest still negotiating.
+    #[arg(long, default_value_t = DEFAULTS.max_handshakes)]
+    max_handshakes: usize,
+    /// Milliseconds a client has for the whole handshake.
+    #[arg(long, default_value_t = DEFAULTS.handshake_timeout.as_millis() as u64)]
+    handshake_timeout_ms: u64,
     /// Microseconds a connection spins on an idle socket before sleeping.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = Limits::default().spin.as_micros() as u64)]
     spin_us: u64,
 }
 
@@ -147,9 +176,15 @@ pub fn run(a: NbdArgs) -> Result<(), Box<dyn std::error::Error>> {
     cfg.limits = Limits {
         max_inflight: a.max_inflight.max(1),
         max_inflight_bytes: a.max_inflight_bytes.max(1 << 20),
+        pool_bytes: a.pool_bytes,
+        pool_idle: Duration::from_millis(a.pool_idle_ms),
+        send_timeout: Duration::from_secs(a.send_timeout_s.max(1)),
         spin: Duration::from_micros(a.spin_us),
     };
     cfg.max_connections = a.max_connections.max(1);
+    cfg.max_handshakes = a.max_handshakes.max(1);
+    cfg.handshake_timeout = Duration::from_millis(a.handshake_timeout_ms.max(1));
+    cfg.max_buffer_bytes = a.max_buffer_bytes.max(1 << 20);
     let server = Server::start(cfg)?;
     let stop = server.stop_flag();
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;

@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, trace};
@@ -32,16 +32,29 @@ use unvme_bdev::{
 
 use crate::proto::{self, cmd, cmdflag, reply, ExportView, NbdRequest, REQUEST_LEN};
 
-/// Per-connection bounds and the idle policy.
+/// Per-connection bounds and the idle policy. The defaults are the ones
+/// `unvme nbd --help` shows.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Requests in flight (taken from the socket, not yet fully replied).
+    /// Default 256.
     pub max_inflight: usize,
     /// Data bytes of READ/WRITE requests in flight (one request larger than
-    /// this is still admitted when nothing else is in flight).
+    /// this is still admitted when nothing else is in flight). Default
+    /// 64 MiB. This counts declared lengths; memory is taken only as WRITE
+    /// payload arrives (1 MiB chunks) or when a READ is started.
     pub max_inflight_bytes: usize,
+    /// Bytes of idle data buffers a connection keeps for reuse. Default
+    /// 8 MiB.
+    pub pool_bytes: usize,
+    /// A connection with nothing in flight for this long returns its whole
+    /// buffer pool. Default 1 s.
+    pub pool_idle: Duration,
+    /// A connection whose replies the client does not read for this long
+    /// (the socket stays full) is closed. Default 60 s.
+    pub send_timeout: Duration,
     /// How long the connection spins on an idle socket before sleeping in
-    /// poll(2).
+    /// poll(2). Default 50 µs.
     pub spin: Duration,
 }
 
@@ -50,8 +63,50 @@ impl Default for Limits {
         Limits {
             max_inflight: 256,
             max_inflight_bytes: 64 << 20,
+            pool_bytes: 8 << 20,
+            pool_idle: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(60),
             spin: Duration::from_micros(50),
         }
+    }
+}
+
+/// The data-buffer memory every connection of a server draws from: a
+/// counter of the bytes of buffers held (in flight or pooled). A
+/// connection asks before it allocates; a request is admitted while the
+/// total is below the budget, so the total stays under the budget plus one
+/// chunk per connection.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Budget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        let old = self.used.fetch_add(n, Ordering::Relaxed);
+        if old >= self.max {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -74,6 +129,8 @@ const MAX_IOV: usize = 64;
 const POOL_MIN: usize = 4096;
 /// Size classes of the buffer pool (4 KiB .. 1 MiB).
 const POOL_CLASSES: usize = 9;
+/// Chunks of the largest request.
+const MAX_PAYLOAD_CHUNKS: usize = (proto::BlockSizes::MAX_PAYLOAD as usize).div_ceil(MAX_CHUNK);
 
 /// A transport the connection can drive: a TCP or Unix stream.
 pub trait Stream: Read + Write + AsRawFd + Send {
@@ -176,6 +233,19 @@ pub struct Conn<'a, S: Stream> {
     chunk: usize,
     limits: Limits,
     stop: &'a AtomicBool,
+    /// The server's data-buffer budget.
+    budget: &'a Budget,
+    /// Bytes of buffers this connection holds against `budget`.
+    held: usize,
+    /// Input stopped for lack of room (slots, bytes or budget): do not
+    /// wait for the socket to turn readable.
+    rx_full: bool,
+    /// Input stopped because the server's budget is spent: retry soon.
+    wait_budget: bool,
+    /// Since when the socket has taken none of the queued replies.
+    tx_stalled_since: Option<Instant>,
+    /// Buffers of a READ taken before it is admitted.
+    prealloc: Vec<IoBuf>,
     rx: Box<[u8]>,
     rx_start: usize,
     rx_end: usize,
@@ -203,6 +273,7 @@ impl<'a, S: Stream> Conn<'a, S> {
         view: ExportView,
         limits: Limits,
         stop: &'a AtomicBool,
+        budget: &'a Budget,
     ) -> io::Result<Self> {
         s.set_nonblocking(true)?;
         let bs = info.block_size.max(1) as usize;
@@ -224,6 +295,12 @@ impl<'a, S: Stream> Conn<'a, S> {
             chunk,
             limits,
             stop,
+            budget,
+            held: 0,
+            rx_full: false,
+            wait_budget: false,
+            tx_stalled_since: None,
+            prealloc: Vec::with_capacity(MAX_PAYLOAD_CHUNKS),
             rx: vec![0u8; RX_BUF].into_boxed_slice(),
             rx_start: 0,
             rx_end: 0,
@@ -280,6 +357,9 @@ impl<'a, S: Stream> Conn<'a, S> {
                     self.wait_socket(100);
                 }
             } else if idle >= self.limits.spin {
+                if idle >= self.limits.pool_idle && self.pooled_bytes != 0 {
+                    self.drain_pool();
+                }
                 self.wait_socket(50);
             } else {
                 std::hint::spin_loop();
@@ -304,8 +384,13 @@ impl<'a, S: Stream> Conn<'a, S> {
     /// passes.
     fn wait_socket(&self, ms: i32) {
         let mut events = 0;
-        if self.ending == Ending::Open && !self.free.is_empty() {
+        let mut ms = ms;
+        if self.ending == Ending::Open && !self.free.is_empty() && !self.rx_full {
             events |= libc::POLLIN;
+        }
+        if self.wait_budget {
+            // Nothing wakes us when another connection returns memory.
+            ms = ms.min(10);
         }
         if !self.tx.is_empty() && !self.tx_dead {
             events |= libc::POLLOUT;
@@ -322,7 +407,6 @@ impl<'a, S: Stream> Conn<'a, S> {
                 revents: 0,
             },
         ];
-        let mut ms = ms;
         if self.q.outstanding() > 0 {
             match self.q.wait_fd() {
                 Some(fd) => pfds[1].fd = fd,
@@ -342,6 +426,8 @@ impl<'a, S: Stream> Conn<'a, S> {
     /// was consumed.
     fn read_requests(&mut self) -> bool {
         let mut progress = false;
+        self.rx_full = false;
+        self.wait_budget = false;
         for _ in 0..1024 {
             if self.ending != Ending::Open {
                 break;
@@ -360,7 +446,11 @@ impl<'a, S: Stream> Conn<'a, S> {
                     }
                     match self.take_header() {
                         Some(true) => progress = true,
-                        Some(false) => break, // no room: wait for replies
+                        Some(false) => {
+                            // No room: wait for replies.
+                            self.rx_full = true;
+                            break;
+                        }
                         None => {
                             progress = true;
                             break;
@@ -490,6 +580,11 @@ impl<'a, S: Stream> Conn<'a, S> {
         if self.inflight_bytes != 0 && self.inflight_bytes + data > self.limits.max_inflight_bytes {
             return Some(false);
         }
+        let refused = proto::check_request(&r, &self.view).err();
+        if refused.is_none() && r.typ == cmd::READ && !self.prealloc_read(r.length as usize) {
+            self.wait_budget = true;
+            return Some(false);
+        }
         self.free.pop();
         self.rx_start += REQUEST_LEN;
         trace!(
@@ -504,7 +599,7 @@ impl<'a, S: Stream> Conn<'a, S> {
         s.pending = 0;
         s.error = None;
         s.bytes = 0;
-        if let Err(refusal) = proto::check_request(&r, &self.view) {
+        if let Some(refusal) = refused {
             s.error = Some((refusal.errno, Cow::Borrowed(refusal.message)));
             if r.payload_len() > 0 {
                 self.rstate = RxState::Discard {
@@ -530,22 +625,24 @@ impl<'a, S: Stream> Conn<'a, S> {
             cmd::READ | cmd::WRITE if r.length > 0 => {
                 let len = r.length as usize;
                 let n = len.div_ceil(self.chunk);
-                for i in 0..n {
-                    let clen = (len - i * self.chunk).min(self.chunk);
-                    let b = self.get_buf(clen);
-                    self.slots[slot].bufs.push(Some(b));
-                }
                 if r.typ == cmd::READ {
-                    for i in 0..n {
-                        let buf = self.slots[slot].bufs[i].take();
-                        let clen = buf.as_ref().map_or(0, |b| b.len());
+                    // take_header took the buffers (prealloc_read).
+                    let mut bufs = std::mem::take(&mut self.prealloc);
+                    for (i, b) in bufs.drain(..).enumerate() {
+                        self.slots[slot].bufs.push(None);
+                        let clen = b.len();
+                        let buf = Some(b);
                         let op = IoOp::Read {
                             lba: lba + (i * self.chunk) as u64 / bs,
                             nlb: (clen as u64 / bs) as u32,
                         };
                         self.push_op(slot, i, op, buf);
                     }
+                    self.prealloc = bufs;
                 } else {
+                    // Buffers are taken chunk by chunk as the payload
+                    // arrives (read_payload), never for bytes not sent.
+                    self.slots[slot].bufs.resize_with(n, || None);
                     self.rstate = RxState::Payload {
                         slot,
                         chunk: 0,
@@ -610,10 +707,33 @@ impl<'a, S: Stream> Conn<'a, S> {
                 self.submit_write(slot);
                 return Some(true);
             }
+            if self.slots[slot].bufs[chunk].is_none() {
+                // Take this chunk's buffer only once its first bytes are
+                // here.
+                if self.rx_end == self.rx_start {
+                    self.rstate = RxState::Payload { slot, chunk, off };
+                    match self.fill_rx() {
+                        Some(true) => {
+                            progress = true;
+                            continue;
+                        }
+                        Some(false) => return Some(progress),
+                        None => return None,
+                    }
+                }
+                let len = self.slots[slot].req.map_or(0, |r| r.length as usize);
+                let clen = (len - chunk * self.chunk).min(self.chunk);
+                let Some(b) = self.get_buf(clen) else {
+                    self.rstate = RxState::Payload { slot, chunk, off };
+                    self.rx_full = true;
+                    self.wait_budget = true;
+                    return Some(progress);
+                };
+                self.slots[slot].bufs[chunk] = Some(b);
+            }
             let avail = self.rx_end - self.rx_start;
             let Some(buf) = self.slots[slot].bufs[chunk].as_mut() else {
-                self.rstate = RxState::Header;
-                return Some(progress);
+                unreachable!("the chunk's buffer was just taken")
             };
             let want = buf.len() - off;
             if avail > 0 {
@@ -928,7 +1048,19 @@ impl<'a, S: Stream> Conn<'a, S> {
                     return true;
                 }
                 Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if progress {
+                        self.tx_stalled_since = None;
+                    } else {
+                        let since = *self.tx_stalled_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.limits.send_timeout {
+                            debug!("NBD client reads no replies; closing the connection");
+                            self.kill_tx();
+                            return true;
+                        }
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!(error = %e, "NBD socket write failed");
@@ -937,6 +1069,7 @@ impl<'a, S: Stream> Conn<'a, S> {
                 }
             };
             progress = true;
+            self.tx_stalled_since = None;
             let mut w = written;
             while w > 0 {
                 let Some(rep) = self.tx.front_mut() else {
@@ -976,26 +1109,80 @@ impl<'a, S: Stream> Conn<'a, S> {
         (pages.next_power_of_two().trailing_zeros() as usize).min(POOL_CLASSES - 1)
     }
 
-    fn get_buf(&mut self, len: usize) -> IoBuf {
+    /// A buffer of `len` bytes from the pool, or a new one if the server's
+    /// budget allows.
+    fn get_buf(&mut self, len: usize) -> Option<IoBuf> {
         let k = Self::class_of(len);
         let mut b = match self.pool[k].pop() {
             Some(b) => {
                 self.pooled_bytes -= b.capacity();
                 b
             }
-            None => IoBuf::new((POOL_MIN << k).max(len)),
+            None => {
+                // IoBuf rounds up to whole pages: account what it holds.
+                let cap = (POOL_MIN << k).max(len).next_multiple_of(POOL_MIN);
+                if !self.budget.take(cap) {
+                    return None;
+                }
+                self.held += cap;
+                IoBuf::new(cap)
+            }
         };
         b.set_len(len.min(b.capacity()));
-        b
+        Some(b)
+    }
+
+    /// Takes the buffers of a READ of `len` bytes into `prealloc`, all or
+    /// none (a request never holds part of its memory while it waits).
+    fn prealloc_read(&mut self, len: usize) -> bool {
+        let n = len.div_ceil(self.chunk);
+        for i in 0..n {
+            let clen = (len - i * self.chunk).min(self.chunk);
+            match self.get_buf(clen) {
+                Some(b) => self.prealloc.push(b),
+                None => {
+                    let mut v = std::mem::take(&mut self.prealloc);
+                    for b in v.drain(..) {
+                        self.put_buf(b);
+                    }
+                    self.prealloc = v;
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     fn put_buf(&mut self, b: IoBuf) {
         let cap = b.capacity();
         let k = Self::class_of(cap);
-        if cap == POOL_MIN << k && self.pooled_bytes + cap <= self.limits.max_inflight_bytes {
+        if cap == POOL_MIN << k && self.pooled_bytes + cap <= self.limits.pool_bytes {
             self.pooled_bytes += cap;
             self.pool[k].push(b);
+        } else {
+            self.held -= cap;
+            self.budget.give(cap);
         }
+    }
+
+    /// Returns every pooled buffer (the connection is idle).
+    fn drain_pool(&mut self) {
+        for class in &mut self.pool {
+            for b in class.drain(..) {
+                self.held -= b.capacity();
+                self.budget.give(b.capacity());
+            }
+            class.shrink_to_fit();
+        }
+        self.pooled_bytes = 0;
+    }
+}
+
+impl<S: Stream> Drop for Conn<'_, S> {
+    fn drop(&mut self) {
+        // Buffers still in slots, the pool or the device queue are freed
+        // with the connection (also when its thread panics).
+        self.budget.give(self.held);
     }
 }
 
@@ -1064,9 +1251,10 @@ mod tests {
         };
         let (mut client, server) = UnixStream::pair().unwrap();
         let stop = AtomicBool::new(false);
+        let budget = Budget::new(1 << 30);
         std::thread::scope(|sc| {
             let srv = sc.spawn(|| {
-                Conn::new(server, q, &info, view, Limits::default(), &stop)
+                Conn::new(server, q, &info, view, Limits::default(), &stop, &budget)
                     .unwrap()
                     .run()
             });

@@ -284,7 +284,7 @@ pub fn negotiate<S, T, F>(
 ) -> Result<Option<(Session, T)>>
 where
     S: Read + Write,
-    F: FnMut(usize) -> std::result::Result<T, unvme_bdev::Error>,
+    F: FnMut(usize) -> Result<T>,
 {
     write_all(s, &proto::greeting())?;
     let mut cf = [0u8; 4];
@@ -341,7 +341,7 @@ where
                     write_all(s, &out)?;
                     return Ok(Some((sess, t)));
                 }
-                Err(e) => return Err(Error::OpenExport(e)),
+                Err(e) => return Err(e),
             },
             OptionOutcome::Go(sess) => match open(sess.export) {
                 Ok(t) => {
@@ -351,7 +351,7 @@ where
                 }
                 Err(e) => {
                     out.clear();
-                    let msg = format!("cannot open the device: {e}");
+                    let msg = e.to_string();
                     put_option_reply(&mut out, opt::GO, rep::ERR_SHUTDOWN, msg.as_bytes());
                     write_all(s, &out)?;
                 }

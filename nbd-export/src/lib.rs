@@ -28,13 +28,13 @@ mod handshake;
 mod proto;
 mod server;
 
-pub use conn::Limits;
+pub use conn::{Budget, Limits};
 pub use proto::{
     cmd, cmdflag, errno, info, opt, rep, reply, tflag, BadOptionMagic, BadRequestMagic,
     InfoRequest, MetaContextRequest, NbdRequest, OptionHeader, OptionReply, ReplyHeader,
     BASE_ALLOCATION,
 };
-pub use server::{Export, Listen, Server, ServerConfig};
+pub use server::{Export, Listen, Server, ServerConfig, ServerDefaults};
 
 /// Errors of the NBD server outside the per-request path (per-request
 /// failures are NBD errnos, chosen in one place by the request validator).
@@ -72,6 +72,12 @@ pub enum Error {
     /// opened (that option has no error reply: the connection ends).
     #[error("handshake failed: cannot open the device: {0}")]
     OpenExport(#[source] unvme_bdev::Error),
+    /// Every negotiated-connection slot is taken (the client may retry).
+    #[error("server busy: {0} NBD connections are already being served")]
+    Busy(usize),
+    /// The handshake took longer than the server allows.
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
     /// The configuration cannot be served.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -5,19 +5,21 @@
 //! It is not a process supervisor: signals, logging setup and the choice of
 //! devices belong to the caller (`unvme nbd`).
 
+use std::collections::VecDeque;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 use unvme_bdev::Bdev;
 
-use crate::conn::{Conn, Limits, Stream};
+use crate::conn::{Budget, Conn, Limits, Stream};
 use crate::handshake::{self, ExportMeta};
 use crate::proto::{tflag, BlockSizes, ExportView};
 use crate::{Error, Result};
@@ -102,21 +104,66 @@ pub struct ServerConfig {
     pub exports: Vec<Export>,
     /// Per-connection bounds.
     pub limits: Limits,
-    /// Connections served at once; more are closed at accept.
+    /// Negotiated connections served at once (default 64). A client that
+    /// completes the handshake when all are taken gets
+    /// `NBD_REP_ERR_SHUTDOWN` (GO) or is closed (EXPORT_NAME).
     pub max_connections: usize,
-    /// Time a client has for each handshake read.
+    /// Connections still in the handshake at once (default 16); these
+    /// never take a negotiated slot. A new connection beyond this evicts
+    /// the oldest one still negotiating.
+    pub max_handshakes: usize,
+    /// Time a client has for the whole handshake (default 30 s).
     pub handshake_timeout: Duration,
+    /// Bytes of data buffers all connections together may hold (default
+    /// 512 MiB); a connection that would exceed it waits. Memory stays
+    /// under this plus 1 MiB and 64 KiB of input buffer per connection.
+    pub max_buffer_bytes: usize,
+}
+
+/// The server-wide limits' defaults, in one place (the per-connection ones
+/// are [`Limits::default`]); see the fields of [`ServerConfig`].
+#[derive(Clone, Copy, Debug)]
+pub struct ServerDefaults {
+    /// [`ServerConfig::max_connections`]: 64.
+    pub max_connections: usize,
+    /// [`ServerConfig::max_handshakes`]: 16.
+    pub max_handshakes: usize,
+    /// [`ServerConfig::handshake_timeout`]: 30 s.
+    pub handshake_timeout: Duration,
+    /// [`ServerConfig::max_buffer_bytes`]: 512 MiB.
+    pub max_buffer_bytes: usize,
+}
+
+impl ServerDefaults {
+    /// The defaults.
+    pub const fn new() -> Self {
+        ServerDefaults {
+            max_connections: 64,
+            max_handshakes: 16,
+            handshake_timeout: Duration::from_secs(30),
+            max_buffer_bytes: 512 << 20,
+        }
+    }
+}
+
+impl Default for ServerDefaults {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ServerConfig {
     /// A configuration with default limits.
     pub fn new(listen: Vec<Listen>, exports: Vec<Export>) -> Self {
+        let d = ServerDefaults::new();
         ServerConfig {
             listen,
             exports,
             limits: Limits::default(),
-            max_connections: 64,
-            handshake_timeout: Duration::from_secs(30),
+            max_connections: d.max_connections,
+            max_handshakes: d.max_handshakes,
+            handshake_timeout: d.handshake_timeout,
+            max_buffer_bytes: d.max_buffer_bytes,
         }
     }
 }
@@ -131,9 +178,15 @@ struct Shared {
     metas: Vec<ExportMeta>,
     limits: Limits,
     max_connections: usize,
+    max_handshakes: usize,
     handshake_timeout: Duration,
     stop: Arc<AtomicBool>,
+    /// Negotiated connections.
     connections: AtomicUsize,
+    /// Connections in the handshake, oldest first: an id and a duplicate
+    /// of the socket to shut down when evicting it.
+    handshakes: Mutex<VecDeque<(u64, OwnedFd)>>,
+    budget: Budget,
 }
 
 /// A running NBD server.
@@ -211,9 +264,12 @@ impl Server {
             exports: cfg.exports,
             limits: cfg.limits,
             max_connections: cfg.max_connections.max(1),
+            max_handshakes: cfg.max_handshakes.max(1),
             handshake_timeout: cfg.handshake_timeout,
             stop: stop.clone(),
             connections: AtomicUsize::new(0),
+            handshakes: Mutex::new(VecDeque::new()),
+            budget: Budget::new(cfg.max_buffer_bytes),
         });
         let acceptor = std::thread::Builder::new()
             .name("nbd-accept".into())
@@ -256,8 +312,80 @@ impl Drop for Server {
     }
 }
 
+impl Shared {
+    /// Records a new connection as negotiating, evicting the oldest
+    /// negotiating one when there are `max_handshakes` already. False if
+    /// the socket cannot be tracked (it is then closed).
+    fn register_handshake(&self, id: u64, s: &Conn2, peer: &str) -> bool {
+        let dup = match s {
+            Conn2::Tcp(s) => s.try_clone().map(OwnedFd::from),
+            Conn2::Unix(s) => s.try_clone().map(OwnedFd::from),
+        };
+        let dup = match dup {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot track an NBD connection; closing it");
+                return false;
+            }
+        };
+        let mut hs = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        while hs.len() >= self.max_handshakes {
+            let Some((_, old)) = hs.pop_front() else {
+                break;
+            };
+            warn!(%peer, "too many NBD connections negotiating; evicting the oldest");
+            // SAFETY: `old` is an open socket descriptor we own; shutdown(2) only changes the socket's state, and the connection thread sees EOF/EPIPE.
+            unsafe {
+                libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
+        hs.push_back((id, dup));
+        true
+    }
+
+    /// The connection `id` left the handshake (or ended).
+    fn unregister_handshake(&self, id: u64) {
+        let mut hs = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = hs.iter().position(|(x, _)| *x == id) {
+            hs.remove(i);
+        }
+    }
+
+    /// Takes a negotiated slot, if one is free.
+    fn take_slot(&self) -> Result<SlotGuard<'_>> {
+        let old = self.connections.fetch_add(1, Ordering::Relaxed);
+        if old >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::Busy(self.max_connections));
+        }
+        Ok(SlotGuard(self))
+    }
+}
+
+/// A connection in the handshake; leaving it (or the thread) drops it.
+struct HandshakeGuard<'a> {
+    id: u64,
+    sh: &'a Shared,
+}
+
+impl Drop for HandshakeGuard<'_> {
+    fn drop(&mut self) {
+        self.sh.unregister_handshake(self.id);
+    }
+}
+
+/// A negotiated slot, released on drop (a panic included).
+struct SlotGuard<'a>(&'a Shared);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn accept_loop(listeners: Vec<Listener>, shared: Arc<Shared>) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    let mut next_id = 0u64;
     let mut pfds: Vec<libc::pollfd> = listeners
         .iter()
         .map(|l| libc::pollfd {
@@ -288,27 +416,29 @@ fn accept_loop(listeners: Vec<Listener>, shared: Arc<Shared>) {
                 };
                 match accepted {
                     Ok((s, peer)) => {
-                        if shared.connections.load(Ordering::Relaxed) >= shared.max_connections {
-                            warn!(%peer, "too many NBD connections; refusing one");
+                        next_id += 1;
+                        let id = next_id;
+                        if !shared.register_handshake(id, &s, &peer) {
                             continue;
                         }
-                        shared.connections.fetch_add(1, Ordering::Relaxed);
                         let sh = shared.clone();
                         let h =
                             std::thread::Builder::new()
                                 .name("nbd-conn".into())
                                 .spawn(move || {
+                                    // Dropped however the thread ends, a
+                                    // panic included: the slot is never leaked.
+                                    let hs = HandshakeGuard { id, sh: &sh };
                                     match s {
-                                        Conn2::Tcp(s) => serve(s, &peer, &sh),
-                                        Conn2::Unix(s) => serve(s, &peer, &sh),
+                                        Conn2::Tcp(s) => serve(s, &peer, &sh, hs),
+                                        Conn2::Unix(s) => serve(s, &peer, &sh, hs),
                                     }
-                                    sh.connections.fetch_sub(1, Ordering::Relaxed);
                                 });
                         match h {
                             Ok(h) => conns.push(h),
                             Err(e) => {
                                 warn!(error = %e, "cannot spawn an NBD connection thread");
-                                shared.connections.fetch_sub(1, Ordering::Relaxed);
+                                shared.unregister_handshake(id);
                             }
                         }
                     }
@@ -359,21 +489,70 @@ impl Timeouts for std::os::unix::net::UnixStream {
     }
 }
 
+/// A stream whose reads and writes all share one deadline: a client that
+/// sends a byte at a time cannot stretch the handshake past it.
+struct Deadline<'a, S> {
+    s: &'a mut S,
+    until: Instant,
+    total: Duration,
+}
+
+impl<S: Timeouts> Deadline<'_, S> {
+    fn arm(&self, write: bool) -> std::io::Result<()> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                Error::HandshakeTimeout(self.total),
+            ));
+        }
+        if write {
+            self.s.set_write_timeout(Some(left))
+        } else {
+            self.s.set_read_timeout(Some(left))
+        }
+    }
+}
+
+impl<S: Read + Timeouts> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(false)?;
+        self.s.read(buf)
+    }
+}
+
+impl<S: Write + Timeouts> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(true)?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
 /// Handshake, then transmission, on one connection.
-fn serve<S: Stream + Timeouts>(mut s: S, peer: &str, sh: &Shared) {
-    let t = Some(sh.handshake_timeout);
-    if s.set_nonblocking(false).is_err()
-        || s.set_read_timeout(t).is_err()
-        || s.set_write_timeout(t).is_err()
-    {
+fn serve<S: Stream + Timeouts>(mut s: S, peer: &str, sh: &Shared, hs: HandshakeGuard<'_>) {
+    if s.set_nonblocking(false).is_err() {
         return;
     }
-    let opened = handshake::negotiate(&mut s, &sh.metas, |x| {
-        sh.exports[x].bdev.open_queue().inspect_err(|e| {
+    let mut d = Deadline {
+        s: &mut s,
+        until: Instant::now() + sh.handshake_timeout,
+        total: sh.handshake_timeout,
+    };
+    let opened = handshake::negotiate(&mut d, &sh.metas, |x| {
+        let slot = sh.take_slot().inspect_err(|e| {
+            warn!(%peer, error = %e, "refusing an NBD client");
+        })?;
+        let q = sh.exports[x].bdev.open_queue().map_err(|e| {
             warn!(export = %sh.exports[x].name, error = %e, "cannot open a device queue");
-        })
+            Error::OpenExport(e)
+        })?;
+        Ok((slot, q))
     });
-    let (sess, q) = match opened {
+    drop(hs);
+    let (sess, (_slot, q)) = match opened {
         Ok(Some(x)) => x,
         Ok(None) => {
             debug!(%peer, "NBD client ended the negotiation");
@@ -398,7 +577,7 @@ fn serve<S: Stream + Timeouts>(mut s: S, peer: &str, sh: &Shared) {
         fast_zero: info.write_zeroes,
     };
     info!(%peer, export = %e.name, structured = sess.structured, "NBD client connected");
-    match Conn::new(s, q, info, view, sh.limits, &sh.stop) {
+    match Conn::new(s, q, info, view, sh.limits, &sh.stop, &sh.budget) {
         Ok(c) => {
             let st = c.run();
             info!(%peer, requests = st.requests, errors = st.errors, "NBD client disconnected");
