@@ -194,6 +194,7 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
     local: Vec<Listen>,
+    shared: Arc<Shared>,
 }
 
 impl Server {
@@ -271,9 +272,10 @@ impl Server {
             handshakes: Mutex::new(VecDeque::new()),
             budget: Budget::new(cfg.max_buffer_bytes),
         });
+        let sh = shared.clone();
         let acceptor = std::thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(listeners, shared))
+            .spawn(move || accept_loop(listeners, sh))
             .map_err(|source| Error::Io {
                 what: "spawning the accept thread",
                 source,
@@ -282,12 +284,24 @@ impl Server {
             stop,
             acceptor: Some(acceptor),
             local,
+            shared,
         })
     }
 
     /// The bound listeners (TCP ports resolved).
     pub fn local_addrs(&self) -> &[Listen] {
         &self.local
+    }
+
+    /// Bytes of data buffers the connections hold now (against
+    /// [`ServerConfig::max_buffer_bytes`]).
+    pub fn buffer_bytes(&self) -> usize {
+        self.shared.budget.used()
+    }
+
+    /// Connections negotiated and being served now.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// The flag that stops the server (set it from a signal handler).
