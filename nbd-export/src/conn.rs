@@ -11,7 +11,14 @@
 //!
 //! Memory is bounded: at most [`Limits::max_inflight`] requests and about
 //! [`Limits::max_inflight_bytes`] of data per connection; beyond that the
-//! connection stops reading until replies are sent. A request header with a
+//! connection stops reading (and stops polling for input: it sleeps until
+//! the socket takes replies) until replies are sent. A WRITE takes a
+//! buffer for a chunk only when that chunk's first payload bytes are
+//! here, so a header costs nothing but a slot. Every buffer is drawn
+//! against the server's [`Budget`]; a connection that finds it spent
+//! waits. Idle buffers are pooled up to [`Limits::pool_bytes`] and given
+//! back after [`Limits::pool_idle`] with nothing in flight. A client that
+//! leaves the replies unread for [`Limits::send_timeout`] is closed. A request header with a
 //! bad magic, or a connection that ends in the middle of a request, ends
 //! this connection only (after the requests already taken complete, so an
 //! acknowledged — or merely submitted — write is never cut short).
@@ -327,7 +334,10 @@ impl<'a, S: Stream> Conn<'a, S> {
             let mut progress = false;
             if self.ending == Ending::Open {
                 if self.stop.load(Ordering::Relaxed) {
+                    // A WRITE whose payload is still coming would hold
+                    // the shutdown forever: drop it unanswered.
                     self.ending = Ending::Clean;
+                    self.abandon_partial();
                 } else {
                     progress |= self.read_requests();
                 }
@@ -1122,7 +1132,15 @@ impl<'a, S: Stream> Conn<'a, S> {
                 // IoBuf rounds up to whole pages: account what it holds.
                 let cap = (POOL_MIN << k).max(len).next_multiple_of(POOL_MIN);
                 if !self.budget.take(cap) {
-                    return None;
+                    // Our own idle buffers of other sizes may be what
+                    // spends the budget: return them and ask once more.
+                    if self.pooled_bytes == 0 {
+                        return None;
+                    }
+                    self.drain_pool();
+                    if !self.budget.take(cap) {
+                        return None;
+                    }
                 }
                 self.held += cap;
                 IoBuf::new(cap)

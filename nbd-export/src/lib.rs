@@ -24,6 +24,9 @@
 #![deny(missing_docs)]
 
 mod conn;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 mod handshake;
 mod proto;
 mod server;

@@ -2,6 +2,13 @@
 //! NBD connection on its own thread with its own device queue (for a remote
 //! namespace, its own NVMe/TCP queue pair), so connections share no lock.
 //!
+//! Connections still negotiating and negotiated ones have separate limits
+//! ([`ServerConfig::max_handshakes`], [`ServerConfig::max_connections`]): a
+//! flood of silent sockets evicts the oldest of its own kind and never
+//! takes a slot from a client that finished the handshake. The handshake
+//! has one total deadline. Slots are held by guards, so a connection thread
+//! that panics gives its slot back while unwinding.
+//!
 //! It is not a process supervisor: signals, logging setup and the choice of
 //! devices belong to the caller (`unvme nbd`).
 
@@ -72,7 +79,7 @@ impl Export {
         f
     }
 
-    fn meta(&self) -> ExportMeta {
+    pub(crate) fn meta(&self) -> ExportMeta {
         let i = self.bdev.info();
         let mut names = vec![self.name.clone()];
         names.extend(self.aliases.iter().cloned());

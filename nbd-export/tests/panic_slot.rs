@@ -3,13 +3,15 @@
 //! one slot, the next client is served, and the server's budget returns to
 //! zero. Runs the real [`Server`] in-process over TCP.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{negotiate, request};
 use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoOp, IoRequest, RamBdev, SubmitError};
-use unvme_nbd::{cmd, opt, rep, Export, Listen, NbdRequest, OptionHeader, Server, ServerConfig};
+use unvme_nbd::{cmd, rep, Export, Listen, Server, ServerConfig};
 
 /// The LBA whose READ makes the queue panic.
 const POISON_LBA: u64 = 77;
@@ -49,48 +51,6 @@ impl BdevQueue for PoisonedQueue {
     }
 }
 
-fn request(typ: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
-    NbdRequest {
-        flags: 0,
-        typ,
-        cookie,
-        offset,
-        length,
-    }
-    .encode()
-}
-
-/// Connects and sends NBD_OPT_GO; `Err(reply type)` on an error reply.
-fn negotiate(addr: SocketAddr) -> Result<TcpStream, u32> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut b = OptionHeader {
-        option: opt::GO,
-        length: 6,
-    }
-    .encode()
-    .to_vec();
-    b.extend_from_slice(&[0u8; 6]);
-    s.write_all(&b).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-        let mut d = vec![0u8; len];
-        s.read_exact(&mut d).unwrap();
-        if typ == rep::ACK {
-            return Ok(s);
-        }
-        if typ & (1 << 31) != 0 {
-            return Err(typ);
-        }
-    }
-}
-
 #[test]
 fn a_panicking_connection_releases_its_slot() {
     let bdev: Arc<dyn Bdev> = Arc::new(Poisoned(RamBdev::new("ram", 1 << 12, 512).unwrap()));
@@ -106,9 +66,7 @@ fn a_panicking_connection_releases_its_slot() {
     );
     cfg.max_connections = 1;
     let srv = Server::start(cfg).unwrap();
-    let Listen::Tcp(addr) = srv.local_addrs()[0].clone() else {
-        unreachable!("one TCP listener")
-    };
+    let addr = common::addr(&srv);
 
     // The only slot: the connection thread panics on the poisoned READ, and
     // its socket closes.
