@@ -4,15 +4,13 @@
 //!
 //! [`handshake`] runs the negotiation over an in-memory stream (reads come
 //! from the input, replies go nowhere). [`transmission`] runs a [`Conn`]
-//! over a Unix socket pair against a small RAM disk: the input, after a
-//! few bytes choosing the session (structured replies, `base:allocation`,
-//! read-only, the buffer budget), is what the client sends; a second
-//! thread drains the replies. Both check the invariants they can: the
+//! against a small RAM disk over an in-memory client (no threads): the
+//! input, after two bytes choosing the session (structured replies,
+//! `base:allocation`, read-only, the buffer budget) and how the bytes
+//! arrive, is what the client sends. Both check the invariants they can: the
 //! connection ends, and it gives back every byte of the budget.
 
 use std::io::{Read, Write};
-use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,14 +76,68 @@ pub fn handshake(data: &[u8]) {
     }
 }
 
+/// A client as the connection sees it, without threads: reads come from
+/// the input in pieces of at most `step` bytes, interleaved with
+/// `WouldBlock` when `bumpy`; writes are swallowed, partly or refused now
+/// and then (so replies go out in pieces). Its descriptor is `/dev/null`,
+/// which poll(2) always finds ready.
+struct FuzzStream<'a> {
+    input: &'a [u8],
+    step: usize,
+    bumpy: bool,
+    turn: u32,
+    null: std::fs::File,
+}
+
+impl Read for FuzzStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.turn = self.turn.wrapping_add(1);
+        if self.bumpy && self.turn.is_multiple_of(3) {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.step).min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for FuzzStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.turn = self.turn.wrapping_add(1);
+        if self.bumpy && self.turn.is_multiple_of(4) {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(buf.len().min(if self.bumpy { 4093 } else { usize::MAX }))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::os::fd::AsRawFd for FuzzStream<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.null)
+    }
+}
+
+impl crate::conn::Stream for FuzzStream<'_> {
+    fn set_nonblocking(&self, _on: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Serves `data` as the client's side of the transmission phase. The first
 /// byte chooses the session: bit 0 structured replies, bit 1
 /// `base:allocation`, bit 2 read-only, bits 3..=5 the budget (64 KiB <<
-/// n), bits 6..=7 the in-flight limit.
+/// n), bits 6..=7 the in-flight limit. The second chooses how the input
+/// arrives: bit 7 bumpy (`WouldBlock` now and then), the rest the most
+/// bytes one read returns.
 pub fn transmission(data: &[u8]) {
-    let Some((&mode, data)) = data.split_first() else {
+    let [mode, feed, data @ ..] = data else {
         return;
     };
+    let (mode, feed) = (*mode, *feed);
     let e = export(mode & 4 != 0);
     let meta = e.meta();
     let info = e.bdev.info();
@@ -106,22 +158,17 @@ pub fn transmission(data: &[u8]) {
         spin: Duration::ZERO,
     };
     let budget = Budget::new((64 << 10) << ((mode >> 3) & 7));
-    let (mut client, server) = UnixStream::pair().expect("a socket pair");
+    let s = FuzzStream {
+        input: data,
+        step: (usize::from(feed & 0x7f) + 1) * 37,
+        bumpy: feed & 0x80 != 0,
+        turn: 0,
+        null: std::fs::File::open("/dev/null").expect("/dev/null"),
+    };
     let stop = AtomicBool::new(false);
     let q = e.bdev.open_queue().expect("a RAM queue");
-    std::thread::scope(|sc| {
-        let mut reader = client.try_clone().expect("a second client handle");
-        sc.spawn(move || {
-            let mut b = vec![0u8; 1 << 16];
-            while matches!(reader.read(&mut b), Ok(n) if n > 0) {}
-        });
-        sc.spawn(move || {
-            let _ = client.write_all(data);
-            let _ = client.shutdown(Shutdown::Write);
-        });
-        let c = Conn::new(server, q, info, view, limits, &stop, &budget).expect("a connection");
-        c.run();
-    });
+    let c = Conn::new(s, q, info, view, limits, &stop, &budget).expect("a connection");
+    c.run();
     assert_eq!(
         budget.used(),
         0,
