@@ -95,8 +95,7 @@ fn parse_group(s: &str) -> Result<u32, String> {
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: `name` is NUL-terminated; `grp`, `buf` (of its length) and
-    // `out` are valid for writes for the duration of the call.
+    // SAFETY: `name` is NUL-terminated; `grp`, `buf` (of its length) and `out` are valid for writes for the duration of the call.
     let r = unsafe {
         libc::getgrnam_r(
             name.as_ptr(),

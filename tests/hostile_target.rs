@@ -187,8 +187,7 @@ fn proxy(target: SocketAddr, attack: Attack) -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// The largest resident set of the children reaped so far, in KiB.
 fn children_max_rss_kib() -> i64 {
-    // SAFETY: getrusage(2) fills the zeroed rusage it is given, which lives
-    // across the call.
+    // SAFETY: rusage is plain integers, for which all-zero bytes are a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above; RUSAGE_CHILDREN is a valid `who`.
     let r = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };

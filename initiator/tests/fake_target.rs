@@ -160,8 +160,7 @@ fn small_receive_buffer(l: &TcpListener) {
 /// Sets socket buffer option `opt` (SO_RCVBUF, SO_SNDBUF) of `s` to 4 KiB.
 fn small_buffer(s: &impl std::os::fd::AsRawFd, opt: libc::c_int) {
     let v: libc::c_int = 4096;
-    // SAFETY: the fd is open for the call (`s` is borrowed across it); the
-    // option value is a c_int that lives across it, and its size is passed.
+    // SAFETY: the fd is open for the call (`s` is borrowed across it); the option value is a c_int that lives across it, and its size is passed.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),

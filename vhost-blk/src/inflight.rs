@@ -310,8 +310,7 @@ fn check_geometry(
 /// A zero-filled memfd of `size` bytes whose size can no longer change.
 fn sealed_memfd(size: u64) -> Result<File, InflightError> {
     let os = |what| move |e| InflightError::Os { what, source: e };
-    // SAFETY: the name is a NUL-terminated static string and the flags are
-    // valid memfd_create flags; the call has no other preconditions.
+    // SAFETY: the name is a NUL-terminated static string and the flags are valid memfd_create flags; the call has no other preconditions.
     let fd = unsafe {
         libc::memfd_create(
             c"unvme-vhost-blk-inflight".as_ptr(),
@@ -321,8 +320,7 @@ fn sealed_memfd(size: u64) -> Result<File, InflightError> {
     if fd < 0 {
         return Err(os("memfd_create")(io::Error::last_os_error()));
     }
-    // SAFETY: memfd_create just returned this descriptor and nothing else
-    // owns it.
+    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.set_len(size)
         .map_err(os("sizing the inflight memfd"))?;

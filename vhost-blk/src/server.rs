@@ -227,8 +227,7 @@ fn peer_cred(s: &UnixStream) -> Option<(i32, u32, u32)> {
     // SAFETY: ucred is plain old data; all zeroes is a valid value.
     let mut c: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `c` is a writable ucred of `len` bytes; the kernel writes at
-    // most `len` bytes and updates `len`.
+    // SAFETY: `c` is a writable ucred of `len` bytes; the kernel writes at most `len` bytes and updates `len`.
     let r = unsafe {
         libc::getsockopt(
             s.as_raw_fd(),
@@ -293,8 +292,7 @@ fn message_before(
         if r == 0 {
             continue;
         }
-        // SAFETY: `buf` is writable for its length; MSG_PEEK leaves the
-        // bytes (and any attached descriptors) queued.
+        // SAFETY: `buf` is writable for its length; MSG_PEEK leaves the bytes (and any attached descriptors) queued.
         let n = unsafe {
             libc::recv(
                 s.as_raw_fd(),

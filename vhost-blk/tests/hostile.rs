@@ -65,8 +65,7 @@ fn chain_longer_than_the_descriptor_limit_gets_ioerr_in_its_status_byte() {
 
 /// A memfd of `len` bytes.
 fn memfd(len: u64) -> File {
-    // SAFETY: a constant NUL-terminated name; the result is checked and
-    // owned below.
+    // SAFETY: a constant NUL-terminated name; the result is checked and owned below.
     let fd = unsafe { libc::memfd_create(c"unvme-vb-hostile".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` was just created and is owned by nothing else.

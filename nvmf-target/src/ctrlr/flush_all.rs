@@ -173,16 +173,14 @@ fn eventfd() -> std::io::Result<OwnedFd> {
 /// Makes `efd` readable (adds 1 to its counter).
 fn signal(efd: &OwnedFd) {
     let one: u64 = 1;
-    // SAFETY: writes the 8 bytes of `one`, which lives across the call, to
-    // a descriptor we own; a full counter (EAGAIN) still leaves it readable.
+    // SAFETY: writes the 8 bytes of `one`, which lives across the call, to a descriptor we own; a full counter (EAGAIN) still leaves it readable.
     let _ = unsafe { libc::write(efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// Resets `efd`'s counter (it stays readable until then).
 fn drain(efd: &OwnedFd) {
     let mut v: u64 = 0;
-    // SAFETY: reads at most 8 bytes into `v`, which lives across the call,
-    // from a non-blocking descriptor we own; EAGAIN (nothing to read) is fine.
+    // SAFETY: reads at most 8 bytes into `v`, which lives across the call, from a non-blocking descriptor we own; EAGAIN (nothing to read) is fine.
     let _ = unsafe { libc::read(efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
 }
 
