@@ -600,6 +600,11 @@ impl BdevQueue for RemoteQueue {
             return Ok(());
         }
         if self.failing && !self.paths.iter().any(PathQueue::usable) {
+            // A caller with nothing outstanding does not poll: collect a
+            // reconnection that finished meanwhile (or start a due one).
+            self.maintain(Instant::now());
+        }
+        if self.failing && !self.paths.iter().any(PathQueue::usable) {
             self.done.push(IoCompletion {
                 tag: req.tag,
                 result: Err(IoError::Unavailable),

@@ -15,11 +15,13 @@
 #              scenario the guest writes a host-made 64 MiB pattern at
 #              32 MiB, flushes and powers off; both servers are then killed
 #              with SIGKILL and the pattern is checked in the file
-#   target-restart  the same chain; the host SIGKILLs `unvme target` and
-#              restarts it on the same port and file while the guest runs
-#              (scenario vhost-blk-restart.sh, host half
-#              vhost-restart-host.sh): I/O fails without hanging while it is
-#              gone, resumes after, flushed data intact
+#   target-restart  the same chain (vhost-blk --kato-ms 2000
+#              --ctrl-loss-tmo 5 --reconnect-delay 0.5, a --with-fio guest;
+#              scenario vhost-blk-restart.sh, host half
+#              vhost-restart-host.sh): fio verify and dd ride through a
+#              SIGKILL + restart 1 s later and a 4 s SIGSTOP of `unvme
+#              target`; killed for good, I/O fails after ~5 s without
+#              hanging, and resumes after the restart, flushed data intact
 #   reconnect  `unvme vhost-blk --file` behind a chardev with reconnect-ms:
 #              the host SIGKILLs the backend during a guest write and
 #              restarts it (scenario vhost-blk-reconnect.sh, host half
@@ -202,15 +204,16 @@ for c in $CASES; do
             ;;
         target-restart)
             tport=$(free_port)
-            start target "listening.*:$tport" "$UNVME" target --file "$work/restart.img:create=64M" \
+            start target "listening.*:$tport" "$UNVME" target --file "$work/restart.img:create=256M" \
                 --listen "127.0.0.1:$tport" --reactors 1
             echo "${pids[-1]}" > "$work/target.pid"
-            start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock"
+            start vb "listening" "$UNVME" vhost-blk --port "$tport" --socket "$sock" \
+                --kato-ms 2000 --ctrl-loss-tmo 5 --reconnect-delay 0.5
             # The target is the host command's to kill and restart.
             unset 'pids[0]'
             pids=("${pids[@]}")
             scen=vhost-blk-restart.sh
-            scenario "$c" 1 "$sock" --host-timeout 400 \
+            scenario "$c" 1 "$sock" --with-fio --host-timeout 600 \
                 --host-cmd "'$QS/tests/vhost-restart-host.sh' '$UNVME' $tport '$work/restart.img' '$work/target.pid' '$work/target.log'"
             ;;
         reconnect)
