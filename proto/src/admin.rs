@@ -1645,6 +1645,167 @@ impl ChangedNsList {
     }
 }
 
+/// Asymmetric Namespace Access states, the ANA State field of an ANA Group
+/// Descriptor (NVMe Base 2.0, §8.1.3 and Figure 227, ANA log page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AnaState {
+    /// 01h: ANA Optimized.
+    Optimized,
+    /// 02h: ANA Non-Optimized.
+    NonOptimized,
+    /// 03h: ANA Inaccessible.
+    Inaccessible,
+    /// 04h: ANA Persistent Loss.
+    PersistentLoss,
+    /// 0Fh: ANA Change (transitioning between states).
+    Change,
+}
+
+impl AnaState {
+    /// The state's code in the ANA log page.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Optimized => 0x01,
+            Self::NonOptimized => 0x02,
+            Self::Inaccessible => 0x03,
+            Self::PersistentLoss => 0x04,
+            Self::Change => 0x0F,
+        }
+    }
+
+    /// The state of an ANA State code (bits 03:00); `None` for reserved codes.
+    pub fn from_code(c: u8) -> Option<Self> {
+        Some(match c & 0x0F {
+            0x01 => Self::Optimized,
+            0x02 => Self::NonOptimized,
+            0x03 => Self::Inaccessible,
+            0x04 => Self::PersistentLoss,
+            0x0F => Self::Change,
+            _ => return None,
+        })
+    }
+
+    /// Whether commands that access user data may run in this state
+    /// (Optimized and Non-Optimized, §8.1.3.1 and §8.1.3.2).
+    pub fn accessible(self) -> bool {
+        matches!(self, Self::Optimized | Self::NonOptimized)
+    }
+}
+
+/// Log Specific Parameter bits of the ANA log page (NVMe Base 2.0, §5.16.1.13).
+pub mod ana_lsp {
+    /// Bit 0: Return Groups Only (RGO): the descriptors carry no NSID list.
+    pub const RGO: u8 = 1 << 0;
+}
+
+/// One ANA Group Descriptor of the ANA log page (NVMe Base 2.0, Figure 227):
+/// 32 bytes, then its NSID list (4 bytes each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnaGroupDescriptor {
+    /// ANA Group ID (bytes 03:00).
+    pub anagrpid: u32,
+    /// Change Count of this group (bytes 15:08).
+    pub chgcnt: u64,
+    /// ANA State (byte 16 bits 03:00).
+    pub state: AnaState,
+    /// Namespace Identifiers in this group (empty with RGO).
+    pub nsids: Vec<u32>,
+}
+
+/// The Asymmetric Namespace Access log page 0Ch (NVMe Base 2.0, §5.16.1.13,
+/// Figure 226): a 16-byte header (Change Count, Number of ANA Group
+/// Descriptors), then the descriptors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnaLog {
+    /// Change Count (bytes 07:00): changes each time the page changes.
+    pub chgcnt: u64,
+    /// ANA Group Descriptors.
+    pub groups: Vec<AnaGroupDescriptor>,
+}
+
+impl AnaLog {
+    /// Size of the header.
+    pub const HEADER_SIZE: usize = 16;
+    /// Size of a descriptor without its NSID list.
+    pub const DESCRIPTOR_SIZE: usize = 32;
+
+    /// Encoded size in bytes.
+    pub fn len(&self) -> usize {
+        Self::HEADER_SIZE
+            + self
+                .groups
+                .iter()
+                .map(|g| Self::DESCRIPTOR_SIZE + 4 * g.nsids.len())
+                .sum::<usize>()
+    }
+
+    /// Whether the page has no descriptors.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Encodes into a new buffer of [`AnaLog::len`] bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.len()];
+        le::put_u64(&mut b, 0, self.chgcnt);
+        le::put_u16(
+            &mut b,
+            8,
+            self.groups.len().min(usize::from(u16::MAX)) as u16,
+        );
+        let mut off = Self::HEADER_SIZE;
+        for g in &self.groups {
+            le::put_u32(&mut b, off, g.anagrpid);
+            le::put_u32(&mut b, off + 4, g.nsids.len() as u32);
+            le::put_u64(&mut b, off + 8, g.chgcnt);
+            b[off + 16] = g.state.code();
+            off += Self::DESCRIPTOR_SIZE;
+            for &n in &g.nsids {
+                le::put_u32(&mut b, off, n);
+                off += 4;
+            }
+        }
+        b
+    }
+
+    /// Decodes a page; fails on a truncated page or a reserved state.
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        need("ANA log page", buf, Self::HEADER_SIZE)?;
+        let chgcnt = le::u64(buf, 0);
+        let n = usize::from(le::u16(buf, 8));
+        let mut groups = Vec::with_capacity(n.min(buf.len() / Self::DESCRIPTOR_SIZE));
+        let mut off = Self::HEADER_SIZE;
+        for _ in 0..n {
+            need("ANA group descriptor", buf, off + Self::DESCRIPTOR_SIZE)?;
+            let anagrpid = le::u32(buf, off);
+            let nnsids = le::u32(buf, off + 4) as usize;
+            let gchg = le::u64(buf, off + 8);
+            let state = AnaState::from_code(buf[off + 16]).ok_or(Error::Invalid {
+                field: "ANA State",
+                value: u64::from(buf[off + 16]),
+            })?;
+            off += Self::DESCRIPTOR_SIZE;
+            let end = nnsids
+                .checked_mul(4)
+                .and_then(|l| l.checked_add(off))
+                .ok_or(Error::Invalid {
+                    field: "Number of NSID Values",
+                    value: nnsids as u64,
+                })?;
+            need("ANA group NSID list", buf, end)?;
+            let nsids = (0..nnsids).map(|i| le::u32(buf, off + 4 * i)).collect();
+            off = end;
+            groups.push(AnaGroupDescriptor {
+                anagrpid,
+                chgcnt: gchg,
+                state,
+                nsids,
+            });
+        }
+        Ok(AnaLog { chgcnt, groups })
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Command dwords
 // ---------------------------------------------------------------------------
@@ -1899,6 +2060,13 @@ impl AsyncEvent {
         lid: lid::CHANGED_NS,
     };
 
+    /// Notice: Asymmetric Namespace Access Change; read the ANA log page.
+    pub const ANA_CHANGE: Self = Self {
+        aet: aet::NOTICE,
+        aei: aei_notice::ANA_CHANGE,
+        lid: lid::ANA,
+    };
+
     /// Notice: Discovery Log Page Change; read the discovery log page.
     pub const DISCOVERY_LOG_CHANGED: Self = Self {
         aet: aet::NOTICE,
@@ -2089,6 +2257,43 @@ mod tests {
         fn async_event_round_trips(aet in 0u8..8, aei in any::<u8>(), lid in any::<u8>()) {
             let e = AsyncEvent { aet, aei, lid };
             prop_assert_eq!(AsyncEvent::from_dword(e.to_dword()), e);
+        }
+
+        #[test]
+        fn ana_log_round_trips(
+            chgcnt: u64,
+            groups in proptest::collection::vec(
+                (1u32..1000, any::<u64>(), 0usize..5, proptest::collection::vec(1u32..u32::MAX, 0..8)),
+                0..6,
+            ),
+        ) {
+            let states = [
+                AnaState::Optimized,
+                AnaState::NonOptimized,
+                AnaState::Inaccessible,
+                AnaState::PersistentLoss,
+                AnaState::Change,
+            ];
+            let log = AnaLog {
+                chgcnt,
+                groups: groups
+                    .into_iter()
+                    .map(|(anagrpid, chgcnt, s, nsids)| AnaGroupDescriptor {
+                        anagrpid,
+                        chgcnt,
+                        state: states[s],
+                        nsids,
+                    })
+                    .collect(),
+            };
+            let b = log.to_bytes();
+            prop_assert_eq!(b.len(), log.len());
+            prop_assert_eq!(AnaLog::decode(&b).unwrap(), log);
+        }
+
+        #[test]
+        fn ana_log_decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = AnaLog::decode(&b);
         }
 
         /// Decoders return errors, never panic, on arbitrary input.
