@@ -76,19 +76,22 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
                 NamespaceConfig {
                     bdev: "ram:1M".into(),
                     nsid: None,
+                    ..Default::default()
                 },
                 NamespaceConfig {
                     bdev: "ram:1M".into(),
                     nsid: Some(3),
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         }],
         ..TargetConfig::default()
     };
     let subsystems = Arc::new(Subsystems::from_config(&cfg).expect("a RAM namespace opens"));
     let params = Arc::new(Params::from_config(&cfg));
     let peer = "127.0.0.1:1".parse().expect("an address");
-    let new = || Controller::new(peer, subsystems.clone(), params.clone());
+    let new = || Controller::new(peer, 0, subsystems.clone(), params.clone());
     let mut fresh = new();
     let mut admin = new();
     let cntlid = connect(&mut admin, 0, CNTLID_DYNAMIC).expect("admin Connect");
@@ -365,7 +368,9 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
             namespaces: vec![NamespaceConfig {
                 bdev: "null:64M".into(),
                 nsid: None,
+                ..Default::default()
             }],
+            ..Default::default()
         }],
         max_transfer_bytes_per_connection: 256 << 10,
         max_transfer_bytes_per_reactor: 512 << 10,
@@ -387,7 +392,7 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
             wleft: 0,
             out: Vec::new(),
         };
-        Conn::new(s, peer, subsystems.clone(), params.clone())
+        Conn::new(s, peer, 0, subsystems.clone(), params.clone())
     };
     let run = |c: &mut Conn<MemStream>,
                pool: &mut BufPool,

@@ -31,6 +31,8 @@ pub(crate) struct Namespace {
     pub uuid: [u8; 16],
     /// IEEE Extended Unique Identifier (zero: none).
     pub eui64: [u8; 8],
+    /// ANA Group ID (1..=ANAGRPMAX).
+    pub ana_group: u32,
     /// For a backend with admin pass-through: the device's Identify
     /// Namespace data last read, for answers while it cannot be asked.
     pub dev_ident: Mutex<Option<IdentifyNamespace>>,
@@ -52,6 +54,7 @@ impl Namespace {
             nguid: id,
             uuid,
             eui64: [0; 8],
+            ana_group: 1,
             dev_ident: Mutex::new(None),
         };
         if let Some(a) = ns.bdev.nvme_admin() {
