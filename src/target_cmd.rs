@@ -394,7 +394,7 @@ pub fn run(a: TargetArgs) -> Result<(), Box<dyn std::error::Error>> {
         icreq_timeout_ms = cfg.icreq_timeout_ms,
         connect_timeout_ms = cfg.connect_timeout_ms,
         transfer_timeout_ms = cfg.transfer_timeout_ms,
-        ana_state = unvme_target::ana_state_name(cfg.ana_state),
+        ana_state = %unvme_target::ana_state_name(cfg.ana_state),
         "starting"
     );
     let target = Target::start(cfg)?;
