@@ -663,6 +663,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_configuration_parses_and_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("a TOML example") + 8;
+        let len = readme[start..].find("```").expect("its end");
+        let c = TargetConfig::from_toml(&readme[start..start + len]).expect("it parses");
+        c.validate().expect("it is valid");
+        assert_eq!(c.ports().len(), 2);
+        assert_eq!(c.subsystems[0].namespaces[1].ana_group, 2);
+    }
+
+    #[test]
     fn mdts_rounds_down_to_a_power_of_two() {
         let c = TargetConfig {
             max_transfer_size: 1024 * 1024,

@@ -5,8 +5,11 @@
 //! opened and never change under a connected host (Linux drops a namespace
 //! whose identifiers change): a device with admin pass-through (a VFIO SSD)
 //! is asked once for its own; other backends get identifiers derived from
-//! the subsystem NQN and NSID, stable across restarts. What the controller
-//! answers from these is in `ctrlr`; this module only holds them.
+//! the subsystem NQN and NSID, stable across restarts and the same in every
+//! target process that exports that NQN and NSID (multipath). Identifiers
+//! given in the configuration replace either (`Subsystems::from_config`).
+//! What the controller answers from these is in `ctrlr`; this module only
+//! holds them, with the namespace's ANA group.
 
 use std::sync::{Arc, Mutex};
 

@@ -10,7 +10,7 @@
 # The guest (scenarios/kernel-multipath.sh) connects to both, must see one
 # nvme-subsystem with two controllers and ONE multipath namespace, the ANA
 # states of both paths, I/O on the optimized path (checked here: how many
-# bytes each target read from its sockets meanwhile), and a chunked write
+# bytes each target read from its file meanwhile), and a chunked write
 # that keeps going when A is killed with SIGKILL, then reads back intact.
 # It prints the failover stall (the longest chunk write).
 #
@@ -43,8 +43,9 @@ if [[ ${1:-} == --host-half ]]; then
     trap 'exit 130' INT TERM
     common=(--nqn "$NQN" --file "$IMG:512" --nguid "$NGUID" --uuid "$UUID" --serial UNVMEMPATH0001
             --reactors 1 --log info)
-    # rchar: bytes the process read (its sockets: the hosts' write data).
-    rchar() { awk '$1 == "rchar:" { print $2 }' "/proc/$1/io"; }
+    # wchar: bytes the process wrote with write/pwrite (the backing file;
+    # socket sends are recv/send, not counted).
+    wchar() { awk '$1 == "wchar:" { print $2 }' "/proc/$1/io"; }
 
     wait_step start 60
     truncate -s 256M "$IMG"
@@ -56,11 +57,11 @@ if [[ ${1:-} == --host-half ]]; then
     [[ $st -eq 0 ]] || exit 1
 
     wait_step mark-a 120
-    a0=$(rchar "$pa") b0=$(rchar "$pb")
+    a0=$(wchar "$pa") b0=$(wchar "$pb")
     ack_step mark-a 0
     wait_step mark-b 120
-    da=$(( $(rchar "$pa") - a0 )) db=$(( $(rchar "$pb") - b0 ))
-    log "during the 16 MiB write: target A (optimized) read $da bytes, target B (non-optimized) $db bytes"
+    da=$(( $(wchar "$pa") - a0 )) db=$(( $(wchar "$pb") - b0 ))
+    log "during the 16 MiB write: target A (optimized) wrote $da bytes to the file, target B (non-optimized) $db bytes"
     echo "UNVME-MULTIPATH io_bytes optimized=$da non_optimized=$db" >&2
     st=0
     (( da >= 16 * 1048576 )) || { log "FAIL: the optimized target did not receive the write"; st=1; }
