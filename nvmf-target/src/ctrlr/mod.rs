@@ -292,12 +292,24 @@ impl Controller {
         }
     }
 
+    /// Whether [`Controller::take_event`] may have an event: an admin queue
+    /// holding an AER whose controller has one pending (one atomic load).
+    #[inline]
+    pub fn has_event(&self) -> bool {
+        self.qid == 0
+            && self.aers > 0
+            && self
+                .ctrl
+                .as_ref()
+                .is_some_and(|c| c.event_pending.load(Ordering::Acquire))
+    }
+
     /// On an admin queue holding an Asynchronous Event Request: the
     /// completion of one for the oldest pending event, if any (the
     /// transport completes one of its held AERs with it).
     #[inline]
     pub fn take_event(&mut self) -> Option<Completion> {
-        if self.qid != 0 || self.aers == 0 {
+        if !self.has_event() {
             return None;
         }
         let ev = self.ctrl.as_ref()?.take_event()?;

@@ -311,7 +311,7 @@ impl<S: Read + std::io::Write> Conn<S> {
     /// pending events (admin queue; one atomic load when there are none).
     #[inline]
     pub fn deliver_events(&mut self) {
-        if self.close.is_some() || self.ctrl.qid() != 0 {
+        if self.close.is_some() || !self.ctrl.has_event() {
             return;
         }
         while let Some(si) = self.slots.iter().position(|s| s.state == SlotState::Held) {
