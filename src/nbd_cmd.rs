@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use unvme_bdev::Bdev;
-use unvme_initiator::{Controller, RemoteNamespace};
+use unvme_initiator::RemoteNamespace;
 use unvme_nbd::{Export, Limits, Listen, Server, ServerConfig, ServerDefaults};
 
 use crate::connect_args::ConnectArgs;
@@ -112,18 +112,19 @@ fn sources(a: &NbdArgs) -> Result<Vec<Source>, Box<dyn std::error::Error>> {
         ));
     }
     if v.is_empty() || !a.nsid.is_empty() {
-        let opts = a.conn.options();
-        let ctrl = Controller::connect(opts.clone())?;
+        let paths = a.conn.paths()?;
+        let opts = &paths[0];
         let nsids = if a.nsid.is_empty() {
             vec![1]
         } else {
             a.nsid.clone()
         };
         for nsid in nsids {
-            let ns = RemoteNamespace::open(&ctrl, nsid)?;
+            let ns = RemoteNamespace::open_multipath(&paths, nsid, a.conn.iopolicy)?;
             tracing::info!(
                 nqn = %opts.subnqn,
                 nsid,
+                paths = paths.len(),
                 addr = %opts.addr,
                 port = opts.port,
                 "remote namespace"

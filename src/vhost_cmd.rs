@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use unvme_bdev::Bdev;
-use unvme_initiator::{Controller, RemoteNamespace};
+use unvme_initiator::RemoteNamespace;
 use unvme_vhost_blk::{DeviceOptions, Server, ServerConfig, SocketOptions};
 
 use crate::connect_args::ConnectArgs;
@@ -123,17 +123,21 @@ fn source(a: &VhostArgs) -> Result<Source, Box<dyn std::error::Error>> {
     if let Some(f) = &a.file {
         return Ok((unvme_bdev::from_spec(&format!("file:{f}"))?, None));
     }
-    let opts = a.conn.options();
-    let ctrl = Controller::connect(opts.clone())?;
-    let ns = RemoteNamespace::open(&ctrl, a.nsid)?;
+    let paths = a.conn.paths()?;
+    let opts = &paths[0];
+    let ns = RemoteNamespace::open_multipath(&paths, a.nsid, a.conn.iopolicy)?;
     tracing::info!(
         nqn = %opts.subnqn,
         nsid = a.nsid,
+        paths = paths.len(),
         addr = %opts.addr,
         port = opts.port,
         "remote namespace"
     );
-    let sn = ctrl.identify().sn.trim().to_string();
+    let sn = ns
+        .controller()
+        .map(|c| c.identify().sn.trim().to_string())
+        .unwrap_or_default();
     Ok((Arc::new(ns), (!sn.is_empty()).then_some(sn)))
 }
 

@@ -521,7 +521,7 @@ fn target_vanishing_mid_io_fails_commands_instead_of_hanging() {
 }
 
 #[test]
-fn remote_namespace_fails_fast_while_the_target_is_down_and_reconnects_when_it_returns() {
+fn remote_namespace_with_fail_fast_recovery_fails_while_the_target_is_down_and_reconnects_when_it_returns() {
     let dir = std::env::temp_dir().join(format!("unvme-e2e-rc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("ns.img");
@@ -530,6 +530,7 @@ fn remote_namespace_fails_fast_while_the_target_is_down_and_reconnects_when_it_r
     let ctrl = Controller::connect(ConnectOptions {
         command_timeout: Duration::from_secs(5),
         kato_ms: 0,
+        recovery: unvme_initiator::Recovery::FAIL_FAST,
         ..opts(&t, false, false, 2)
     })
     .expect("connect");
@@ -626,6 +627,7 @@ fn remote_namespace_never_blocks_io_while_reconnecting_to_a_silent_target() {
         command_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(3),
         kato_ms: 0,
+        recovery: unvme_initiator::Recovery::FAIL_FAST,
         ..opts(&t, false, false, 1)
     })
     .expect("connect");

@@ -21,7 +21,8 @@ use unvme_proto::nvme::{Cqe, Sqe, Status};
 use unvme_proto::regs::Cap;
 
 use crate::qpair::{
-    connect_socket, initialize_connection, DataDir, NvmeCompletion, QueuePair, RawBusy,
+    connect_socket, initialize_connection, set_linger_zero, DataDir, NvmeCompletion, QueuePair,
+    RawBusy,
 };
 use crate::wire;
 use crate::{ConnectOptions, Error, Result};
@@ -245,6 +246,8 @@ struct NsGeom {
 struct Inner {
     opts: ConnectOptions,
     admin: Mutex<QueuePair>,
+    /// The admin connection's socket, to end it without the queue's lock.
+    admin_sock: TcpStream,
     cntlid: u16,
     cap: u64,
     vs: u32,
@@ -258,6 +261,9 @@ struct Inner {
     io_sockets: Mutex<Vec<(u16, TcpStream)>>,
     ns_geom: Mutex<Vec<(u32, NsGeom)>>,
     shut: AtomicBool,
+    /// Set once the controller is considered dead (keep-alive failure, a
+    /// reset asked for by a queue): its queues end, nothing new is opened.
+    failed: AtomicBool,
     ka: Arc<KaSignal>,
 }
 
@@ -298,13 +304,55 @@ impl Inner {
         })
     }
 
+    /// One Keep Alive, which must complete within KATO (as Linux times its
+    /// keep-alive request) or the controller is as good as gone.
     fn keep_alive(&self) -> Result<()> {
+        let what = "Keep Alive";
         let sqe = Sqe {
             opc: opc::KEEP_ALIVE,
             ..Sqe::default()
         };
-        self.admin("Keep Alive", sqe, None, DataDir::None, 0)?;
+        let limit = match self.opts.kato_ms {
+            0 => self.opts.command_timeout,
+            k => Duration::from_millis(u64::from(k)),
+        };
+        let mut q = lock(&self.admin);
+        if q.is_closed() {
+            return Err(Error::Command {
+                what,
+                source: IoError::Unavailable,
+            });
+        }
+        check(
+            q.run_timed(sqe, None, DataDir::None, 0, next_tag(), limit),
+            what,
+        )?;
         Ok(())
+    }
+
+    /// Declares the controller dead: ends the admin connection and every
+    /// I/O connection (their queue pairs see the end at their next poll and
+    /// hand their commands back as lost), abortively, so the controller
+    /// does not execute commands it had not read yet. Idempotent.
+    fn fail(&self, why: &str) {
+        if self.failed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        warn!(
+            addr = %self.opts.addr,
+            port = self.opts.port,
+            cntlid = self.cntlid,
+            reason = why,
+            "controller failed; ending its connections"
+        );
+        for (_, s) in lock(&self.io_sockets).iter() {
+            set_linger_zero(s);
+            let _ = s.shutdown(Shutdown::Read);
+        }
+        // Not through the admin queue's lock: a command may hold it for
+        // its whole timeout. The queue sees the end at its next read.
+        set_linger_zero(&self.admin_sock);
+        let _ = self.admin_sock.shutdown(Shutdown::Read);
     }
 
     fn identify_namespace(&self, nsid: u32) -> Result<IdentifyNamespace> {
@@ -396,8 +444,15 @@ fn spawn_keepalive(weak: Weak<Inner>, sig: Arc<KaSignal>, period: Duration) -> R
                 }
                 drop(g);
                 let Some(inner) = weak.upgrade() else { return };
+                if inner.failed.load(Ordering::Acquire) {
+                    return;
+                }
                 if let Err(e) = inner.keep_alive() {
                     warn!(error = %e, "keep alive failed");
+                    if !inner.shut.load(Ordering::Acquire) {
+                        inner.fail("keep alive failed");
+                    }
+                    return;
                 }
                 drop(inner);
                 stop = lock(&sig.stop);
@@ -426,6 +481,10 @@ impl Controller {
     pub fn connect(opts: ConnectOptions) -> Result<Controller> {
         let mut s = connect_socket(&opts)?;
         let (neg, dec) = initialize_connection(&mut s, &opts)?;
+        let admin_sock = s.try_clone().map_err(|source| Error::Io {
+            what: "cloning the socket",
+            source,
+        })?;
         let mut q = QueuePair::new(
             s,
             neg,
@@ -477,6 +536,7 @@ impl Controller {
         let ka = Arc::new(KaSignal::default());
         let inner = Arc::new(Inner {
             admin: Mutex::new(q),
+            admin_sock,
             cntlid,
             cap,
             vs,
@@ -491,6 +551,7 @@ impl Controller {
             io_sockets: Mutex::new(Vec::new()),
             ns_geom: Mutex::new(Vec::new()),
             shut: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             ka: ka.clone(),
             id,
             max_transfer,
@@ -720,11 +781,44 @@ impl Controller {
         self.inner.keep_alive()
     }
 
+    /// True once the controller failed (keep-alive failure or
+    /// [`Controller::fail`]); it will not serve again, connect a new one.
+    pub fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Acquire)
+    }
+
+    /// Declares the controller dead (the start of a controller reset): its
+    /// admin and I/O connections end at once, abortively; every queue pair
+    /// on it hands its outstanding commands back as lost
+    /// ([`NvmeCompletion::lost`]).
+    pub fn fail(&self, why: &str) {
+        self.inner.fail(why)
+    }
+
+    /// Asks the controller to abort command `cid` of submission queue
+    /// `sqid` (Abort). Returns whether the controller says it aborted it
+    /// (the command then completes with Command Abort Requested).
+    pub fn abort(&self, sqid: u16, cid: u16) -> Result<bool> {
+        let sqe = Sqe {
+            opc: opc::ABORT,
+            cdw10: u32::from(sqid) | (u32::from(cid) << 16),
+            ..Sqe::default()
+        };
+        let c = self.inner.admin("Abort", sqe, None, DataDir::None, 0)?;
+        Ok(c.cqe.is_some_and(|c| c.dw0 & 1 == 0))
+    }
+
     /// Opens an I/O queue pair on a new TCP connection (qid 1..=granted).
     pub fn create_io_qpair(&self) -> Result<IoQpair> {
         let inner = &self.inner;
         if inner.discovery || inner.shut.load(Ordering::Acquire) {
             return Err(Error::NoQueue(0));
+        }
+        if inner.failed.load(Ordering::Acquire) {
+            return Err(Error::Command {
+                what: "opening an I/O queue",
+                source: IoError::Unavailable,
+            });
         }
         let qid = {
             let mut p = lock(&inner.qids);
@@ -838,6 +932,39 @@ impl IoQpair {
     /// that must stop by a deadline whatever the controller does.
     pub fn disconnect(&mut self) {
         self.qp.shutdown();
+    }
+
+    /// Ends the connection now, abortively (a TCP reset: the controller
+    /// drops what it has not read rather than executing it); every
+    /// outstanding command is handed back as lost
+    /// ([`NvmeCompletion::lost`]) by the next poll. Used by recovery before
+    /// it submits those commands again.
+    pub fn reset(&mut self) {
+        self.qp.reset();
+    }
+
+    /// Makes the close of this (ended) queue pair abortive as well.
+    pub(crate) fn set_aborted(&mut self) {
+        self.qp.set_aborted();
+    }
+
+    /// With `on`, a command past its deadline is not completed with
+    /// [`IoError::Timeout`] but reported by [`IoQpair::take_expired`] and
+    /// kept outstanding, for a caller that aborts it and then resets the
+    /// queue (which hands it back as lost).
+    pub fn set_report_timeouts(&mut self, on: bool) {
+        self.qp.set_report_timeouts(on);
+    }
+
+    /// Appends the command IDs and tags of commands past their deadline
+    /// (see [`IoQpair::set_report_timeouts`]).
+    pub fn take_expired(&mut self, out: &mut Vec<(u16, u64)>) {
+        self.qp.take_expired(out);
+    }
+
+    /// True once the controller this queue belongs to failed.
+    pub fn controller_failed(&self) -> bool {
+        self.ctrl.failed.load(Ordering::Relaxed)
     }
 
     /// Records the block size of `nsid` so the first I/O need not ask the

@@ -10,12 +10,19 @@
 //!   thread, non-blocking and polled. Command slots, buffers and send queue
 //!   are preallocated, so the steady-state I/O path takes no lock and does
 //!   not allocate. Read data lands straight in the request's buffer.
-//! - [`RemoteNamespace`]: a remote namespace as an [`unvme_bdev::Bdev`].
+//! - [`RemoteNamespace`]: a remote namespace as an [`unvme_bdev::Bdev`],
+//!   over one path or several (multipath by ANA state, [`IoPolicy`]), that
+//!   rides through faults as the Linux host does ([`Recovery`]:
+//!   `ctrl_loss_tmo`, `reconnect_delay`, `fast_io_fail_tmo`): requests are
+//!   held while no path can carry them and resubmitted on reconnection or
+//!   on another path, a keep-alive failure or a command timeout (Abort,
+//!   then a controller reset) leads to a new association, and each request
+//!   completes exactly once.
 //!
-//! This crate is not a multipath layer, and a queue pair does not
-//! reconnect: a vanished peer fails every outstanding command with
-//! [`unvme_bdev::IoError::Unavailable`] and the queue pair reports itself
-//! closed ([`RemoteNamespace`] then opens a new one).
+//! A queue pair itself does not reconnect: a vanished peer ends every
+//! outstanding command as lost ([`NvmeCompletion::lost`], result
+//! [`unvme_bdev::IoError::Unavailable`]) with its buffers, and the queue
+//! pair reports itself closed.
 //!
 //! The controller is not trusted. A command completes successfully only
 //! when every byte of its data moved exactly once: C2HData in order (DATAO
@@ -43,12 +50,14 @@ mod controller;
 pub mod fuzzing;
 mod namespace;
 mod options;
+mod path;
 mod qpair;
+mod queue;
 mod wire;
 
 pub use controller::{Controller, DiscoveryLog, IoQpair};
-pub use namespace::RemoteNamespace;
-pub use options::{format_uuid, ConnectOptions};
+pub use namespace::{IoPolicy, RemoteNamespace};
+pub use options::{format_uuid, ConnectOptions, Recovery};
 pub use qpair::{DataDir, NvmeCompletion, RawBusy};
 pub use unvme_proto::discovery::DISCOVERY_NQN;
 

@@ -1,29 +1,96 @@
-//! [`RemoteNamespace`]: a namespace of a remote controller as a block device,
-//! which reconnects when its target comes back.
+//! [`RemoteNamespace`]: a namespace of a remote subsystem as a block
+//! device, reachable over one or several paths (multipath with ANA), which
+//! rides through lost connections, failed controllers and target restarts.
 
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use tracing::{info, warn};
-use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoCompletion, IoError, IoOp, IoRequest, SubmitError};
+use unvme_bdev::{Bdev, BdevInfo, BdevQueue, IoOp, IoRequest};
 use unvme_proto::admin::IdentifyNamespace;
 
-use crate::{Controller, IoQpair, Result};
+use crate::path::{NsKey, PathShared};
+use crate::queue::RemoteQueue;
+use crate::{ConnectOptions, Controller, Error, IoQpair, Recovery, Result};
 
-/// First delay between reconnection attempts of a queue; it doubles up to
-/// [`RECONNECT_MAX_BACKOFF`].
-const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest delay between reconnection attempts.
-const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How a multipath namespace spreads I/O over its usable paths. Only paths
+/// in the best ANA state present (optimized before non-optimized) are
+/// candidates; inaccessible, persistent-loss and changing paths are never
+/// used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoPolicy {
+    /// Every command to the first candidate in the order the paths were
+    /// given; the others are standby (SPDK's active_passive; Linux's `numa`
+    /// on a single node).
+    #[default]
+    Failover,
+    /// Commands rotate over the candidates (Linux `round-robin`, SPDK
+    /// active_active).
+    RoundRobin,
+    /// Each command to the candidate with the fewest outstanding commands
+    /// (Linux `queue-depth`).
+    QueueDepth,
+}
 
-/// A remote namespace. Each [`Bdev::open_queue`] opens a new I/O queue pair
-/// (a new TCP connection) on the controller.
+impl std::str::FromStr for IoPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "failover" | "numa" | "active-passive" => Ok(IoPolicy::Failover),
+            "round-robin" | "active-active" => Ok(IoPolicy::RoundRobin),
+            "queue-depth" => Ok(IoPolicy::QueueDepth),
+            _ => Err(format!(
+                "unknown I/O policy {s:?} (failover, round-robin, queue-depth)"
+            )),
+        }
+    }
+}
+
+/// What every queue of a namespace shares.
+#[derive(Debug)]
+pub(crate) struct NsShared {
+    pub key: NsKey,
+    pub paths: Vec<Arc<PathShared>>,
+    pub policy: IoPolicy,
+    pub recovery: Recovery,
+}
+
+impl NsShared {
+    /// Opens a queue pair on the first path that gives one, best ANA state
+    /// first. Blocking (admin path).
+    fn open_qpair(&self) -> Result<(usize, IoQpair)> {
+        let mut order: Vec<usize> = (0..self.paths.len()).collect();
+        order.sort_by_key(|&i| match self.paths[i].ana_state() {
+            None | Some(unvme_proto::ana::AnaState::Optimized) => 0,
+            Some(s) if s.usable() => 1,
+            Some(_) => 2,
+        });
+        let mut last = None;
+        for i in order {
+            match self.paths[i].open_qpair(self.key) {
+                Ok(qp) => return Ok((i, qp)),
+                Err(e) => {
+                    warn!(path = %self.paths[i].label, error = %e, "path unavailable");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Invalid("a namespace without paths".into())))
+    }
+}
+
+/// A remote namespace. Each [`Bdev::open_queue`] opens an I/O queue pair (a
+/// TCP connection) on every path, connected in the background except the
+/// first.
 ///
-/// When the target goes away, the queues fail their outstanding and new
-/// requests with [`IoError::Unavailable`] and try to reconnect — at most
-/// once per backoff period (250 ms doubling to 5 s), each attempt logged —
-/// first with a new I/O queue on the current controller, then with a new
-/// controller (the target restarted). A namespace whose size or block size
+/// Recovery follows the [`Recovery`] of the first path's
+/// [`ConnectOptions`]: while no path can carry I/O, requests are held and
+/// resubmitted when one can, and fail only after `fast_io_fail_tmo` or once
+/// the controller is lost (`ctrl_loss_tmo`). A failed controller (keep-alive
+/// failure, a command that timed out and was not returned by Abort) is
+/// replaced by a new association. With several paths, a path that dies
+/// hands its requests to another ([`IoPolicy`]), and comes back into use
+/// when it reconnects (failback). A namespace whose size or block size
 /// changed meanwhile is not reattached.
 #[derive(Debug)]
 pub struct RemoteNamespace {
@@ -32,91 +99,124 @@ pub struct RemoteNamespace {
     info: BdevInfo,
 }
 
-#[derive(Debug)]
-struct NsShared {
-    nsid: u32,
-    block_size: u32,
-    num_blocks: u64,
-    ctrl: Mutex<Controller>,
-}
-
-fn lock(m: &Mutex<Controller>) -> MutexGuard<'_, Controller> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl NsShared {
-    /// Opens an I/O queue pair, reconnecting the controller if the old one
-    /// is gone. Admin path: serialised by the controller lock.
-    fn open_qpair(&self) -> Result<IoQpair> {
-        let mut ctrl = lock(&self.ctrl);
-        let first = match ctrl.create_io_qpair() {
-            Ok(mut qp) => {
-                qp.register_namespace(self.nsid, self.block_size);
-                return Ok(qp);
-            }
-            Err(e) => e,
-        };
-        let opts = ctrl.options().clone();
-        warn!(addr = %opts.addr, port = opts.port, subnqn = %opts.subnqn, error = %first,
-            "cannot open an I/O queue; reconnecting the controller");
-        let new = Controller::connect(opts)?;
-        let id = new.identify_namespace(self.nsid)?;
-        if id.lba_size() != Some(self.block_size) || id.nsze != self.num_blocks {
-            return Err(crate::Error::Invalid(format!(
-                "namespace {} changed geometry across the reconnection ({} blocks of {:?} bytes, was {} of {})",
-                self.nsid,
-                id.nsze,
-                id.lba_size(),
-                self.num_blocks,
-                self.block_size
-            )));
-        }
-        info!(
-            cntlid = new.cntlid(),
-            nsid = self.nsid,
-            "controller reconnected"
-        );
-        *ctrl = new;
-        let mut qp = ctrl.create_io_qpair()?;
-        qp.register_namespace(self.nsid, self.block_size);
-        Ok(qp)
-    }
+/// The identifiers hosts recognise a namespace by across paths.
+fn ns_ids(id: &IdentifyNamespace) -> ([u8; 16], [u8; 8]) {
+    (id.nguid, id.eui64)
 }
 
 impl RemoteNamespace {
-    /// Reads Identify Namespace for `nsid` and describes it as a bdev.
+    /// Reads Identify Namespace for `nsid` and describes it as a bdev, over
+    /// the one path of `ctrl`.
     pub fn open(ctrl: &Controller, nsid: u32) -> Result<Self> {
-        let id = ctrl.identify_namespace(nsid)?;
+        Self::open_paths(
+            vec![(ctrl.options().clone(), Some(ctrl.clone()))],
+            nsid,
+            IoPolicy::Failover,
+        )
+    }
+
+    /// Opens namespace `nsid` over every path in `paths` (one subsystem
+    /// reached at several addresses: target nodes or ports). Paths that do
+    /// not answer now are kept and connected later; at least one must
+    /// answer. Every path that answers must show the same namespace (same
+    /// NGUID and EUI-64, size and block size). Recovery follows the first
+    /// path's options.
+    pub fn open_multipath(paths: &[ConnectOptions], nsid: u32, policy: IoPolicy) -> Result<Self> {
+        let mut all = Vec::with_capacity(paths.len());
+        let mut last = None;
+        for o in paths {
+            match Controller::connect(o.clone()) {
+                Ok(c) => all.push((o.clone(), Some(c))),
+                Err(e) => {
+                    warn!(addr = %o.addr, port = o.port, error = %e, "path unavailable at open; will retry");
+                    all.push((o.clone(), None));
+                    last = Some(e);
+                }
+            }
+        }
+        if all.iter().all(|(_, c)| c.is_none()) {
+            return Err(last.unwrap_or_else(|| Error::Invalid("no path given".into())));
+        }
+        Self::open_paths(all, nsid, policy)
+    }
+
+    /// The paths in failover order, each connected or to connect later (at
+    /// least one connected).
+    fn open_paths(
+        all: Vec<(ConnectOptions, Option<Controller>)>,
+        nsid: u32,
+        policy: IoPolicy,
+    ) -> Result<Self> {
+        let first = all
+            .iter()
+            .find_map(|(_, c)| c.clone())
+            .ok_or_else(|| Error::Invalid("no path given".into()))?;
+        let id = first.identify_namespace(nsid)?;
         let block_size = match id.lba_size() {
             Some(bs) if id.nsze != 0 => bs,
             _ => {
-                return Err(crate::Error::Invalid(format!(
+                return Err(Error::Invalid(format!(
                     "namespace {nsid} is not active or has no valid LBA format"
                 )))
             }
         };
-        let cid = ctrl.identify();
-        let info = BdevInfo {
-            name: format!("{}/ns{nsid}", ctrl.options().subnqn),
-            block_size,
-            num_blocks: id.nsze,
-            max_transfer: ctrl.max_transfer(),
-            volatile_write_cache: cid.volatile_write_cache(),
-            deallocate: cid.supports_dsm(),
-            write_zeroes: cid.supports_write_zeroes(),
-        };
-        let shared = Arc::new(NsShared {
+        let key = NsKey {
             nsid,
             block_size,
             num_blocks: id.nsze,
-            ctrl: Mutex::new(ctrl.clone()),
+        };
+        let mut paths = Vec::with_capacity(all.len());
+        for (o, c) in all {
+            let p = PathShared::new(o.clone());
+            if let Some(c) = c {
+                let cid = c.identify_namespace(nsid)?;
+                if ns_ids(&cid) != ns_ids(&id)
+                    || cid.nsze != id.nsze
+                    || cid.lba_size() != id.lba_size()
+                {
+                    return Err(Error::Invalid(format!(
+                        "{}:{} shows a different namespace {nsid} (identifiers or geometry differ): not a path to the same namespace",
+                        o.addr, o.port
+                    )));
+                }
+                p.adopt(c, nsid, &cid)?;
+            }
+            paths.push(p);
+        }
+        let cidc = first.identify();
+        let max_transfer = paths
+            .iter()
+            .filter_map(|p| p.controller())
+            .map(|c| c.max_transfer())
+            .filter(|&m| m != 0)
+            .min()
+            .unwrap_or(0);
+        let info = BdevInfo {
+            name: format!("{}/ns{nsid}", first.options().subnqn),
+            block_size,
+            num_blocks: id.nsze,
+            max_transfer,
+            volatile_write_cache: cidc.volatile_write_cache(),
+            deallocate: cidc.supports_dsm(),
+            write_zeroes: cidc.supports_write_zeroes(),
+        };
+        if paths.len() > 1 {
+            for p in &paths {
+                info!(nsid, path = %p.label, ana = ?p.ana_state().map(|s| s.name()), "namespace path");
+            }
+        }
+        let shared = Arc::new(NsShared {
+            key,
+            paths,
+            policy,
+            recovery: first.options().recovery,
         });
         Ok(RemoteNamespace { shared, id, info })
     }
 
     /// The namespace ID.
     pub fn nsid(&self) -> u32 {
-        self.shared.nsid
+        self.shared.key.nsid
     }
 
     /// Identify Namespace data read at open.
@@ -124,14 +224,27 @@ impl RemoteNamespace {
         &self.id
     }
 
-    /// The current controller (a new one after a reconnection).
-    pub fn controller(&self) -> Controller {
-        lock(&self.shared.ctrl).clone()
+    /// The current controller of the first path that has one.
+    pub fn controller(&self) -> Option<Controller> {
+        self.shared.paths.iter().find_map(|p| p.controller())
     }
 
-    /// Opens an I/O queue pair bound to this namespace.
+    /// Each path's address (`addr:port`) and the namespace's ANA state
+    /// there (`None`: not reported, or not connected yet).
+    pub fn paths(&self) -> Vec<(String, Option<unvme_proto::ana::AnaState>)> {
+        self.shared
+            .paths
+            .iter()
+            .map(|p| (p.label.clone(), p.ana_state()))
+            .collect()
+    }
+
+    /// Opens a plain I/O queue pair bound to this namespace on the best
+    /// path (no recovery: for tools and tests).
     pub fn open_qpair(&self) -> Result<IoQpair> {
-        self.shared.open_qpair()
+        let (_, mut qp) = self.shared.open_qpair()?;
+        qp.set_report_timeouts(false);
+        Ok(qp)
     }
 }
 
@@ -142,171 +255,19 @@ fn bdev_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> un
     }
 }
 
-/// A [`BdevQueue`] on one [`IoQpair`], replaced by a new one after the
-/// connection is lost.
-///
-/// Reconnecting (TCP connect, ICReq, Fabrics Connect, perhaps a whole new
-/// controller) can take up to the connect timeout against a target that
-/// does not answer, so it runs on a short-lived thread of its own; the queue
-/// keeps failing requests fast meanwhile and picks the new queue pair up at
-/// a later submit or poll.
-struct RemoteQueue {
-    qp: Option<IoQpair>,
-    shared: Arc<NsShared>,
-    /// Requests failed without reaching the target (disconnected, LBA
-    /// range outside the namespace), handed out by the next poll.
-    failed: Vec<IoCompletion>,
-    /// The reconnection attempt under way, if any.
-    attempt: Option<mpsc::Receiver<Result<IoQpair>>>,
-    next_attempt: Instant,
-    backoff: Duration,
-}
-
-impl RemoteQueue {
-    /// Drops a closed queue pair once it has handed back everything, collects
-    /// the outcome of a reconnection attempt, and starts one when the backoff
-    /// allows. Never blocks.
-    fn ensure_connected(&mut self) {
-        if let Some(qp) = &self.qp {
-            if !qp.is_closed() || qp.outstanding() > 0 {
-                return;
-            }
-            warn!(nsid = self.shared.nsid, "NVMe/TCP I/O queue lost");
-            self.qp = None;
-            self.next_attempt = Instant::now();
-        }
-        if let Some(rx) = &self.attempt {
-            let outcome = match rx.try_recv() {
-                Ok(r) => r,
-                Err(mpsc::TryRecvError::Empty) => return,
-                Err(mpsc::TryRecvError::Disconnected) => Err(crate::Error::Invalid(
-                    "the reconnection thread ended without an answer".into(),
-                )),
-            };
-            self.attempt = None;
-            match outcome {
-                Ok(qp) => {
-                    info!(
-                        nsid = self.shared.nsid,
-                        qid = qp.qid(),
-                        "NVMe/TCP I/O queue reconnected"
-                    );
-                    self.qp = Some(qp);
-                    self.backoff = RECONNECT_BACKOFF;
-                    return;
-                }
-                Err(e) => {
-                    warn!(nsid = self.shared.nsid, error = %e, retry_in_ms = self.backoff.as_millis() as u64,
-                        "NVMe/TCP reconnection failed");
-                    self.next_attempt = Instant::now() + self.backoff;
-                    self.backoff = (self.backoff * 2).min(RECONNECT_MAX_BACKOFF);
-                    return;
-                }
-            }
-        }
-        if Instant::now() < self.next_attempt {
-            return;
-        }
-        let (tx, rx) = mpsc::sync_channel(1);
-        let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("unvme-reconnect".into())
-            .spawn(move || {
-                // The queue may be gone by now; then the new pair is dropped.
-                let _ = tx.send(shared.open_qpair());
-            });
-        match spawned {
-            Ok(_) => self.attempt = Some(rx),
-            Err(e) => {
-                warn!(nsid = self.shared.nsid, error = %e, "cannot start a reconnection thread");
-                self.next_attempt = Instant::now() + self.backoff;
-            }
-        }
-    }
-}
-
-/// Whether every LBA range of `op` lies inside a namespace of `num_blocks`
-/// blocks. Checked before the request is encoded, as every bdev checks it
-/// first ([`BdevInfo::check_request`]): a range past the end is
-/// [`IoError::OutOfRange`] even when it is also too long for one NVMe
-/// command, and a request that cannot succeed costs no round trip.
-fn ranges_inside(op: &IoOp, num_blocks: u64) -> bool {
-    let inside = |lba: u64, nlb: u32| {
-        lba.checked_add(u64::from(nlb))
-            .is_some_and(|end| end <= num_blocks)
-    };
-    match op {
-        IoOp::Read { lba, nlb }
-        | IoOp::Write { lba, nlb, .. }
-        | IoOp::Compare { lba, nlb }
-        | IoOp::WriteZeroes { lba, nlb, .. } => inside(*lba, *nlb),
-        IoOp::Deallocate { ranges } => ranges.iter().all(|r| inside(r.lba, r.nlb)),
-        IoOp::Flush => true,
-    }
-}
-
-impl BdevQueue for RemoteQueue {
-    fn submit(&mut self, req: IoRequest) -> std::result::Result<(), SubmitError> {
-        self.ensure_connected();
-        let error = if !ranges_inside(&req.op, self.shared.num_blocks) {
-            IoError::OutOfRange
-        } else {
-            match self.qp.as_mut() {
-                Some(qp) if !qp.is_closed() => return qp.submit(self.shared.nsid, req),
-                _ => IoError::Unavailable,
-            }
-        };
-        // Bounded: the caller has at most its queue depth in flight.
-        self.failed.push(IoCompletion {
-            tag: req.tag,
-            result: Err(error),
-            buf: req.buf,
-        });
-        Ok(())
-    }
-
-    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        let mut n = self.failed.len();
-        out.append(&mut self.failed);
-        if let Some(qp) = self.qp.as_mut() {
-            n += qp.poll(out);
-        }
-        n
-    }
-
-    fn outstanding(&self) -> usize {
-        self.failed.len() + self.qp.as_ref().map_or(0, |q| q.outstanding())
-    }
-
-    fn max_segments(&self) -> usize {
-        crate::controller::MAX_SEGMENTS
-    }
-
-    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
-        match &self.qp {
-            Some(qp) if self.failed.is_empty() => Some(std::os::fd::AsRawFd::as_raw_fd(qp)),
-            _ => None,
-        }
-    }
-}
-
 impl Bdev for RemoteNamespace {
     fn info(&self) -> &BdevInfo {
         &self.info
     }
 
     fn open_queue(&self) -> unvme_bdev::Result<Box<dyn BdevQueue>> {
-        let qp = self
+        let (i, qp) = self
+            .shared
             .open_qpair()
             .map_err(|e| bdev_err("opening an NVMe/TCP I/O queue", e))?;
-        Ok(Box::new(RemoteQueue {
-            qp: Some(qp),
-            shared: self.shared.clone(),
-            failed: Vec::new(),
-            attempt: None,
-            next_attempt: Instant::now(),
-            backoff: RECONNECT_BACKOFF,
-        }))
+        let q = RemoteQueue::new(self.shared.clone(), i, qp)
+            .map_err(|e| bdev_err("creating the queue's wait set", e))?;
+        Ok(Box::new(q))
     }
 
     fn flush_all(&self) -> unvme_bdev::Result<()> {
@@ -318,7 +279,7 @@ impl Bdev for RemoteNamespace {
             .map_err(|e| bdev_err("opening an NVMe/TCP I/O queue", e))?;
         let c = qp
             .run_sync(
-                self.shared.nsid,
+                self.shared.key.nsid,
                 IoRequest {
                     tag: 0,
                     op: IoOp::Flush,

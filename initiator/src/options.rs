@@ -31,6 +31,58 @@ pub struct ConnectOptions {
     pub command_timeout: Duration,
     /// Time allowed for the TCP connect and the connection initialization.
     pub connect_timeout: Duration,
+    /// How a [`crate::RemoteNamespace`] rides through a lost controller.
+    pub recovery: Recovery,
+}
+
+/// What a [`crate::RemoteNamespace`] does when its connection or controller
+/// is lost, with the meaning of the Linux host's `nvme connect` options of
+/// the same names.
+///
+/// While no path can carry I/O, requests are held (in flight ones and new
+/// ones) and resubmitted once a connection is back. They fail only once
+/// `fast_io_fail_tmo` has passed since the loss (if set) or the controller
+/// is declared lost after `ctrl_loss_tmo`; after that, new requests fail at
+/// once while reconnection goes on every `reconnect_delay`, so service comes
+/// back with the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// Time after which a controller that cannot be reconnected is declared
+    /// lost (`None`: never). Linux: `ctrl_loss_tmo`, default 600 s.
+    pub ctrl_loss_tmo: Option<Duration>,
+    /// Time between reconnection attempts (the first is immediate). Linux:
+    /// `reconnect_delay`, default 10 s; ours 1 s, so a bridge's stall after
+    /// a target restart stays near the restart time.
+    pub reconnect_delay: Duration,
+    /// Time after a loss from which held requests fail (`None`: hold until
+    /// the controller is lost). Linux: `fast_io_fail_tmo`, default off.
+    pub fast_io_fail_tmo: Option<Duration>,
+    /// Times one request is retried after an NVMe status that allows a retry
+    /// (DNR clear: path errors, aborts, transient errors). Linux:
+    /// `nvme_core.max_retries`, default 5.
+    pub max_retries: u32,
+}
+
+impl Default for Recovery {
+    fn default() -> Self {
+        Recovery {
+            ctrl_loss_tmo: Some(Duration::from_secs(600)),
+            reconnect_delay: Duration::from_secs(1),
+            fast_io_fail_tmo: None,
+            max_retries: 5,
+        }
+    }
+}
+
+impl Recovery {
+    /// Fails requests as soon as their connection is lost, holding none:
+    /// the behaviour of a tool that must not wait for a target.
+    pub const FAIL_FAST: Recovery = Recovery {
+        ctrl_loss_tmo: Some(Duration::ZERO),
+        reconnect_delay: Duration::from_millis(250),
+        fast_io_fail_tmo: Some(Duration::ZERO),
+        max_retries: 0,
+    };
 }
 
 /// The process-wide host UUID, generated once like nvme-cli's `hostnqn`.
@@ -88,6 +140,7 @@ impl Default for ConnectOptions {
             num_io_queues: 8,
             command_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            recovery: Recovery::default(),
         }
     }
 }

@@ -48,6 +48,14 @@ pub struct NvmeCompletion {
     pub result: std::result::Result<(), IoError>,
     /// The data buffer, handed back.
     pub buf: Option<IoBuf>,
+    /// The request's further data segments ([`unvme_bdev::IoRequest::more`]),
+    /// handed back with `buf` so a failed request can be submitted again as
+    /// it was.
+    pub more: Vec<IoBuf>,
+    /// True when the command ended because its connection did, without an
+    /// answer from the controller: it may or may not have been executed, and
+    /// submitting it again (elsewhere) is how a block request survives it.
+    pub lost: bool,
 }
 
 impl NvmeCompletion {
@@ -62,6 +70,17 @@ impl NvmeCompletion {
             tag: self.tag,
             result: self.result,
             buf: self.buf,
+        }
+    }
+
+    fn ended(tag: u64, result: std::result::Result<(), IoError>, buf: Option<IoBuf>) -> Self {
+        NvmeCompletion {
+            tag,
+            cqe: None,
+            result,
+            buf,
+            more: Vec::new(),
+            lost: false,
         }
     }
 }
@@ -420,6 +439,11 @@ struct Core {
     done: Vec<NvmeCompletion>,
     outstanding: usize,
     rx_target: RxTarget,
+    /// Report commands past their deadline in `expired` instead of ending
+    /// them with a timeout ([`QueuePair::set_report_timeouts`]).
+    report_timeouts: bool,
+    /// CIDs past their deadline, still outstanding, not yet taken.
+    expired: Vec<u16>,
 }
 
 /// One NVMe/TCP queue pair; see the module documentation.
@@ -432,6 +456,8 @@ pub(crate) struct QueuePair {
     rlen: usize,
     core: Core,
     closed: bool,
+    /// Closed by [`QueuePair::reset`]: never shut down with a FIN.
+    aborted: bool,
     next_timeout_check: Instant,
 }
 
@@ -477,8 +503,11 @@ impl QueuePair {
                 done: Vec::with_capacity(nslots * 2),
                 outstanding: 0,
                 rx_target: RxTarget::None,
+                report_timeouts: false,
+                expired: Vec::new(),
             },
             closed: false,
+            aborted: false,
             next_timeout_check: now,
         }
     }
@@ -574,7 +603,7 @@ impl QueuePair {
         }
         core.outstanding += 1;
         if self.closed {
-            core.complete(slot, None, Err(IoError::Unavailable));
+            core.complete_as(slot, None, Err(IoError::Unavailable), true);
             return;
         }
         sqe.cid = slot;
@@ -672,15 +701,36 @@ impl QueuePair {
             }
             if Instant::now() >= end {
                 // The slot stays abandoned; the command is reported as timed out.
-                return NvmeCompletion {
-                    tag,
-                    cqe: None,
-                    result: Err(IoError::Timeout),
-                    buf: None,
-                };
+                return NvmeCompletion::ended(tag, Err(IoError::Timeout), None);
             }
             wait_socket(&self.stream, !self.core.tx.is_empty(), 5);
         }
+    }
+
+    /// [`QueuePair::run`] with its own deadline instead of the queue's
+    /// command timeout (Keep Alive: KATO).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_timed(
+        &mut self,
+        sqe: Sqe,
+        buf: Option<IoBuf>,
+        dir: DataDir,
+        len: u32,
+        tag: u64,
+        timeout: Duration,
+    ) -> NvmeCompletion {
+        let normal = std::mem::replace(&mut self.core.timeout, timeout);
+        let Some(slot) = self.alloc_slot() else {
+            self.core.timeout = normal;
+            return NvmeCompletion::ended(
+                tag,
+                Err(IoError::Media("no free command slot".into())),
+                buf,
+            );
+        };
+        self.start(slot, sqe, buf, false, dir, len, tag, false);
+        self.core.timeout = normal;
+        self.wait_for(tag, timeout + Duration::from_secs(1))
     }
 
     /// Runs one command to completion on this queue.
@@ -696,12 +746,11 @@ impl QueuePair {
         // Synchronous users run one command at a time; a full queue means
         // earlier commands were abandoned by timeouts.
         let Some(slot) = self.alloc_slot() else {
-            return NvmeCompletion {
+            return NvmeCompletion::ended(
                 tag,
-                cqe: None,
-                result: Err(IoError::Media("no free command slot".into())),
+                Err(IoError::Media("no free command slot".into())),
                 buf,
-            };
+            );
         };
         self.start(slot, sqe, buf, false, dir, len, tag, force_incapsule);
         let limit = self.core.timeout + Duration::from_secs(1);
@@ -721,9 +770,49 @@ impl QueuePair {
         }
     }
 
+    /// With `on`, a command past its deadline is not ended with a timeout
+    /// but reported by [`QueuePair::take_expired`] and left outstanding:
+    /// its owner aborts it and resets the connection, which hands it back
+    /// as lost. The check for a controller that stopped reading is the
+    /// owner's then too.
+    pub(crate) fn set_report_timeouts(&mut self, on: bool) {
+        self.core.report_timeouts = on;
+    }
+
+    /// Moves the CIDs of the commands past their deadline into `out`
+    /// (with [`QueuePair::set_report_timeouts`]), each with its tag.
+    pub(crate) fn take_expired(&mut self, out: &mut Vec<(u16, u64)>) {
+        let core = &mut self.core;
+        for c in core.expired.drain(..) {
+            let s = &core.slots[usize::from(c)];
+            if s.state == SlotState::Active {
+                out.push((c, s.tag));
+            }
+        }
+    }
+
+    /// Closes the connection at once, discarding what the controller has
+    /// not read yet (an abortive close: the peer drops unread commands
+    /// rather than executing them after they were handed back as lost).
+    pub(crate) fn reset(&mut self) {
+        set_linger_zero(&self.stream);
+        // No FIN: the close when the socket is dropped sends a reset.
+        self.aborted = true;
+        self.fail_all();
+    }
+
+    /// Makes the eventual close of a connection that already ended abortive
+    /// too (no FIN from [`QueuePair::shutdown`]).
+    pub(crate) fn set_aborted(&mut self) {
+        set_linger_zero(&self.stream);
+        self.aborted = true;
+    }
+
     /// Closes the connection (both directions).
     pub(crate) fn shutdown(&mut self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        if !self.aborted {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
         self.fail_all();
     }
 
@@ -742,13 +831,10 @@ impl QueuePair {
                     s.drop_data();
                     core.free.push(i as u16);
                 }
-                SlotState::Active => {
-                    let r = match s.deferred.take() {
-                        Some((cqe, r)) => (cqe, r),
-                        None => (None, Err(IoError::Unavailable)),
-                    };
-                    core.complete(i as u16, r.0, r.1);
-                }
+                SlotState::Active => match s.deferred.take() {
+                    Some((cqe, r)) => core.complete(i as u16, cqe, r),
+                    None => core.complete_as(i as u16, None, Err(IoError::Unavailable), true),
+                },
             }
         }
     }
@@ -951,6 +1037,18 @@ impl Core {
     /// Ends a command: hands its completion out, or parks it while its data
     /// is still queued for sending.
     fn complete(&mut self, slot: u16, cqe: Option<Cqe>, result: std::result::Result<(), IoError>) {
+        self.complete_as(slot, cqe, result, false);
+    }
+
+    /// [`Core::complete`]; `lost`: the command ended with its connection
+    /// (its segments are handed back with it).
+    fn complete_as(
+        &mut self,
+        slot: u16,
+        cqe: Option<Cqe>,
+        result: std::result::Result<(), IoError>,
+        lost: bool,
+    ) {
         let s = &mut self.slots[usize::from(slot)];
         // The promise of this module: no success without all the data.
         debug_assert!(
@@ -966,13 +1064,15 @@ impl Core {
             s.deferred = Some((cqe, result));
             return;
         }
+        let more = std::mem::take(&mut s.more);
         self.done.push(NvmeCompletion {
             tag: s.tag,
             cqe,
             result,
             buf: s.buf.take(),
+            more,
+            lost,
         });
-        s.more.clear();
         s.state = SlotState::Free;
         s.deferred = None;
         self.free.push(slot);
@@ -988,17 +1088,26 @@ impl Core {
         for i in 0..self.slots.len() {
             let s = &mut self.slots[i];
             if s.state == SlotState::Active && s.deadline <= now {
-                if s.tx_refs > 0 || s.deferred.is_some() {
+                if (s.tx_refs > 0 || s.deferred.is_some()) && !self.report_timeouts {
                     stuck = true;
                     continue;
                 }
+                if self.report_timeouts {
+                    // The owner aborts it and resets the connection; until
+                    // then the command stays where it is.
+                    if !self.expired.contains(&(i as u16)) {
+                        warn!(qid = self.qid, cid = i, tag = s.tag, "command timed out");
+                        self.expired.push(i as u16);
+                    }
+                    s.deadline = now + self.timeout;
+                    continue;
+                }
                 warn!(qid = self.qid, cid = i, tag = s.tag, "command timed out");
-                self.done.push(NvmeCompletion {
-                    tag: s.tag,
-                    cqe: None,
-                    result: Err(IoError::Timeout),
-                    buf: s.buf.take(),
-                });
+                self.done.push(NvmeCompletion::ended(
+                    s.tag,
+                    Err(IoError::Timeout),
+                    s.buf.take(),
+                ));
                 s.more.clear();
                 s.state = SlotState::Abandoned;
                 self.outstanding = self.outstanding.saturating_sub(1);
@@ -1320,6 +1429,25 @@ fn fatal(fes: u16, fei: u32, msg: &'static str) -> RxFail {
 
 /// Waits up to `ms` milliseconds for the socket to become readable (or
 /// writable, if `want_write`).
+/// SO_LINGER with a zero timeout: closing the socket sends a reset and
+/// drops what is unsent, and the peer's unread data dies with the connection.
+pub(crate) fn set_linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a valid, initialised linger on our stack; the fd is owned by `s` and open.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 pub(crate) fn wait_socket(s: &TcpStream, want_write: bool, ms: i32) {
     let mut pfd = libc::pollfd {
         fd: s.as_raw_fd(),

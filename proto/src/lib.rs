@@ -8,6 +8,7 @@
 //! - [`nvm`]: the NVM command layer: block-device operations ([`nvm::IoOp`])
 //!   to and from SQEs, Dataset Management range lists, admin command builders.
 //! - [`admin`]: admin command data structures (Identify, log pages, features).
+//! - [`ana`]: ANA states and the ANA log page.
 //! - [`discovery`]: the discovery log page (NVMe over Fabrics 1.1, §5.3).
 //! - [`fabrics`]: Connect and property get/set (NVMe over Fabrics, §3).
 //! - [`regs`]: the controller registers (offsets, CAP, CC, CSTS; NVMe Base
@@ -22,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod ana;
 pub mod bringup;
 pub mod discovery;
 pub mod fabrics;
