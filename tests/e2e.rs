@@ -521,7 +521,8 @@ fn target_vanishing_mid_io_fails_commands_instead_of_hanging() {
 }
 
 #[test]
-fn remote_namespace_with_fail_fast_recovery_fails_while_the_target_is_down_and_reconnects_when_it_returns() {
+fn remote_namespace_with_fail_fast_recovery_fails_while_the_target_is_down_and_reconnects_when_it_returns(
+) {
     let dir = std::env::temp_dir().join(format!("unvme-e2e-rc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("ns.img");

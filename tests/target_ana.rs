@@ -8,7 +8,8 @@
 mod common;
 
 use common::RawHost;
-use unvme_proto::admin::{aec, fid, lid, opc, AnaLog, AnaState, AsyncEvent};
+use unvme_proto::admin::{aec, fid, lid, opc, AsyncEvent};
+use unvme_proto::ana::{AnaLog, AnaState};
 use unvme_proto::nvme::{io_opc, SglDescriptor, Sqe, Status};
 use unvme_proto::pdu::{CapsuleCmd, Pdu};
 use unvme_target::{ListenerConfig, NamespaceConfig, SubsystemConfig, Target, TargetConfig};
@@ -90,7 +91,7 @@ fn ana_log(h: &mut RawHost) -> AnaLog {
     h.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data_len: 0 }), &[]);
     let (c, data) = h.wait_resp(0x52, &[]);
     assert!(c.status().is_success(), "{}", c.status());
-    AnaLog::decode(&data).expect("ANA log decodes")
+    AnaLog::decode(&data, 128, 1024).expect("ANA log decodes")
 }
 
 fn flush(h: &mut RawHost, cid: u16) -> Status {
@@ -120,10 +121,10 @@ fn set_ana_state_completes_the_held_aer_of_that_listener_and_io_follows() {
     assert!(cqe.status().is_success());
     assert_eq!(AsyncEvent::from_dword(cqe.dw0), AsyncEvent::ANA_CHANGE);
     let log = ana_log(&mut a1);
-    assert_eq!(log.chgcnt, 1);
+    assert_eq!(log.change_count, 1);
     assert_eq!(
         (
-            log.groups[0].anagrpid,
+            log.groups[0].grpid,
             log.groups[0].state,
             log.groups[0].nsids.clone()
         ),

@@ -641,17 +641,17 @@ fn ana_cntlid_and_namespace_id_flags_with_config_reach_the_host() {
         unvme_proto::nvm::get_log_page(admin::lid::ANA, 0xFFFF_FFFF, 0, 4096),
     );
     assert!(c.status().is_success(), "{}", c.status());
-    let log = admin::AnaLog::decode(&page).unwrap();
+    let log = unvme_proto::ana::AnaLog::decode(&page, 128, 1024).unwrap();
     let groups: Vec<_> = log
         .groups
         .iter()
-        .map(|g| (g.anagrpid, g.state, g.nsids.clone()))
+        .map(|g| (g.grpid, g.state, g.nsids.clone()))
         .collect();
     assert_eq!(
         groups,
         vec![
-            (1, admin::AnaState::NonOptimized, vec![1]),
-            (3, admin::AnaState::NonOptimized, vec![2]),
+            (1, unvme_proto::ana::AnaState::NonOptimized, vec![1]),
+            (3, unvme_proto::ana::AnaState::NonOptimized, vec![2]),
         ]
     );
 }

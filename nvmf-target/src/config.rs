@@ -4,7 +4,7 @@
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 
-use unvme_proto::admin::AnaState;
+use unvme_proto::ana::AnaState;
 
 use crate::error::{Error, Result};
 
@@ -123,13 +123,7 @@ pub fn parse_ana_state(s: &str) -> Result<AnaState> {
 
 /// The name [`parse_ana_state`] reads for `s`.
 pub fn ana_state_name(s: AnaState) -> &'static str {
-    match s {
-        AnaState::Optimized => "optimized",
-        AnaState::NonOptimized => "non-optimized",
-        AnaState::Inaccessible => "inaccessible",
-        AnaState::PersistentLoss => "persistent-loss",
-        AnaState::Change => "change",
-    }
+    s.name()
 }
 
 fn de_ana_state<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<AnaState, D::Error> {

@@ -117,7 +117,8 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) -> usize {
     let mut events = 0;
     for c in cmds {
         if c.queue >= 128 {
-            use unvme_proto::admin::{AnaState, AsyncEvent};
+            use unvme_proto::admin::AsyncEvent;
+            use unvme_proto::ana::AnaState;
             let states = [
                 AnaState::Optimized,
                 AnaState::NonOptimized,

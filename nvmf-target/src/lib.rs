@@ -45,7 +45,7 @@ pub use config::{
     SubsystemConfig, TargetConfig, ANA_GROUP_MAX, CNTLID_MAX, CNTLID_MIN,
 };
 pub use error::{Error, Result};
-pub use unvme_proto::admin::AnaState;
+pub use unvme_proto::ana::AnaState;
 
 use error::io_err;
 

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use unvme_proto::admin::{AnaGroupDescriptor, AnaLog, AnaState, AsyncEvent};
+use unvme_proto::admin::AsyncEvent;
+use unvme_proto::ana::{AnaGroup, AnaLog, AnaState};
 use unvme_proto::discovery::DISCOVERY_NQN;
 
 use crate::config::{TargetConfig, ANA_GROUP_MAX};
@@ -321,14 +322,14 @@ impl Subsystem {
     /// unless `groups_only` (RGO).
     pub fn ana_log(&self, port: u16, groups_only: bool) -> AnaLog {
         let c = self.ana.changes.lock().unwrap_or_else(|e| e.into_inner());
-        let mut groups: Vec<AnaGroupDescriptor> = Vec::new();
+        let mut groups: Vec<AnaGroup> = Vec::new();
         for ns in &self.namespaces {
-            let g = match groups.iter_mut().find(|g| g.anagrpid == ns.ana_group) {
+            let g = match groups.iter_mut().find(|g| g.grpid == ns.ana_group) {
                 Some(g) => g,
                 None => {
-                    groups.push(AnaGroupDescriptor {
-                        anagrpid: ns.ana_group,
-                        chgcnt: c
+                    groups.push(AnaGroup {
+                        grpid: ns.ana_group,
+                        change_count: c
                             .group_chgcnt
                             .get(usize::from(port))
                             .and_then(|p| p.get(ns.ana_group as usize - 1))
@@ -344,9 +345,9 @@ impl Subsystem {
                 g.nsids.push(ns.nsid);
             }
         }
-        groups.sort_by_key(|g| g.anagrpid);
+        groups.sort_by_key(|g| g.grpid);
         AnaLog {
-            chgcnt: c.chgcnt,
+            change_count: c.chgcnt,
             groups,
         }
     }

@@ -104,7 +104,7 @@ impl Controller {
                     ctrl.regs().events.ana_masked = false;
                 }
                 let rgo = g.lsp & admin::ana_lsp::RGO != 0;
-                ctrl.subsys.ana_log(ctrl.port, rgo).to_bytes()
+                ctrl.subsys.ana_log(ctrl.port, rgo).encode()
             }
             _ => return Outcome::status(Status::INVALID_LOG_PAGE),
         };

@@ -3,7 +3,7 @@
 //! (NVM Command Set 1.0 §3: Invalid Namespace, LBA Out of Range, a data
 //! length that does not match NLB), then handed to the backend.
 
-use unvme_proto::admin::AnaState;
+use unvme_proto::ana::AnaState;
 use unvme_proto::nvm::{IoOp, NvmCommand};
 use unvme_proto::nvme::{io_opc, Sqe, Status};
 

@@ -21,6 +21,7 @@ use unvme_proto::regs::{self as prop, cc, csts};
 use super::*;
 use crate::config::{NamespaceConfig, Params, SubsystemConfig, TargetConfig};
 use crate::subsystem::Subsystems;
+use unvme_proto::ana::{AnaLog, AnaState};
 
 const NQN: &str = "nqn.2024-11.io.unvme:test";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
@@ -1233,7 +1234,7 @@ fn ana_env() -> Env {
     env_from(cfg, unvme_bdev::from_spec)
 }
 
-fn ana_log(q: &mut Controller, lsp: u8, rae: bool) -> admin::AnaLog {
+fn ana_log(q: &mut Controller, lsp: u8, rae: bool) -> AnaLog {
     let [cdw10, cdw11, cdw12, cdw13] = admin::GetLogPage {
         lid: lid::ANA,
         lsp,
@@ -1253,7 +1254,7 @@ fn ana_log(q: &mut Controller, lsp: u8, rae: bool) -> admin::AnaLog {
         ..Sqe::default()
     };
     let page = read_admin(q, sqe, 4096).expect("ANA log page");
-    admin::AnaLog::decode(&page).expect("ANA log page decodes")
+    AnaLog::decode(&page, 128, 1024).expect("ANA log page decodes")
 }
 
 fn subsys(e: &Env) -> &Arc<crate::subsystem::Subsystem> {
@@ -1318,52 +1319,53 @@ fn the_ana_log_page_lists_each_group_with_its_state_on_the_controllers_port() {
     let (mut a0, _) = e.admin_on(0, NQN, true);
     let (mut a1, _) = e.admin_on(1, NQN, true);
     let l0 = ana_log(&mut a0, 0, false);
-    assert_eq!(l0.chgcnt, 0);
+    assert_eq!(l0.change_count, 0);
     let g: Vec<_> = l0
         .groups
         .iter()
-        .map(|g| (g.anagrpid, g.state, g.nsids.clone()))
+        .map(|g| (g.grpid, g.state, g.nsids.clone()))
         .collect();
     assert_eq!(
         g,
         vec![
-            (1, admin::AnaState::Optimized, vec![1]),
-            (2, admin::AnaState::Optimized, vec![5]),
+            (1, AnaState::Optimized, vec![1]),
+            (2, AnaState::Optimized, vec![5]),
         ]
     );
     let l1 = ana_log(&mut a1, 0, false);
-    let g: Vec<_> = l1.groups.iter().map(|g| (g.anagrpid, g.state)).collect();
+    let g: Vec<_> = l1.groups.iter().map(|g| (g.grpid, g.state)).collect();
     assert_eq!(
         g,
-        vec![
-            (1, admin::AnaState::NonOptimized),
-            (2, admin::AnaState::Inaccessible),
-        ]
+        vec![(1, AnaState::NonOptimized), (2, AnaState::Inaccessible),]
     );
     // Return Groups Only: the same descriptors with no NSID lists.
     let rgo = ana_log(&mut a1, admin::ana_lsp::RGO, false);
     assert_eq!(rgo.groups.len(), 2);
     assert!(rgo.groups.iter().all(|g| g.nsids.is_empty()));
     // A change bumps the page's and the group's change counts.
-    assert!(subsys(&e).set_ana_state(1, Some(1), admin::AnaState::Optimized));
+    assert!(subsys(&e).set_ana_state(1, Some(1), AnaState::Optimized));
     let l1 = ana_log(&mut a1, 0, false);
-    assert_eq!(l1.chgcnt, 1);
+    assert_eq!(l1.change_count, 1);
     assert_eq!(
-        (l1.groups[0].state, l1.groups[0].chgcnt, l1.groups[1].chgcnt),
-        (admin::AnaState::Optimized, 1, 0)
+        (
+            l1.groups[0].state,
+            l1.groups[0].change_count,
+            l1.groups[1].change_count
+        ),
+        (AnaState::Optimized, 1, 0)
     );
     assert_eq!(
-        ana_log(&mut a0, 0, false).groups[0].chgcnt,
+        ana_log(&mut a0, 0, false).groups[0].change_count,
         0,
         "port 0 unchanged"
     );
     // Setting the state a group already has changes nothing.
-    assert!(subsys(&e).set_ana_state(1, Some(1), admin::AnaState::Optimized));
-    assert_eq!(ana_log(&mut a1, 0, false).chgcnt, 1);
+    assert!(subsys(&e).set_ana_state(1, Some(1), AnaState::Optimized));
+    assert_eq!(ana_log(&mut a1, 0, false).change_count, 1);
     // Unknown port or group.
-    assert!(!subsys(&e).set_ana_state(2, None, admin::AnaState::Optimized));
-    assert!(!subsys(&e).set_ana_state(0, Some(0), admin::AnaState::Optimized));
-    assert!(!subsys(&e).set_ana_state(0, Some(129), admin::AnaState::Optimized));
+    assert!(!subsys(&e).set_ana_state(2, None, AnaState::Optimized));
+    assert!(!subsys(&e).set_ana_state(0, Some(0), AnaState::Optimized));
+    assert!(!subsys(&e).set_ana_state(0, Some(129), AnaState::Optimized));
 }
 
 #[test]
@@ -1387,15 +1389,15 @@ fn io_to_a_group_not_accessible_on_the_port_completes_with_the_ana_status() {
     let flush = io_cmd(&mut q1, &IoOp::Flush, 5, None);
     assert_eq!(status(flush), Status::ANA_INACCESSIBLE, "every I/O command");
     let s = subsys(&e);
-    s.set_ana_state(1, Some(2), admin::AnaState::PersistentLoss);
+    s.set_ana_state(1, Some(2), AnaState::PersistentLoss);
     assert_eq!(status(run(&mut q1, 5)), Status::ANA_PERSISTENT_LOSS);
-    s.set_ana_state(1, Some(2), admin::AnaState::Change);
+    s.set_ana_state(1, Some(2), AnaState::Change);
     let st = status(run(&mut q1, 5));
     assert_eq!(st, Status::ANA_TRANSITION);
     assert_eq!((st.sct, st.dnr), (3, false), "path related, retryable");
-    s.set_ana_state(0, None, admin::AnaState::Inaccessible);
+    s.set_ana_state(0, None, AnaState::Inaccessible);
     assert_eq!(status(run(&mut q0, 1)), Status::ANA_INACCESSIBLE);
-    s.set_ana_state(1, None, admin::AnaState::Optimized);
+    s.set_ana_state(1, None, AnaState::Optimized);
     assert!(matches!(run(&mut q1, 5), Outcome::Io { .. }));
 }
 
@@ -1424,7 +1426,7 @@ fn an_ana_state_change_completes_a_held_aer_on_that_port_once_until_the_log_is_r
     hold_aer(&mut a1);
     hold_aer(&mut a0);
     assert_eq!(a1.take_event(), None, "nothing happened yet");
-    assert!(s.set_ana_state(1, Some(2), admin::AnaState::Optimized));
+    assert!(s.set_ana_state(1, Some(2), AnaState::Optimized));
     let ev = a1.take_event().expect("ANA change event");
     assert!(ev.status.is_success());
     assert_eq!(
@@ -1435,19 +1437,19 @@ fn an_ana_state_change_completes_a_held_aer_on_that_port_once_until_the_log_is_r
     assert_eq!(a1.take_event(), None, "one event per change");
     assert_eq!(a0.take_event(), None, "port 0 did not change");
     // Masked until the host reads the log with RAE cleared.
-    assert!(s.set_ana_state(1, Some(2), admin::AnaState::Inaccessible));
+    assert!(s.set_ana_state(1, Some(2), AnaState::Inaccessible));
     assert_eq!(a1.take_event(), None, "masked until the ANA log is read");
     ana_log(&mut a1, 0, true);
-    assert!(s.set_ana_state(1, Some(2), admin::AnaState::Optimized));
+    assert!(s.set_ana_state(1, Some(2), AnaState::Optimized));
     assert_eq!(a1.take_event(), None, "RAE set keeps it masked");
     ana_log(&mut a1, 0, false);
-    assert!(s.set_ana_state(1, Some(2), admin::AnaState::NonOptimized));
+    assert!(s.set_ana_state(1, Some(2), AnaState::NonOptimized));
     assert!(a1.take_event().is_some(), "unmasked by reading the log");
     // No AER held: the event waits for the next one.
-    assert!(s.set_ana_state(0, None, admin::AnaState::NonOptimized));
+    assert!(s.set_ana_state(0, None, AnaState::NonOptimized));
     assert!(a0.take_event().is_some());
     ana_log(&mut a0, 0, false);
-    assert!(s.set_ana_state(0, None, admin::AnaState::Optimized));
+    assert!(s.set_ana_state(0, None, AnaState::Optimized));
     assert_eq!(a0.take_event(), None, "no AER held");
     hold_aer(&mut a0);
     assert!(a0.take_event().is_some(), "delivered to the next AER");
@@ -1458,7 +1460,7 @@ fn ana_change_notices_need_the_hosts_asynchronous_event_configuration() {
     let e = ana_env();
     let (mut a, _) = e.admin_on(1, NQN, true);
     hold_aer(&mut a);
-    assert!(subsys(&e).set_ana_state(1, None, admin::AnaState::Inaccessible));
+    assert!(subsys(&e).set_ana_state(1, None, AnaState::Inaccessible));
     assert_eq!(a.take_event(), None, "ANACN not enabled");
 }
 
