@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve NVMe/TCP subsystems (and the discovery subsystem).
-    Target(target_cmd::TargetArgs),
+    Target(Box<target_cmd::TargetArgs>),
     /// Measure IOPS, bandwidth and latency against an NVMe/TCP namespace.
     Perf(perf::PerfArgs),
     /// Print a discovery service's log page (like `nvme discover`).
@@ -63,7 +63,7 @@ fn main() {
         panic_policy::inject(ms);
     }
     let result = match cli.command {
-        Command::Target(a) => target_cmd::run(a),
+        Command::Target(a) => target_cmd::run(*a),
         Command::Perf(a) => perf::run(a),
         Command::Discover(a) => tools::discover(a),
         Command::Identify(a) => tools::identify(a),

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
-use unvme_target::{NamespaceConfig, SubsystemConfig, Target, TargetConfig};
+use unvme_target::{
+    parse_ana_state, AnaState, NamespaceConfig, SubsystemConfig, Target, TargetConfig,
+};
 
 /// Arguments of `unvme target`. With none, it serves a 1 GiB RAM namespace
 /// as `nqn.2024-11.io.unvme:default` on 127.0.0.1:4420 (plus discovery).
@@ -58,6 +60,38 @@ pub struct TargetArgs {
     /// Model number of --nqn's subsystem (or of the only one); replaces the file's.
     #[arg(long)]
     model: Option<String>,
+    /// ANA state of every ANA group on every listener of this process:
+    /// optimized, non-optimized, inaccessible, persistent-loss or change
+    /// [default: optimized]. Replaces the file's `ana_state` and the
+    /// `ana_state` of each of its `listeners` (their per-group `ana_groups`
+    /// stay).
+    #[arg(long, value_name = "STATE", value_parser = ana_state_arg)]
+    ana_state: Option<AnaState>,
+    /// ANA group of the namespace the namespace flags add (one namespace
+    /// flag only) [default: 1].
+    #[arg(long, value_name = "GRPID")]
+    ana_group: Option<u32>,
+    /// NGUID of the namespace the namespace flags add (one only): 32 hex
+    /// digits. Give two target processes that export one namespace the
+    /// same one (multipath).
+    #[arg(long, value_name = "HEX")]
+    nguid: Option<String>,
+    /// UUID of the namespace the namespace flags add (one only).
+    #[arg(long, value_name = "UUID")]
+    uuid: Option<String>,
+    /// EUI-64 of the namespace the namespace flags add (one only): 16 hex digits.
+    #[arg(long, value_name = "HEX")]
+    eui64: Option<String>,
+    /// Lowest controller ID handed out in --nqn's subsystem (or in every
+    /// subsystem) [default: 1]. Two processes exporting one subsystem NQN
+    /// need disjoint --cntlid-min..--cntlid-max ranges. Replaces the
+    /// file's `cntlid_min`.
+    #[arg(long, value_name = "ID")]
+    cntlid_min: Option<u16>,
+    /// Highest controller ID handed out [default: 65519 (FFEFh)]. Replaces
+    /// the file's `cntlid_max`.
+    #[arg(long, value_name = "ID")]
+    cntlid_max: Option<u16>,
     /// Reactor threads (default: one per CPU this process may run on, or
     /// one per --cpus entry). Replaces the file's `reactors`.
     #[arg(long)]
@@ -131,6 +165,10 @@ pub struct TargetArgs {
     transfer_timeout_ms: Option<u64>,
 }
 
+fn ana_state_arg(s: &str) -> Result<AnaState, String> {
+    parse_ana_state(s).map_err(|e| e.to_string())
+}
+
 fn available_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -157,10 +195,24 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     specs.extend(a.vfio.iter().map(|s| format!("vfio:{s}")));
     specs.extend(a.ns.iter().cloned());
     let nqn = a.nqn.as_deref().unwrap_or(unvme_proto::DEFAULT_SUBNQN);
+    let ns_opts =
+        a.ana_group.is_some() || a.nguid.is_some() || a.uuid.is_some() || a.eui64.is_some();
+    if ns_opts && specs.len() != 1 {
+        return Err(format!(
+            "--ana-group/--nguid/--uuid/--eui64 apply to the one namespace a namespace flag adds, \
+             and {} are given: use the TOML file's namespace keys",
+            specs.len()
+        )
+        .into());
+    }
     if !specs.is_empty() {
-        let namespaces = specs
-            .into_iter()
-            .map(|bdev| NamespaceConfig { bdev, nsid: None });
+        let namespaces = specs.into_iter().map(|bdev| NamespaceConfig {
+            ana_group: a.ana_group.unwrap_or(1),
+            nguid: a.nguid.clone(),
+            uuid: a.uuid.clone(),
+            eui64: a.eui64.clone(),
+            ..NamespaceConfig::new(bdev)
+        });
         match cfg.subsystems.iter_mut().find(|s| s.nqn == nqn) {
             Some(s) => s.namespaces.extend(namespaces),
             None => {
@@ -179,6 +231,12 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
     apply_subsystem_flags(a, &mut cfg)?;
     if !a.listen.is_empty() {
         cfg.listen = a.listen.clone();
+    }
+    if let Some(st) = a.ana_state {
+        cfg.ana_state = st;
+        for l in &mut cfg.listeners {
+            l.ana_state = Some(st);
+        }
     }
     if let Some(n) = a.reactors {
         cfg.reactors = n;
@@ -246,11 +304,7 @@ fn build_config(a: &TargetArgs) -> Result<TargetConfig, Box<dyn std::error::Erro
 
 /// A subsystem created by namespace flags, with the default serial and model.
 fn new_subsystem(nqn: &str) -> SubsystemConfig {
-    let mut d = TargetConfig::default_ram();
-    let mut s = d.subsystems.remove(0);
-    s.nqn = nqn.to_string();
-    s.namespaces.clear();
-    s
+    SubsystemConfig::new(nqn)
 }
 
 /// Applies --allow-host, --serial and --model: to --nqn's subsystem, which
@@ -292,6 +346,12 @@ fn apply_subsystem_flags(
         if let Some(v) = &a.model {
             s.model = v.clone();
         }
+        if let Some(v) = a.cntlid_min {
+            s.cntlid_min = v;
+        }
+        if let Some(v) = a.cntlid_max {
+            s.cntlid_max = v;
+        }
     }
     Ok(())
 }
@@ -305,7 +365,7 @@ pub fn run(a: TargetArgs) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             s.allowed_hosts.join(",")
         };
-        tracing::info!(subnqn = %s.nqn, namespaces = s.namespaces.len(), serial = %s.serial, model = %s.model, allowed_hosts = %hosts, "subsystem");
+        tracing::info!(subnqn = %s.nqn, namespaces = s.namespaces.len(), serial = %s.serial, model = %s.model, allowed_hosts = %hosts, cntlid_min = s.cntlid_min, cntlid_max = s.cntlid_max, "subsystem");
     }
     let cpus = cfg.cpus.as_ref().map_or_else(
         || "any".to_string(),
@@ -334,6 +394,7 @@ pub fn run(a: TargetArgs) -> Result<(), Box<dyn std::error::Error>> {
         icreq_timeout_ms = cfg.icreq_timeout_ms,
         connect_timeout_ms = cfg.connect_timeout_ms,
         transfer_timeout_ms = cfg.transfer_timeout_ms,
+        ana_state = %unvme_target::ana_state_name(cfg.ana_state),
         "starting"
     );
     let target = Target::start(cfg)?;

@@ -591,3 +591,98 @@ fn icreq_timeout_flag_closes_a_silent_socket_in_time() {
     );
     assert!(accepted(&t, B, HOSTNQN), "a host is still served");
 }
+
+#[test]
+fn ana_cntlid_and_namespace_id_flags_with_config_reach_the_host() {
+    let cfg = two_subsystems();
+    let nguid = "00112233445566778899aabbccddeeff";
+    let uuid = "5f1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let t = start(
+        &cfg,
+        &[
+            "--nqn",
+            B,
+            "--ram",
+            "1M",
+            "--ana-state",
+            "non-optimized",
+            "--ana-group",
+            "3",
+            "--nguid",
+            nguid,
+            "--uuid",
+            uuid,
+            "--cntlid-min",
+            "300",
+            "--cntlid-max",
+            "310",
+        ],
+    );
+    assert!(
+        t.starting().contains("ana_state=non-optimized"),
+        "{}",
+        t.starting()
+    );
+    let c = connect_as(&t, B, HOSTNQN);
+    assert!(c.status().is_success());
+    assert!((300..=310).contains(&(c.dw0 as u16)), "CNTLID {}", c.dw0);
+    let c = connect_as(&t, A, FILE_HOST);
+    assert_eq!(c.dw0 as u16, 1, "A keeps the default range");
+    let mut h = RawHost::admin(t.addr, B, false, false);
+    let id = IdentifyNamespace::decode(&identify(&mut h, admin::cns::NS, 2)).unwrap();
+    assert_eq!(id.anagrpid, 3);
+    assert_eq!(id.nguid, unvme_target::parse_hex::<16>(nguid).unwrap());
+    let descs = admin::decode_ns_id_descs(&identify(&mut h, admin::cns::NS_DESC_LIST, 2)).unwrap();
+    assert!(descs.contains(&admin::NsIdDescriptor::Uuid(
+        unvme_target::parse_hex::<16>(uuid).unwrap()
+    )));
+    let (c, page) = admin_data(
+        &mut h,
+        unvme_proto::nvm::get_log_page(admin::lid::ANA, 0xFFFF_FFFF, 0, 4096),
+    );
+    assert!(c.status().is_success(), "{}", c.status());
+    let log = unvme_proto::ana::AnaLog::decode(&page, 128, 1024).unwrap();
+    let groups: Vec<_> = log
+        .groups
+        .iter()
+        .map(|g| (g.grpid, g.state, g.nsids.clone()))
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            (1, unvme_proto::ana::AnaState::NonOptimized, vec![1]),
+            (3, unvme_proto::ana::AnaState::NonOptimized, vec![2]),
+        ]
+    );
+}
+
+#[test]
+fn invalid_ana_cntlid_and_namespace_id_flags_are_refused() {
+    let cfg = two_subsystems();
+    let err = refused(
+        &cfg,
+        &[
+            "--nqn",
+            B,
+            "--ram",
+            "1M",
+            "--ram",
+            "1M",
+            "--nguid",
+            "00112233445566778899aabbccddeeff",
+        ],
+    );
+    assert!(err.contains("--nguid"), "{err}");
+    let err = refused(&cfg, &["--cntlid-min", "0"]);
+    assert!(err.contains("CNTLID range"), "{err}");
+    let err = refused(&cfg, &["--cntlid-min", "9", "--cntlid-max", "8"]);
+    assert!(err.contains("CNTLID range"), "{err}");
+    let err = refused(&cfg, &["--cntlid-max", "65520"]);
+    assert!(err.contains("CNTLID range"), "{err}");
+    let err = refused(&cfg, &["--ana-state", "bogus"]);
+    assert!(err.contains("ANA state"), "{err}");
+    let err = refused(&cfg, &["--nqn", B, "--ram", "1M", "--ana-group", "129"]);
+    assert!(err.contains("ANA group"), "{err}");
+    let err = refused(&cfg, &["--nqn", B, "--ram", "1M", "--uuid", "xyz"]);
+    assert!(err.contains("hex digits"), "{err}");
+}

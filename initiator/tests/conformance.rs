@@ -51,7 +51,9 @@ fn conforms(served: Served, hdr_digest: bool, data_digest: bool) {
             namespaces: vec![NamespaceConfig {
                 bdev: "ram:4M".into(),
                 nsid: Some(1),
+                ..Default::default()
             }],
+            ..Default::default()
         }],
         in_capsule_data_size: served.in_capsule_data_size,
         max_h2c_data: served.max_h2c_data,

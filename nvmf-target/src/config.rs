@@ -1,13 +1,30 @@
 //! Target configuration: built from command-line flags or read from a TOML
 //! file. Every size and count here bounds memory or work at run time.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
+
+use unvme_proto::ana::AnaState;
 
 use crate::error::{Error, Result};
 
+/// Largest ANA Group ID (ANAGRPMAX in Identify Controller); also the
+/// number of ANA groups each subsystem supports (NANAGRPID).
+pub const ANA_GROUP_MAX: u32 = 128;
+/// Lowest controller ID a controller may get.
+pub const CNTLID_MIN: u16 = 1;
+/// Highest controller ID a controller may get (FFF0h.. are reserved).
+pub const CNTLID_MAX: u16 = 0xFFEF;
+
 /// One namespace: its backend spec (`ram:1G`, `null:1T`, `file:/path[:BS]`,
-/// see `unvme_bdev::from_spec`) and optional NSID (default: next free).
+/// see `unvme_bdev::from_spec`), optional NSID (default: next free), ANA
+/// group, and identifiers.
+///
+/// The identifiers default to values derived from the subsystem NQN and
+/// NSID (the same in every process that exports that NQN and NSID), or for
+/// a pass-through device to the device's own; one given here replaces its
+/// default, so two target processes exporting one namespace (multipath)
+/// can show hosts the very same NGUID/UUID/EUI-64.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
@@ -16,6 +33,139 @@ pub struct NamespaceConfig {
     /// Namespace ID (1-based); `None` takes the next free one.
     #[serde(default)]
     pub nsid: Option<u32>,
+    /// ANA Group ID the namespace belongs to (1..=[`ANA_GROUP_MAX`], default 1).
+    #[serde(default = "default_ana_group")]
+    pub ana_group: u32,
+    /// NGUID: 32 hex digits (dashes or colons between them are ignored).
+    #[serde(default)]
+    pub nguid: Option<String>,
+    /// UUID, `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (or 32 hex digits).
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// EUI-64: 16 hex digits.
+    #[serde(default)]
+    pub eui64: Option<String>,
+}
+
+impl NamespaceConfig {
+    /// A namespace of backend `bdev` with every other setting at its default.
+    pub fn new(bdev: impl Into<String>) -> Self {
+        NamespaceConfig {
+            bdev: bdev.into(),
+            nsid: None,
+            ana_group: default_ana_group(),
+            nguid: None,
+            uuid: None,
+            eui64: None,
+        }
+    }
+
+    /// The configured identifiers, parsed: (NGUID, UUID, EUI-64).
+    pub(crate) fn ids(&self) -> Result<NsIds> {
+        Ok((
+            self.nguid.as_deref().map(parse_hex::<16>).transpose()?,
+            self.uuid.as_deref().map(parse_hex::<16>).transpose()?,
+            self.eui64.as_deref().map(parse_hex::<8>).transpose()?,
+        ))
+    }
+}
+
+/// Configured namespace identifiers: NGUID, UUID, EUI-64.
+pub(crate) type NsIds = (Option<[u8; 16]>, Option<[u8; 16]>, Option<[u8; 8]>);
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig::new(String::new())
+    }
+}
+
+fn default_ana_group() -> u32 {
+    1
+}
+
+/// Parses an identifier of `N` bytes written as hex digits, ignoring `-`
+/// and `:` between them; all zero is refused (it means "no identifier").
+pub fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N]> {
+    let digits: Vec<u8> = s.bytes().filter(|b| *b != b'-' && *b != b':').collect();
+    let bad = || Error::Config(format!("{s:?}: expected {} hex digits", 2 * N));
+    if digits.len() != 2 * N {
+        return Err(bad());
+    }
+    let mut out = [0u8; N];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let txt = std::str::from_utf8(pair).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(txt, 16).map_err(|_| bad())?;
+    }
+    if out == [0u8; N] {
+        return Err(Error::Config(format!(
+            "{s:?}: an all-zero identifier means none"
+        )));
+    }
+    Ok(out)
+}
+
+/// Parses an ANA state name: `optimized`, `non-optimized`, `inaccessible`,
+/// `persistent-loss` or `change`.
+pub fn parse_ana_state(s: &str) -> Result<AnaState> {
+    Ok(match s {
+        "optimized" => AnaState::Optimized,
+        "non-optimized" => AnaState::NonOptimized,
+        "inaccessible" => AnaState::Inaccessible,
+        "persistent-loss" => AnaState::PersistentLoss,
+        "change" => AnaState::Change,
+        _ => {
+            return Err(Error::Config(format!(
+                "ANA state {s:?}: expected optimized, non-optimized, inaccessible, persistent-loss or change"
+            )))
+        }
+    })
+}
+
+/// The name [`parse_ana_state`] reads for `s`.
+pub fn ana_state_name(s: AnaState) -> &'static str {
+    s.name()
+}
+
+fn de_ana_state<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<AnaState, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_ana_state(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_ana_state<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<AnaState>, D::Error> {
+    de_ana_state(d).map(Some)
+}
+
+fn default_ana_state() -> AnaState {
+    AnaState::Optimized
+}
+
+/// The ANA state of one ANA group on a listener, overriding the listener's.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AnaGroupState {
+    /// ANA Group ID.
+    pub group: u32,
+    /// Its state on this listener.
+    #[serde(deserialize_with = "de_ana_state")]
+    pub state: AnaState,
+}
+
+/// A listen address with its own ANA settings (in addition to the plain
+/// `listen` list, whose addresses take the target-wide `ana_state`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// The state of every ANA group on this listener (default: the
+    /// target-wide `ana_state`).
+    #[serde(default, deserialize_with = "de_opt_ana_state")]
+    pub ana_state: Option<AnaState>,
+    /// Per-group states that replace `ana_state` for those groups.
+    #[serde(default)]
+    pub ana_groups: Vec<AnaGroupState>,
 }
 
 /// One NVM subsystem.
@@ -36,6 +186,44 @@ pub struct SubsystemConfig {
     /// Namespaces.
     #[serde(default)]
     pub namespaces: Vec<NamespaceConfig>,
+    /// Lowest controller ID this target hands out in this subsystem
+    /// (default 1). Two target processes exporting one subsystem NQN
+    /// (multipath) need disjoint ranges: a host refuses a second
+    /// controller with a CNTLID it already has in that subsystem.
+    #[serde(default = "default_cntlid_min")]
+    pub cntlid_min: u16,
+    /// Highest controller ID (default FFEFh).
+    #[serde(default = "default_cntlid_max")]
+    pub cntlid_max: u16,
+}
+
+impl SubsystemConfig {
+    /// A subsystem `nqn` with the default serial, model and CNTLID range,
+    /// any host allowed, and no namespaces.
+    pub fn new(nqn: impl Into<String>) -> Self {
+        SubsystemConfig {
+            nqn: nqn.into(),
+            serial: default_serial(),
+            model: default_model(),
+            allowed_hosts: Vec::new(),
+            namespaces: Vec::new(),
+            cntlid_min: CNTLID_MIN,
+            cntlid_max: CNTLID_MAX,
+        }
+    }
+}
+
+impl Default for SubsystemConfig {
+    fn default() -> Self {
+        SubsystemConfig::new(String::new())
+    }
+}
+
+fn default_cntlid_min() -> u16 {
+    CNTLID_MIN
+}
+fn default_cntlid_max() -> u16 {
+    CNTLID_MAX
 }
 
 fn default_serial() -> String {
@@ -55,8 +243,16 @@ pub const DEFAULT_MAX_CONTROLLERS_PER_HOST: usize = 16;
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetConfig {
-    /// Addresses to listen on; each serves every subsystem and discovery.
+    /// Addresses to listen on; each serves every subsystem and discovery,
+    /// with every ANA group in state `ana_state`.
     pub listen: Vec<SocketAddr>,
+    /// Further listen addresses, each with its own ANA states. The ports
+    /// of the target are `listen` then `listeners`, in order.
+    pub listeners: Vec<ListenerConfig>,
+    /// The ANA state of every ANA group on a listener that sets none
+    /// (default optimized).
+    #[serde(deserialize_with = "de_ana_state")]
+    pub ana_state: AnaState,
     /// NVM subsystems.
     pub subsystems: Vec<SubsystemConfig>,
     /// Number of reactor threads.
@@ -117,6 +313,8 @@ impl Default for TargetConfig {
                 [127, 0, 0, 1],
                 unvme_proto::DEFAULT_PORT,
             ))],
+            listeners: Vec::new(),
+            ana_state: default_ana_state(),
             subsystems: Vec::new(),
             reactors: 1,
             cpus: None,
@@ -150,23 +348,62 @@ impl TargetConfig {
     pub fn default_ram() -> Self {
         TargetConfig {
             subsystems: vec![SubsystemConfig {
-                nqn: unvme_proto::DEFAULT_SUBNQN.into(),
-                serial: default_serial(),
-                model: default_model(),
-                allowed_hosts: Vec::new(),
-                namespaces: vec![NamespaceConfig {
-                    bdev: "ram:1G".into(),
-                    nsid: None,
-                }],
+                namespaces: vec![NamespaceConfig::new("ram:1G")],
+                ..SubsystemConfig::new(unvme_proto::DEFAULT_SUBNQN)
             }],
             ..Default::default()
         }
     }
 
+    /// Every port of the target: its address and the ANA state of each
+    /// ANA group on it (index `group - 1`), `listen` first, then
+    /// `listeners`.
+    pub fn ports(&self) -> Vec<(SocketAddr, Vec<AnaState>)> {
+        let n = ANA_GROUP_MAX as usize;
+        let mut out: Vec<(SocketAddr, Vec<AnaState>)> = self
+            .listen
+            .iter()
+            .map(|a| (*a, vec![self.ana_state; n]))
+            .collect();
+        for l in &self.listeners {
+            let mut states = vec![l.ana_state.unwrap_or(self.ana_state); n];
+            for g in &l.ana_groups {
+                if let Some(s) = (g.group as usize)
+                    .checked_sub(1)
+                    .and_then(|i| states.get_mut(i))
+                {
+                    *s = g.state;
+                }
+            }
+            out.push((l.addr, states));
+        }
+        out
+    }
+
     /// Checks values that would make the target misbehave.
     pub fn validate(&self) -> Result<()> {
-        if self.listen.is_empty() {
+        if self.listen.is_empty() && self.listeners.is_empty() {
             return Err(Error::Config("no listen address".into()));
+        }
+        let mut addrs = std::collections::HashSet::new();
+        for a in self
+            .listen
+            .iter()
+            .chain(self.listeners.iter().map(|l| &l.addr))
+        {
+            if a.port() != 0 && !addrs.insert(*a) {
+                return Err(Error::Config(format!("listen address {a} given twice")));
+            }
+        }
+        for l in &self.listeners {
+            for g in &l.ana_groups {
+                if !(1..=ANA_GROUP_MAX).contains(&g.group) {
+                    return Err(Error::Config(format!(
+                        "listener {}: ANA group {} outside 1..={ANA_GROUP_MAX}",
+                        l.addr, g.group
+                    )));
+                }
+            }
         }
         if self.in_capsule_data_size > 1024 * 1024 || !self.in_capsule_data_size.is_multiple_of(16)
         {
@@ -222,6 +459,23 @@ impl TargetConfig {
                 return Err(Error::Config(
                     "serial (≤20) and model (≤40) must be short ASCII".into(),
                 ));
+            }
+            if s.cntlid_min < CNTLID_MIN || s.cntlid_max > CNTLID_MAX || s.cntlid_min > s.cntlid_max
+            {
+                return Err(Error::Config(format!(
+                    "{}: CNTLID range {}..={} must lie in 1..=65519 (FFEFh) with min <= max",
+                    s.nqn, s.cntlid_min, s.cntlid_max
+                )));
+            }
+            for n in &s.namespaces {
+                if !(1..=ANA_GROUP_MAX).contains(&n.ana_group) {
+                    return Err(Error::Config(format!(
+                        "{}: namespace {}: ANA group {} outside 1..={ANA_GROUP_MAX}",
+                        s.nqn, n.bdev, n.ana_group
+                    )));
+                }
+                n.ids()
+                    .map_err(|e| Error::Config(format!("{}: namespace {}: {e}", s.nqn, n.bdev)))?;
             }
         }
         Ok(())
@@ -318,6 +572,99 @@ mod tests {
         assert_eq!(c.subsystems[0].namespaces[1].nsid, Some(5));
         assert!(c.validate().is_ok());
         assert!(TargetConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn ana_listeners_cntlid_ranges_and_namespace_ids_parse() {
+        let c = TargetConfig::from_toml(
+            r#"
+            listen = ["127.0.0.1:4420"]
+            ana_state = "non-optimized"
+            [[listeners]]
+            addr = "127.0.0.1:4421"
+            ana_groups = [{ group = 3, state = "persistent-loss" }]
+            [[listeners]]
+            addr = "127.0.0.1:4422"
+            ana_state = "change"
+            [[subsystems]]
+            nqn = "nqn.2024-11.io.unvme:a"
+            cntlid_min = 10
+            cntlid_max = 20
+            namespaces = [{ bdev = "ram:64M", ana_group = 3, nguid = "00112233-4455-6677-8899-aabbccddeeff", uuid = "5f1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d", eui64 = "0011223344556677" }]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let s = &c.subsystems[0];
+        assert_eq!((s.cntlid_min, s.cntlid_max), (10, 20));
+        let ns = &s.namespaces[0];
+        assert_eq!(ns.ana_group, 3);
+        let (nguid, uuid, eui) = ns.ids().unwrap();
+        assert_eq!(nguid.unwrap()[15], 0xff);
+        assert_eq!(uuid.unwrap()[0], 0x5f);
+        assert_eq!(eui.unwrap(), [0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]);
+        let ports = c.ports();
+        assert_eq!(ports.len(), 3);
+        assert!(ports[0].1.iter().all(|s| *s == AnaState::NonOptimized));
+        assert_eq!(ports[1].1[2], AnaState::PersistentLoss);
+        assert_eq!(ports[1].1[0], AnaState::NonOptimized, "target-wide default");
+        assert!(ports[2].1.iter().all(|s| *s == AnaState::Change));
+        // Defaults.
+        let d = TargetConfig::from_toml(
+            "[[subsystems]]\nnqn = \"n\"\nnamespaces = [{ bdev = \"ram:1M\" }]",
+        )
+        .unwrap();
+        assert_eq!(d.ana_state, AnaState::Optimized);
+        assert_eq!(
+            (d.subsystems[0].cntlid_min, d.subsystems[0].cntlid_max),
+            (1, 0xFFEF)
+        );
+        assert_eq!(d.subsystems[0].namespaces[0].ana_group, 1);
+        assert!(TargetConfig::from_toml("ana_state = \"bogus\"").is_err());
+    }
+
+    #[test]
+    fn invalid_cntlid_ranges_ana_groups_and_identifiers_are_refused() {
+        let with = |f: &dyn Fn(&mut SubsystemConfig)| {
+            let mut c = TargetConfig::default_ram();
+            f(&mut c.subsystems[0]);
+            c.validate()
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(with(&|s| s.cntlid_min = 0).is_err());
+        assert!(with(&|s| s.cntlid_max = 0xFFF0).is_err());
+        assert!(with(&|s| (s.cntlid_min, s.cntlid_max) = (9, 8)).is_err());
+        assert!(with(&|s| (s.cntlid_min, s.cntlid_max) = (7, 7)).is_ok());
+        assert!(with(&|s| s.namespaces[0].ana_group = 0).is_err());
+        assert!(with(&|s| s.namespaces[0].ana_group = ANA_GROUP_MAX + 1).is_err());
+        assert!(with(&|s| s.namespaces[0].nguid = Some("0123".into())).is_err());
+        assert!(with(&|s| s.namespaces[0].nguid = Some("zz".repeat(16))).is_err());
+        assert!(with(&|s| s.namespaces[0].uuid = Some("0".repeat(32))).is_err());
+        assert!(with(&|s| s.namespaces[0].eui64 = Some("0011223344556677".into())).is_ok());
+        let mut c = TargetConfig::default_ram();
+        c.listeners.push(ListenerConfig {
+            addr: c.listen[0],
+            ana_state: None,
+            ana_groups: Vec::new(),
+        });
+        assert!(c.validate().is_err(), "one address twice");
+        c.listeners[0].addr.set_port(4421);
+        c.listeners[0].ana_groups.push(AnaGroupState {
+            group: 0,
+            state: AnaState::Optimized,
+        });
+        assert!(c.validate().is_err(), "group 0");
+    }
+
+    #[test]
+    fn the_readme_example_configuration_parses_and_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("a TOML example") + 8;
+        let len = readme[start..].find("```").expect("its end");
+        let c = TargetConfig::from_toml(&readme[start..start + len]).expect("it parses");
+        c.validate().expect("it is valid");
+        assert_eq!(c.ports().len(), 2);
+        assert_eq!(c.subsystems[0].namespaces[1].ana_group, 2);
     }
 
     #[test]

@@ -27,10 +27,13 @@ const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:fuzz";
 
 /// A command for [`controller_sequence`]: the queue it is sent on (0: a
 /// fresh queue before Connect, 1: an enabled admin queue, 2: an I/O queue
-/// of that controller), its 64 SQE bytes and its data buffer.
+/// of that controller), its 64 SQE bytes and its data buffer. A `queue`
+/// of 128 or more is no command but an ANA state change on the port (as
+/// the control plane makes): state `sqe[0] % 5`, group `sqe[1]` (0: every
+/// group; beyond ANAGRPMAX: refused), then any events go to held AERs.
 #[derive(Debug)]
 pub struct FuzzCommand {
-    /// Which queue: taken modulo 3.
+    /// Which queue: taken modulo 3 (below 128).
     pub queue: u8,
     /// The SQE as the wire carries it.
     pub sqe: [u8; 64],
@@ -62,8 +65,8 @@ fn connect(q: &mut Controller, qid: u16, cntlid: u16) -> Option<u16> {
 
 /// Runs `cmds` against a target with two RAM namespaces and checks the
 /// controller's promises (see the module documentation); panics if one
-/// is broken.
-pub fn controller_sequence(cmds: &[FuzzCommand]) {
+/// is broken. Returns how many asynchronous events completed held AERs.
+pub fn controller_sequence(cmds: &[FuzzCommand]) -> usize {
     let cfg = TargetConfig {
         subsystems: vec![SubsystemConfig {
             nqn: NQN.into(),
@@ -76,19 +79,22 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
                 NamespaceConfig {
                     bdev: "ram:1M".into(),
                     nsid: None,
+                    ..Default::default()
                 },
                 NamespaceConfig {
                     bdev: "ram:1M".into(),
                     nsid: Some(3),
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         }],
         ..TargetConfig::default()
     };
     let subsystems = Arc::new(Subsystems::from_config(&cfg).expect("a RAM namespace opens"));
     let params = Arc::new(Params::from_config(&cfg));
     let peer = "127.0.0.1:1".parse().expect("an address");
-    let new = || Controller::new(peer, subsystems.clone(), params.clone());
+    let new = || Controller::new(peer, 0, subsystems.clone(), params.clone());
     let mut fresh = new();
     let mut admin = new();
     let cntlid = connect(&mut admin, 0, CNTLID_DYNAMIC).expect("admin Connect");
@@ -108,7 +114,29 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
         .ctrl(cntlid)
         .expect("the controller is live");
     let mut held = 0;
+    let mut events = 0;
     for c in cmds {
+        if c.queue >= 128 {
+            use unvme_proto::admin::AsyncEvent;
+            use unvme_proto::ana::AnaState;
+            let states = [
+                AnaState::Optimized,
+                AnaState::NonOptimized,
+                AnaState::Inaccessible,
+                AnaState::PersistentLoss,
+                AnaState::Change,
+            ];
+            let group = (c.sqe[1] != 0).then_some(u32::from(c.sqe[1]));
+            let ok = subsystems.list[1].set_ana_state(0, group, states[usize::from(c.sqe[0]) % 5]);
+            assert_eq!(ok, group.is_none_or(|g| g <= crate::config::ANA_GROUP_MAX));
+            while let Some(ev) = admin.take_event() {
+                assert!(held > 0, "an event completed an AER that was not held");
+                held -= 1;
+                events += 1;
+                assert_eq!(AsyncEvent::from_dword(ev.dw0), AsyncEvent::ANA_CHANGE);
+            }
+            continue;
+        }
         let Ok(sqe) = Sqe::decode(&c.sqe) else {
             continue;
         };
@@ -174,6 +202,7 @@ pub fn controller_sequence(cmds: &[FuzzCommand]) {
     for q in [&mut io, &mut fresh, &mut admin] {
         q.release();
     }
+    events
 }
 
 /// How [`conn_stream`] brings the connection up before the fuzzed bytes.
@@ -365,7 +394,9 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
             namespaces: vec![NamespaceConfig {
                 bdev: "null:64M".into(),
                 nsid: None,
+                ..Default::default()
             }],
+            ..Default::default()
         }],
         max_transfer_bytes_per_connection: 256 << 10,
         max_transfer_bytes_per_reactor: 512 << 10,
@@ -387,7 +418,7 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
             wleft: 0,
             out: Vec::new(),
         };
-        Conn::new(s, peer, subsystems.clone(), params.clone())
+        Conn::new(s, peer, 0, subsystems.clone(), params.clone())
     };
     let run = |c: &mut Conn<MemStream>,
                pool: &mut BufPool,
@@ -465,4 +496,47 @@ pub fn conn_stream(prelude: Prelude, chunks: &[&[u8]], wcap: usize) {
         pool.xfer_used, 0,
         "transfer budget left charged after close"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unvme_proto::admin::{aec, fid, opc};
+
+    fn cmd(queue: u8, sqe: Sqe) -> FuzzCommand {
+        let mut b = [0u8; 64];
+        sqe.encode(&mut b);
+        FuzzCommand {
+            queue,
+            sqe: b,
+            data: Vec::new(),
+        }
+    }
+
+    /// The harness's ANA step reaches the event path: notices enabled, two
+    /// AERs held, state changes (one refused group) complete them.
+    #[test]
+    fn the_controller_sequence_drives_ana_changes_into_held_aers() {
+        let aer = Sqe {
+            opc: opc::ASYNC_EVENT_REQUEST,
+            ..Sqe::default()
+        };
+        let mut change = cmd(200, Sqe::default());
+        change.sqe[0] = 2; // inaccessible
+        change.sqe[1] = 1; // group 1
+        let mut refused = cmd(200, Sqe::default());
+        refused.sqe[1] = 200; // beyond ANAGRPMAX
+        let seq = vec![
+            cmd(
+                1,
+                unvme_proto::nvm::set_features(fid::ASYNC_EVENT_CONFIG, 0, aec::ANACN, false),
+            ),
+            cmd(1, aer),
+            cmd(1, aer),
+            change,
+            refused,
+            cmd(2, Sqe::default()),
+        ];
+        assert_eq!(controller_sequence(&seq), 1, "one ANA change notice");
+    }
 }

@@ -40,8 +40,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use config::{NamespaceConfig, SubsystemConfig, TargetConfig};
+pub use config::{
+    ana_state_name, parse_ana_state, parse_hex, AnaGroupState, ListenerConfig, NamespaceConfig,
+    SubsystemConfig, TargetConfig, ANA_GROUP_MAX, CNTLID_MAX, CNTLID_MIN,
+};
 pub use error::{Error, Result};
+pub use unvme_proto::ana::AnaState;
 
 use error::io_err;
 
@@ -63,7 +67,7 @@ impl Target {
         let stop = Arc::new(AtomicBool::new(false));
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
-        for addr in &cfg.listen {
+        for (addr, _) in cfg.ports() {
             let l = TcpListener::bind(addr).map_err(io_err(format!("bind {addr}")))?;
             let la = l.local_addr().map_err(io_err("local_addr"))?;
             tracing::info!(%la, "listening");
@@ -94,14 +98,14 @@ impl Target {
         }
         let inboxes = Arc::new(inboxes);
         let mut acceptors = Vec::new();
-        for l in listeners {
+        for (port, l) in listeners.into_iter().enumerate() {
             let inboxes = inboxes.clone();
             let stop = stop.clone();
             l.set_nonblocking(true)
                 .map_err(io_err("listener nonblocking"))?;
             let h = std::thread::Builder::new()
                 .name("acceptor".into())
-                .spawn(move || reactor::accept_loop(l, inboxes, stop))
+                .spawn(move || reactor::accept_loop(l, port as u16, inboxes, stop))
                 .map_err(io_err("spawn acceptor"))?;
             acceptors.push(h);
         }
@@ -118,6 +122,46 @@ impl Target {
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Sets the ANA state of ANA group `group` (or, with `None`, of every
+    /// group) on the listener bound to `listener`, in subsystem `subnqn`
+    /// (or in every subsystem). Every controller on that listener whose
+    /// host enabled ANA change notices gets an Asynchronous Event (Notice,
+    /// ANA change, log page 0Ch) and reads the new states from the ANA log;
+    /// I/O to a namespace of a group that is not accessible there completes
+    /// with an ANA status. For the control plane.
+    pub fn set_ana_state(
+        &self,
+        subnqn: Option<&str>,
+        listener: SocketAddr,
+        group: Option<u32>,
+        state: AnaState,
+    ) -> Result<()> {
+        let port = self
+            .local_addrs
+            .iter()
+            .position(|a| *a == listener)
+            .ok_or_else(|| Error::Config(format!("no listener {listener}")))?;
+        let mut found = false;
+        for s in self.subsystems.list.iter().filter(|s| !s.is_discovery) {
+            if subnqn.is_some_and(|n| n != s.nqn) {
+                continue;
+            }
+            found = true;
+            if !s.set_ana_state(port as u16, group, state) {
+                return Err(Error::Config(format!(
+                    "ANA group {group:?} outside 1..={ANA_GROUP_MAX}"
+                )));
+            }
+        }
+        if !found {
+            return Err(Error::Config(format!("no subsystem {subnqn:?}")));
+        }
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+        Ok(())
     }
 
     /// A flag that, once set, makes the target stop (for signal handlers).

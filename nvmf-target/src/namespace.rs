@@ -5,8 +5,11 @@
 //! opened and never change under a connected host (Linux drops a namespace
 //! whose identifiers change): a device with admin pass-through (a VFIO SSD)
 //! is asked once for its own; other backends get identifiers derived from
-//! the subsystem NQN and NSID, stable across restarts. What the controller
-//! answers from these is in `ctrlr`; this module only holds them.
+//! the subsystem NQN and NSID, stable across restarts and the same in every
+//! target process that exports that NQN and NSID (multipath). Identifiers
+//! given in the configuration replace either (`Subsystems::from_config`).
+//! What the controller answers from these is in `ctrlr`; this module only
+//! holds them, with the namespace's ANA group.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +34,8 @@ pub(crate) struct Namespace {
     pub uuid: [u8; 16],
     /// IEEE Extended Unique Identifier (zero: none).
     pub eui64: [u8; 8],
+    /// ANA Group ID (1..=ANAGRPMAX).
+    pub ana_group: u32,
     /// For a backend with admin pass-through: the device's Identify
     /// Namespace data last read, for answers while it cannot be asked.
     pub dev_ident: Mutex<Option<IdentifyNamespace>>,
@@ -52,6 +57,7 @@ impl Namespace {
             nguid: id,
             uuid,
             eui64: [0; 8],
+            ana_group: 1,
             dev_ident: Mutex::new(None),
         };
         if let Some(a) = ns.bdev.nvme_admin() {

@@ -54,7 +54,7 @@ pub(crate) struct Reactor {
     subsystems: Arc<Subsystems>,
     stop: Arc<AtomicBool>,
     poll: Poll,
-    inbox: Receiver<std::net::TcpStream>,
+    inbox: Receiver<(std::net::TcpStream, u16)>,
     conns: Vec<Option<Conn>>,
     gens: Vec<u32>,
     queues: BdevQueues,
@@ -103,7 +103,7 @@ impl Reactor {
         params: Arc<Params>,
         subsystems: Arc<Subsystems>,
         stop: Arc<AtomicBool>,
-    ) -> Result<(Reactor, Sender<std::net::TcpStream>, Arc<Waker>)> {
+    ) -> Result<(Reactor, Inbox, Arc<Waker>)> {
         let poll = Poll::new().map_err(io_err("epoll"))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_err("waker"))?);
         let (tx, rx) = channel();
@@ -126,7 +126,7 @@ impl Reactor {
         ))
     }
 
-    fn adopt(&mut self, s: std::net::TcpStream) {
+    fn adopt(&mut self, s: std::net::TcpStream, port: u16) {
         let peer = match s.peer_addr() {
             Ok(p) => p,
             Err(_) => return,
@@ -159,10 +159,11 @@ impl Reactor {
             return;
         }
         self.gens[idx] = self.gens[idx].wrapping_add(1);
-        tracing::info!(%peer, reactor = self.id, "connection accepted");
+        tracing::info!(%peer, reactor = self.id, port, "connection accepted");
         self.conns[idx] = Some(Conn::new(
             stream,
             peer,
+            port,
             self.subsystems.clone(),
             self.params.clone(),
         ));
@@ -251,8 +252,8 @@ impl Reactor {
     fn note_events(&mut self, events: &Events) {
         for ev in events.iter() {
             if ev.token() == WAKER {
-                while let Ok(s) = self.inbox.try_recv() {
-                    self.adopt(s);
+                while let Ok((s, port)) = self.inbox.try_recv() {
+                    self.adopt(s, port);
                 }
                 continue;
             }
@@ -330,6 +331,7 @@ impl Reactor {
             let Some(c) = self.conns[idx].as_mut() else {
                 continue;
             };
+            c.deliver_events();
             if c.has_tx() && c.writable {
                 match c.flush(&mut self.pool) {
                     Ok(_) => work = true,
@@ -374,12 +376,13 @@ impl Reactor {
     }
 }
 
-/// Accepts connections and hands them to reactors round-robin.
-pub(crate) fn accept_loop(
-    l: TcpListener,
-    inboxes: Arc<Vec<(Sender<std::net::TcpStream>, Arc<Waker>)>>,
-    stop: Arc<AtomicBool>,
-) {
+/// A reactor's inbox: a new connection and the port it arrived on.
+pub(crate) type Inbox = Sender<(std::net::TcpStream, u16)>;
+/// Every reactor's inbox and waker.
+pub(crate) type Inboxes = Arc<Vec<(Inbox, Arc<Waker>)>>;
+
+/// Accepts connections on port `port` and hands them to reactors round-robin.
+pub(crate) fn accept_loop(l: TcpListener, port: u16, inboxes: Inboxes, stop: Arc<AtomicBool>) {
     let mut listener = mio::net::TcpListener::from_std(l);
     let Ok(mut poll) = Poll::new() else {
         tracing::error!("acceptor: cannot create epoll");
@@ -413,7 +416,7 @@ pub(crate) fn accept_loop(
                     };
                     let (tx, waker) = &inboxes[next % inboxes.len()];
                     next += 1;
-                    if tx.send(std_stream).is_ok() {
+                    if tx.send((std_stream, port)).is_ok() {
                         let _ = waker.wake();
                     }
                 }

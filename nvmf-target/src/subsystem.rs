@@ -9,13 +9,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use unvme_proto::admin::AsyncEvent;
+use unvme_proto::ana::{AnaGroup, AnaLog, AnaState};
 use unvme_proto::discovery::DISCOVERY_NQN;
 
-use crate::config::TargetConfig;
+use crate::config::{TargetConfig, ANA_GROUP_MAX};
 use crate::ctrlr::flush_all::FlushAllBdev;
 use crate::error::{Error, Result};
 use crate::namespace::{Namespace, ALL};
@@ -38,12 +40,95 @@ pub(crate) struct Subsystem {
     /// With several namespaces: the global index and device of the
     /// broadcast Flush (NSID FFFFFFFFh), which flushes them all.
     pub flush_all: Option<(usize, Arc<dyn Bdev>)>,
+    /// Lowest and highest CNTLID handed out.
+    pub cntlid_range: (u16, u16),
+    /// ANA states of this subsystem's groups on each port.
+    pub ana: Ana,
     ctrls: Mutex<CtrlTable>,
 }
 
 struct CtrlTable {
     next: u16,
     live: HashMap<u16, Arc<CtrlShared>>,
+}
+
+/// The ANA state of each ANA group of one subsystem on each port (NVMe
+/// Base 2.0 §8.1). The I/O path reads a state with one relaxed atomic
+/// load; changes (rare: configuration, the control plane) take the lock
+/// that also keeps the change counts.
+pub(crate) struct Ana {
+    /// `states[port][group - 1]`: an [`AnaState::code`].
+    states: Vec<Box<[AtomicU8]>>,
+    changes: Mutex<AnaChanges>,
+}
+
+struct AnaChanges {
+    /// The log page's Change Count.
+    chgcnt: u64,
+    /// Per port and group: the Change Count when that group last changed.
+    group_chgcnt: Vec<Vec<u64>>,
+}
+
+impl Ana {
+    fn new(ports: &[Vec<AnaState>]) -> Ana {
+        Ana {
+            states: ports
+                .iter()
+                .map(|p| p.iter().map(|s| AtomicU8::new(s.code())).collect())
+                .collect(),
+            changes: Mutex::new(AnaChanges {
+                chgcnt: 0,
+                group_chgcnt: ports.iter().map(|p| vec![0; p.len()]).collect(),
+            }),
+        }
+    }
+
+    /// The state of `group` on `port`; an unknown port or group is
+    /// inaccessible.
+    #[inline]
+    pub fn state(&self, port: u16, group: u32) -> AnaState {
+        self.states
+            .get(usize::from(port))
+            .and_then(|p| p.get((group as usize).wrapping_sub(1)))
+            .and_then(|s| AnaState::from_code(s.load(Ordering::Relaxed)))
+            .unwrap_or(AnaState::Inaccessible)
+    }
+
+    /// Sets `group` (or every group) on `port` to `state`. Returns whether
+    /// anything changed; `None` if the port or group does not exist.
+    fn set(&self, port: u16, group: Option<u32>, state: AnaState) -> Option<bool> {
+        let p = self.states.get(usize::from(port))?;
+        let range = match group {
+            Some(g) if (1..=p.len() as u32).contains(&g) => (g as usize - 1)..(g as usize),
+            Some(_) => return None,
+            None => 0..p.len(),
+        };
+        let mut c = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let next = c.chgcnt.wrapping_add(1).max(1);
+        let mut changed = false;
+        for i in range {
+            if p[i].swap(state.code(), Ordering::Relaxed) != state.code() {
+                c.group_chgcnt[usize::from(port)][i] = next;
+                changed = true;
+            }
+        }
+        if changed {
+            c.chgcnt = next;
+        }
+        Some(changed)
+    }
+}
+
+/// Outstanding asynchronous events of a controller, delivered to its held
+/// Asynchronous Event Requests.
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    /// Events not yet reported, oldest first (at most one of each kind).
+    pub pending: Vec<AsyncEvent>,
+    /// An ANA change was reported and its log page not read since (with
+    /// RAE cleared): further ANA changes are not reported (NVMe Base 2.0
+    /// §5.2, events of a type are masked until their log page is read).
+    pub ana_masked: bool,
 }
 
 /// Why [`Subsystem::create_ctrl`] made no controller.
@@ -78,6 +163,8 @@ pub(crate) struct CtrlRegs {
     pub shn_running: bool,
     /// Another shutdown notification came while it ran: flush once more.
     pub shn_again: bool,
+    /// Asynchronous events for the host.
+    pub events: Events,
 }
 
 /// One controller: created by an admin-queue Connect, shared by that
@@ -91,6 +178,11 @@ pub(crate) struct CtrlShared {
     pub hostnqn: String,
     /// Host ID from Connect.
     pub hostid: [u8; 16],
+    /// The port (index into the target's listeners) the admin queue connected on.
+    pub port: u16,
+    /// An event waits in [`CtrlRegs::events`] (checked each reactor turn
+    /// by the admin queue without taking the lock).
+    pub event_pending: AtomicBool,
     /// Set when the controller is torn down; its I/O connections close.
     pub dead: AtomicBool,
     /// Bumped on controller reset (CC.EN 1→0); I/O queues of an older epoch close.
@@ -113,6 +205,41 @@ impl CtrlShared {
             tracing::info!(cntlid = self.cntlid, subnqn = %self.subsys.nqn, hostnqn = %self.hostnqn, "controller destroyed");
         }
     }
+
+    /// Queues an ANA change notice for the host, if it enabled them (Set
+    /// Features Asynchronous Event Configuration bit 11) and has read the
+    /// ANA log since the last one.
+    pub fn post_ana_change(&self) {
+        let mut r = self.regs();
+        if r.aec & unvme_proto::admin::aec::ANACN == 0 || r.events.ana_masked {
+            return;
+        }
+        if !r.events.pending.contains(&AsyncEvent::ANA_CHANGE) {
+            r.events.pending.push(AsyncEvent::ANA_CHANGE);
+        }
+        self.event_pending.store(true, Ordering::Release);
+    }
+
+    /// Takes the oldest pending event, masking further ANA changes when it
+    /// is one.
+    pub fn take_event(&self) -> Option<AsyncEvent> {
+        if !self.event_pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut r = self.regs();
+        if r.events.pending.is_empty() {
+            self.event_pending.store(false, Ordering::Release);
+            return None;
+        }
+        let ev = r.events.pending.remove(0);
+        if ev == AsyncEvent::ANA_CHANGE {
+            r.events.ana_masked = true;
+        }
+        if r.events.pending.is_empty() {
+            self.event_pending.store(false, Ordering::Release);
+        }
+        Some(ev)
+    }
 }
 
 impl Subsystem {
@@ -125,13 +252,15 @@ impl Subsystem {
         self.allowed_hosts.is_empty() || self.allowed_hosts.iter().any(|h| h == hostnqn)
     }
 
-    /// Creates a controller with a fresh CNTLID (dynamic controller model).
-    /// Fails when `hostnqn` already has `max_per_host` live controllers
-    /// here, or every CNTLID is taken.
+    /// Creates a controller with a fresh CNTLID from the subsystem's range
+    /// (dynamic controller model), on `port`. Fails when `hostnqn` already
+    /// has `max_per_host` live controllers here, or every CNTLID is taken.
+    #[allow(clippy::too_many_arguments)]
     pub fn create_ctrl(
         self: &Arc<Self>,
         hostnqn: &str,
         hostid: [u8; 16],
+        port: u16,
         kato_ms: u32,
         max_io_queues: u16,
         max_per_host: usize,
@@ -142,16 +271,19 @@ impl Subsystem {
         if of_host >= max_per_host {
             return Err(CreateCtrlError::HostLimit(of_host));
         }
-        // CNTLIDs 1..=0xFFEF; 0xFFF0.. are reserved.
-        for _ in 0..0xFFEF {
-            let id = t.next;
-            t.next = if t.next >= 0xFFEF { 1 } else { t.next + 1 };
+        // CNTLIDs min..=max, within 1..=0xFFEF (0xFFF0.. are reserved).
+        let (min, max) = self.cntlid_range;
+        for _ in min..=max {
+            let id = t.next.clamp(min, max);
+            t.next = if id >= max { min } else { id + 1 };
             if let std::collections::hash_map::Entry::Vacant(slot) = t.live.entry(id) {
                 let c = Arc::new(CtrlShared {
                     cntlid: id,
                     subsys: self.clone(),
                     hostnqn: hostnqn.to_string(),
                     hostid,
+                    port,
+                    event_pending: AtomicBool::new(false),
                     dead: AtomicBool::new(false),
                     epoch: AtomicU32::new(0),
                     regs: Mutex::new(CtrlRegs {
@@ -165,6 +297,7 @@ impl Subsystem {
                         wce: true,
                         shn_running: false,
                         shn_again: false,
+                        events: Events::default(),
                     }),
                 });
                 slot.insert(c.clone());
@@ -182,6 +315,66 @@ impl Subsystem {
     /// Looks up a namespace.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.nsid == nsid)
+    }
+
+    /// The ANA log page as a controller on `port` reports it: one
+    /// descriptor per ANA group that holds namespaces, with their NSIDs
+    /// unless `groups_only` (RGO).
+    pub fn ana_log(&self, port: u16, groups_only: bool) -> AnaLog {
+        let c = self.ana.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut groups: Vec<AnaGroup> = Vec::new();
+        for ns in &self.namespaces {
+            let g = match groups.iter_mut().find(|g| g.grpid == ns.ana_group) {
+                Some(g) => g,
+                None => {
+                    groups.push(AnaGroup {
+                        grpid: ns.ana_group,
+                        change_count: c
+                            .group_chgcnt
+                            .get(usize::from(port))
+                            .and_then(|p| p.get(ns.ana_group as usize - 1))
+                            .copied()
+                            .unwrap_or(0),
+                        state: self.ana.state(port, ns.ana_group),
+                        nsids: Vec::new(),
+                    });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            if !groups_only {
+                g.nsids.push(ns.nsid);
+            }
+        }
+        groups.sort_by_key(|g| g.grpid);
+        AnaLog {
+            change_count: c.chgcnt,
+            groups,
+        }
+    }
+
+    /// Sets the ANA state of `group` (or of every group) on `port`, and
+    /// tells every controller on that port whose host asked for ANA change
+    /// notices with an Asynchronous Event. Returns false when the port or
+    /// group does not exist.
+    pub fn set_ana_state(&self, port: u16, group: Option<u32>, state: AnaState) -> bool {
+        match self.ana.set(port, group, state) {
+            None => false,
+            Some(false) => true,
+            Some(true) => {
+                tracing::info!(subnqn = %self.nqn, port, group = ?group, state = crate::config::ana_state_name(state), "ANA state changed");
+                let ctrls: Vec<Arc<CtrlShared>> = self
+                    .table()
+                    .live
+                    .values()
+                    .filter(|c| c.port == port)
+                    .cloned()
+                    .collect();
+                for c in ctrls {
+                    c.post_ana_change();
+                }
+                true
+            }
+        }
     }
 
     /// The device a reactor opens a queue on for an entry of
@@ -220,6 +413,8 @@ impl Subsystems {
         cfg: &TargetConfig,
         open: impl Fn(&str) -> unvme_bdev::Result<Arc<dyn unvme_bdev::Bdev>>,
     ) -> Result<Self> {
+        let ports: Vec<Vec<AnaState>> = cfg.ports().into_iter().map(|(_, s)| s).collect();
+        debug_assert!(ports.iter().all(|p| p.len() == ANA_GROUP_MAX as usize));
         let mut list = vec![Arc::new(Subsystem {
             nqn: DISCOVERY_NQN.to_string(),
             serial: "UNVME-DISCOVERY".into(),
@@ -228,6 +423,8 @@ impl Subsystems {
             namespaces: Vec::new(),
             is_discovery: true,
             flush_all: None,
+            cntlid_range: (1, 0xFFEF),
+            ana: Ana::new(&[]),
             ctrls: Mutex::new(CtrlTable {
                 next: 1,
                 live: HashMap::new(),
@@ -255,7 +452,12 @@ impl Subsystems {
                 }
                 let gidx = all.len();
                 all.push((si + 1, nsid));
-                let ns = Namespace::new(&s.nqn, nsid, bdev, gidx);
+                let (nguid, uuid, eui64) = nc.ids()?;
+                let mut ns = Namespace::new(&s.nqn, nsid, bdev, gidx);
+                ns.ana_group = nc.ana_group;
+                ns.nguid = nguid.unwrap_or(ns.nguid);
+                ns.uuid = uuid.unwrap_or(ns.uuid);
+                ns.eui64 = eui64.unwrap_or(ns.eui64);
                 namespaces.push(ns);
             }
             namespaces.sort_by_key(|n| n.nsid);
@@ -274,8 +476,10 @@ impl Subsystems {
                 namespaces,
                 is_discovery: false,
                 flush_all,
+                cntlid_range: (s.cntlid_min, s.cntlid_max),
+                ana: Ana::new(&ports),
                 ctrls: Mutex::new(CtrlTable {
-                    next: 1,
+                    next: s.cntlid_min,
                     live: HashMap::new(),
                 }),
             }));

@@ -1645,6 +1645,13 @@ impl ChangedNsList {
     }
 }
 
+/// Log Specific Parameter bits of the ANA log page (NVMe Base 2.0,
+/// §5.16.1.13; the page itself is [`crate::ana::AnaLog`]).
+pub mod ana_lsp {
+    /// Bit 0: Return Groups Only (RGO): the descriptors carry no NSID list.
+    pub const RGO: u8 = 1 << 0;
+}
+
 // ---------------------------------------------------------------------------
 // Command dwords
 // ---------------------------------------------------------------------------
@@ -1897,6 +1904,13 @@ impl AsyncEvent {
         aet: aet::NOTICE,
         aei: aei_notice::NS_ATTR_CHANGED,
         lid: lid::CHANGED_NS,
+    };
+
+    /// Notice: Asymmetric Namespace Access Change; read the ANA log page.
+    pub const ANA_CHANGE: Self = Self {
+        aet: aet::NOTICE,
+        aei: aei_notice::ANA_CHANGE,
+        lid: lid::ANA,
     };
 
     /// Notice: Discovery Log Page Change; read the discovery log page.

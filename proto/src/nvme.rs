@@ -383,6 +383,16 @@ impl Status {
     pub const WRITE_FAULT: Status = Status::new(sct::MEDIA, 0x80);
     /// Unrecovered Read Error (Media and Data Integrity).
     pub const UNRECOVERED_READ_ERROR: Status = Status::new(sct::MEDIA, 0x81);
+    /// Asymmetric Access Persistent Loss (path related, NVMe Base 2.0
+    /// §4.2.3.2 / Figure 104): the namespace's ANA group is in the
+    /// Persistent Loss state on this controller; retry on another path.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::new(sct::PATH, 0x01);
+    /// Asymmetric Access Inaccessible (path related): the namespace's ANA
+    /// group is Inaccessible on this controller.
+    pub const ANA_INACCESSIBLE: Status = Status::new(sct::PATH, 0x02);
+    /// Asymmetric Access Transition (path related): the namespace's ANA
+    /// group is changing state on this controller; retry later.
+    pub const ANA_TRANSITION: Status = Status::new(sct::PATH, 0x03);
 
     /// The same status with Do Not Retry set.
     pub const fn with_dnr(mut self) -> Self {
@@ -454,6 +464,9 @@ impl std::fmt::Display for Status {
             (2, 0x80) => "Write Fault",
             (2, 0x81) => "Unrecovered Read Error",
             (2, 0x85) => "Compare Failure",
+            (3, 0x01) => "Asymmetric Access Persistent Loss",
+            (3, 0x02) => "Asymmetric Access Inaccessible",
+            (3, 0x03) => "Asymmetric Access Transition",
             _ => "Unknown Status",
         };
         write!(

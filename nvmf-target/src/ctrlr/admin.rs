@@ -99,6 +99,13 @@ impl Controller {
             },
             lid::CHANGED_NS if !disc => ChangedNsList::default().to_bytes(),
             lid::FW_SLOT if !disc => firmware_slot_log().to_bytes(),
+            lid::ANA if !disc => {
+                if !g.rae {
+                    ctrl.regs().events.ana_masked = false;
+                }
+                let rgo = g.lsp & admin::ana_lsp::RGO != 0;
+                ctrl.subsys.ana_log(ctrl.port, rgo).encode()
+            }
             _ => return Outcome::status(Status::INVALID_LOG_PAGE),
         };
         if !g.lpo.is_multiple_of(4) || g.lpo > page.len() as u64 {

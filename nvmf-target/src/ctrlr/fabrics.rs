@@ -93,6 +93,7 @@ impl Controller {
         let ctrl = match subsys.create_ctrl(
             &data.hostnqn,
             data.hostid,
+            self.port,
             c.kato,
             self.params.max_io_queues,
             self.params.max_ctrls_per_host,

@@ -3,9 +3,16 @@
 //! Namespace from the backend's geometry and capabilities, built with
 //! `unvme_proto::admin`'s structures.
 
-use unvme_proto::admin::{IdentifyController, IdentifyNamespace, LbaFormat, PowerStateDescriptor};
+use unvme_proto::admin::{
+    aec, IdentifyController, IdentifyNamespace, LbaFormat, PowerStateDescriptor,
+};
 
-use crate::config::TargetConfig;
+use crate::config::{TargetConfig, ANA_GROUP_MAX};
+
+/// ANA Transition Time reported (seconds): the longest a group stays in
+/// the ANA Change state before a host gives up on it. States here change
+/// at once; the control plane that sets Change must leave it within this.
+pub(crate) const ANATT_S: u8 = 10;
 use crate::namespace::Namespace;
 use crate::subsystem::{CtrlShared, Subsystem};
 
@@ -19,11 +26,18 @@ pub(crate) fn identify_controller(cfg: &TargetConfig, ctrl: &CtrlShared) -> Iden
         mn: s.model.clone(),
         fr: env!("CARGO_PKG_VERSION").chars().take(8).collect(),
         rab: 6,
-        cmic: 0x2, // may have several controllers
+        // Several ports (bit 0), several controllers (bit 1), ANA reporting
+        // (bit 3): what a host's native multipath looks for.
+        cmic: if s.is_discovery { 0x2 } else { 0x1 | 0x2 | 0x8 },
         mdts: mdts_for(s, cfg),
         cntlid: ctrl.cntlid,
         ver: unvme_proto::regs::NVME_VERSION_2_0,
-        oaes: if s.is_discovery { 0 } else { 1 << 8 },
+        // Namespace Attribute and ANA Change Notices.
+        oaes: if s.is_discovery {
+            0
+        } else {
+            aec::NAN | aec::ANACN
+        },
         cntrltype: if s.is_discovery { 2 } else { 1 },
         acl: 3,
         aerl: 3,
@@ -53,6 +67,14 @@ pub(crate) fn identify_controller(cfg: &TargetConfig, ctrl: &CtrlShared) -> Iden
         fcatt: 0,
         msdbd: 1,
         kas: 10, // 100 ms granularity
+        // ANA: every state reported (bits 4:0); a namespace's ANAGRPID
+        // never changes while it is attached (bit 6).
+        anatt: if s.is_discovery { 0 } else { ANATT_S },
+        anacap: if s.is_discovery { 0 } else { 0x1F | 0x40 },
+        anagrpmax: if s.is_discovery { 0 } else { ANA_GROUP_MAX },
+        nanagrpid: if s.is_discovery { 0 } else { ANA_GROUP_MAX },
+        // A host sizes its ANA log buffer by MNAN: every NSID must fit.
+        mnan: s.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0),
         ..Default::default()
     };
     id.psd[0] = PowerStateDescriptor {
@@ -75,6 +97,7 @@ pub(crate) fn identify_namespace(ns: &Namespace) -> IdentifyNamespace {
         dlfeat: if info.deallocate { 0x1 | 0x8 } else { 0 }, // deallocated blocks read as zeroes; DEAC in Write Zeroes
         nguid: ns.nguid,
         eui64: ns.eui64,
+        anagrpid: ns.ana_group,
         ..Default::default()
     };
     id.set_lba_formats(&[LbaFormat::with_lbads(lbads)]);

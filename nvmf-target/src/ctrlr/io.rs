@@ -3,6 +3,7 @@
 //! (NVM Command Set 1.0 §3: Invalid Namespace, LBA Out of Range, a data
 //! length that does not match NLB), then handed to the backend.
 
+use unvme_proto::ana::AnaState;
 use unvme_proto::nvm::{IoOp, NvmCommand};
 use unvme_proto::nvme::{io_opc, Sqe, Status};
 
@@ -14,7 +15,9 @@ impl Controller {
     #[inline]
     pub(super) fn io(&self, sqe: &Sqe, data: Option<&mut [u8]>) -> Outcome {
         match self.subsys.as_deref() {
-            Some(subsys) => validate(subsys, sqe, data.as_deref()).unwrap_or_else(Outcome::status),
+            Some(subsys) => {
+                validate(subsys, self.port, sqe, data.as_deref()).unwrap_or_else(Outcome::status)
+            }
             None => Outcome::status(Status::COMMAND_SEQUENCE_ERROR),
         }
     }
@@ -25,10 +28,16 @@ impl Controller {
 /// deallocation on a backend that cannot deallocate. `data` is the
 /// command's data buffer (its length is the transfer length).
 #[inline]
-fn validate(subsys: &Subsystem, sqe: &Sqe, data: Option<&[u8]>) -> Result<Outcome, Status> {
+fn validate(
+    subsys: &Subsystem,
+    port: u16,
+    sqe: &Sqe,
+    data: Option<&[u8]>,
+) -> Result<Outcome, Status> {
     let Some(ns) = subsys.namespace(sqe.nsid) else {
         return broadcast_flush(subsys, sqe);
     };
+    ana_check(subsys.ana.state(port, ns.ana_group))?;
     let info = ns.bdev.info();
     let in_range = |lba: u64, nlb: u32| {
         info.check_range(lba, nlb)
@@ -51,6 +60,21 @@ fn validate(subsys: &Subsystem, sqe: &Sqe, data: Option<&[u8]>) -> Result<Outcom
         }
         IoOp::Deallocate { .. } if !info.deallocate => Ok(Outcome::ok(0)),
         op => Ok(Outcome::Io { gidx: ns.gidx, op }),
+    }
+}
+
+/// The status of an I/O command to a namespace whose ANA group is in
+/// `state` on this controller's port (NVMe Base 2.0 §8.1.3): commands run
+/// in the Optimized and Non-Optimized states, and complete with the
+/// path-related ANA statuses otherwise, so a multipath host retries them
+/// on another path.
+#[inline]
+fn ana_check(state: AnaState) -> Result<(), Status> {
+    match state {
+        AnaState::Optimized | AnaState::NonOptimized => Ok(()),
+        AnaState::Inaccessible => Err(Status::ANA_INACCESSIBLE),
+        AnaState::PersistentLoss => Err(Status::ANA_PERSISTENT_LOSS),
+        AnaState::Change => Err(Status::ANA_TRANSITION),
     }
 }
 

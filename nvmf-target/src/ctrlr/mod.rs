@@ -133,6 +133,9 @@ impl std::fmt::Display for Teardown {
 pub(crate) struct Controller {
     /// The host's address, for log lines.
     peer: SocketAddr,
+    /// The port (listener index) the connection arrived on: which ANA
+    /// states apply.
+    port: u16,
     subsystems: Arc<Subsystems>,
     params: Arc<Params>,
     /// Queue ID (from Connect).
@@ -151,10 +154,16 @@ pub(crate) struct Controller {
 }
 
 impl Controller {
-    /// A queue pair's controller side before Connect.
-    pub fn new(peer: SocketAddr, subsystems: Arc<Subsystems>, params: Arc<Params>) -> Controller {
+    /// A queue pair's controller side before Connect, on listener `port`.
+    pub fn new(
+        peer: SocketAddr,
+        port: u16,
+        subsystems: Arc<Subsystems>,
+        params: Arc<Params>,
+    ) -> Controller {
         Controller {
             peer,
+            port,
             subsystems,
             params,
             qid: 0,
@@ -281,6 +290,31 @@ impl Controller {
         } else {
             None
         }
+    }
+
+    /// Whether [`Controller::take_event`] may have an event: an admin queue
+    /// holding an AER whose controller has one pending (one atomic load).
+    #[inline]
+    pub fn has_event(&self) -> bool {
+        self.qid == 0
+            && self.aers > 0
+            && self
+                .ctrl
+                .as_ref()
+                .is_some_and(|c| c.event_pending.load(Ordering::Acquire))
+    }
+
+    /// On an admin queue holding an Asynchronous Event Request: the
+    /// completion of one for the oldest pending event, if any (the
+    /// transport completes one of its held AERs with it).
+    #[inline]
+    pub fn take_event(&mut self) -> Option<Completion> {
+        if !self.has_event() {
+            return None;
+        }
+        let ev = self.ctrl.as_ref()?.take_event()?;
+        self.aers -= 1;
+        Some(Completion::ok(ev.to_dword()))
     }
 
     /// The transport dropped a held Asynchronous Event Request (its host

@@ -357,6 +357,7 @@ mod tests {
             nguid: [0x11; 16],
             uuid: [0x22; 16],
             eui64: [0; 8],
+            ana_group: 1,
             dev_ident: Mutex::new(None),
         }
     }

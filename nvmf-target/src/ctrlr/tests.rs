@@ -21,6 +21,7 @@ use unvme_proto::regs::{self as prop, cc, csts};
 use super::*;
 use crate::config::{NamespaceConfig, Params, SubsystemConfig, TargetConfig};
 use crate::subsystem::Subsystems;
+use unvme_proto::ana::{AnaLog, AnaState};
 
 const NQN: &str = "nqn.2024-11.io.unvme:test";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
@@ -49,12 +50,15 @@ fn test_config(allowed_hosts: Vec<String>) -> TargetConfig {
                 NamespaceConfig {
                     bdev: "ram:4M".into(),
                     nsid: None,
+                    ..Default::default()
                 },
                 NamespaceConfig {
                     bdev: "null:1M".into(),
                     nsid: Some(5),
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         }],
         listen: vec!["127.0.0.1:4420".parse().unwrap()],
         ..TargetConfig::default()
@@ -80,8 +84,14 @@ fn env() -> Env {
 
 impl Env {
     fn queue(&self) -> Controller {
+        self.queue_on(0)
+    }
+
+    /// A queue pair that arrived on listener `port`.
+    fn queue_on(&self, port: u16) -> Controller {
         Controller::new(
             "127.0.0.1:9".parse().unwrap(),
+            port,
             self.subsystems.clone(),
             self.params.clone(),
         )
@@ -89,7 +99,12 @@ impl Env {
 
     /// An admin queue connected to `nqn` and, with `enable`, CC.EN set.
     fn admin(&self, nqn: &str, enable: bool) -> (Controller, u16) {
-        let mut q = self.queue();
+        self.admin_on(0, nqn, enable)
+    }
+
+    /// [`Env::admin`] on listener `port`.
+    fn admin_on(&self, port: u16, nqn: &str, enable: bool) -> (Controller, u16) {
+        let mut q = self.queue_on(port);
         let cntlid = match connect(&mut q, 0, 31, nqn, CNTLID_DYNAMIC) {
             Outcome::Complete(c) if c.status.is_success() => c.dw0 as u16,
             o => panic!("admin connect failed: {o:?}"),
@@ -102,7 +117,12 @@ impl Env {
 
     /// An I/O queue `qid` of controller `cntlid`.
     fn io(&self, cntlid: u16, qid: u16) -> Controller {
-        let mut q = self.queue();
+        self.io_on(0, cntlid, qid)
+    }
+
+    /// [`Env::io`] on listener `port`.
+    fn io_on(&self, port: u16, cntlid: u16, qid: u16) -> Controller {
+        let mut q = self.queue_on(port);
         assert_eq!(
             connect(&mut q, qid, 127, NQN, cntlid),
             Outcome::ok(u32::from(cntlid))
@@ -1178,4 +1198,286 @@ fn io_commands_never_reach_the_admin_queue_and_admin_never_the_io_queue() {
         "Identify on an I/O queue"
     );
     assert_eq!(io_opc::READ, opc::GET_LOG_PAGE);
+}
+
+// ---------------------------------------------------------------------------
+// ANA (multipath), CNTLID ranges, configured identifiers
+// ---------------------------------------------------------------------------
+
+const NGUID: &str = "0123456789abcdef0123456789abcdef";
+const UUID: &str = "5f1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+const EUI64: &str = "00:11:22:33:44:55:66:77";
+
+/// Two ports: 4420 (every group optimized) and 4421 (non-optimized,
+/// group 2 inaccessible); NSID 1 in group 1, NSID 5 in group 2 with
+/// configured identifiers.
+fn ana_env() -> Env {
+    let cfg = TargetConfig::from_toml(&format!(
+        r#"
+        listen = ["127.0.0.1:4420"]
+        [[listeners]]
+        addr = "127.0.0.1:4421"
+        ana_state = "non-optimized"
+        ana_groups = [{{ group = 2, state = "inaccessible" }}]
+        [[subsystems]]
+        nqn = "{NQN}"
+        cntlid_min = 100
+        cntlid_max = 101
+        namespaces = [
+            {{ bdev = "ram:4M" }},
+            {{ bdev = "null:1M", nsid = 5, ana_group = 2, nguid = "{NGUID}", uuid = "{UUID}", eui64 = "{EUI64}" }},
+        ]
+        "#
+    ))
+    .expect("ANA configuration parses");
+    cfg.validate().expect("ANA configuration is valid");
+    env_from(cfg, unvme_bdev::from_spec)
+}
+
+fn ana_log(q: &mut Controller, lsp: u8, rae: bool) -> AnaLog {
+    let [cdw10, cdw11, cdw12, cdw13] = admin::GetLogPage {
+        lid: lid::ANA,
+        lsp,
+        rae,
+        numd: 4096 / 4 - 1,
+        lpo: 0,
+        ..Default::default()
+    }
+    .to_cdws();
+    let sqe = Sqe {
+        opc: opc::GET_LOG_PAGE,
+        nsid: 0xFFFF_FFFF,
+        cdw10,
+        cdw11,
+        cdw12,
+        cdw13,
+        ..Sqe::default()
+    };
+    let page = read_admin(q, sqe, 4096).expect("ANA log page");
+    AnaLog::decode(&page, 128, 1024).expect("ANA log page decodes")
+}
+
+fn subsys(e: &Env) -> &Arc<crate::subsystem::Subsystem> {
+    e.subsystems.by_nqn(NQN).expect("test subsystem")
+}
+
+#[test]
+fn identify_controller_reports_ana_and_several_controllers() {
+    let e = ana_env();
+    let (mut a, cntlid) = e.admin(NQN, true);
+    assert_eq!(cntlid, 100, "first CNTLID of the configured range");
+    let id = IdentifyController::decode(&identify(&mut a, cns::CTRL, 0).unwrap()).unwrap();
+    assert_eq!(
+        id.cmic,
+        0x1 | 0x2 | 0x8,
+        "multi-port, multi-controller, ANA"
+    );
+    assert_ne!(id.oaes & admin::aec::ANACN, 0, "ANA change notices");
+    assert_eq!(id.anatt, 10);
+    assert_eq!(id.anacap, 0x1F | 0x40, "every state; ANAGRPID fixed");
+    assert_eq!(id.anagrpmax, crate::config::ANA_GROUP_MAX);
+    assert_eq!(id.nanagrpid, crate::config::ANA_GROUP_MAX);
+    assert_eq!(id.mnan, 5, "every NSID fits the host's ANA log buffer");
+    let (mut d, _) = e.admin(DISCOVERY_NQN, true);
+    let id = IdentifyController::decode(&identify(&mut d, cns::CTRL, 0).unwrap()).unwrap();
+    assert_eq!((id.cmic & 0x8, id.anagrpmax), (0, 0), "no ANA on discovery");
+}
+
+#[test]
+fn identify_namespace_reports_its_ana_group_and_configured_identifiers() {
+    let e = ana_env();
+    let (mut a, _) = e.admin(NQN, true);
+    let ns1 = IdentifyNamespace::decode(&identify(&mut a, cns::NS, 1).unwrap()).unwrap();
+    assert_eq!(ns1.anagrpid, 1, "default group");
+    assert_eq!(ns1.nmic & 1, 1, "may be shared (multipath)");
+    let ns5 = IdentifyNamespace::decode(&identify(&mut a, cns::NS, 5).unwrap()).unwrap();
+    assert_eq!(ns5.anagrpid, 2);
+    let nguid = crate::config::parse_hex::<16>(NGUID).unwrap();
+    let uuid = crate::config::parse_hex::<16>(UUID).unwrap();
+    let eui64 = crate::config::parse_hex::<8>(EUI64).unwrap();
+    assert_eq!(ns5.nguid, nguid);
+    assert_eq!(ns5.eui64, eui64);
+    let descs =
+        admin::decode_ns_id_descs(&identify(&mut a, cns::NS_DESC_LIST, 5).unwrap()).unwrap();
+    assert!(descs.contains(&NsIdDescriptor::Nguid(nguid)));
+    assert!(descs.contains(&NsIdDescriptor::Uuid(uuid)));
+    assert!(descs.contains(&NsIdDescriptor::Eui64(eui64)));
+}
+
+#[test]
+fn derived_identifiers_are_the_same_in_two_targets_exporting_one_nqn_and_nsid() {
+    let (e1, e2) = (ana_env(), ana_env());
+    let n1 = subsys(&e1).namespace(1).unwrap();
+    let n2 = subsys(&e2).namespace(1).unwrap();
+    assert_ne!(n1.nguid, [0; 16]);
+    assert_eq!((n1.nguid, n1.uuid), (n2.nguid, n2.uuid));
+}
+
+#[test]
+fn the_ana_log_page_lists_each_group_with_its_state_on_the_controllers_port() {
+    let e = ana_env();
+    let (mut a0, _) = e.admin_on(0, NQN, true);
+    let (mut a1, _) = e.admin_on(1, NQN, true);
+    let l0 = ana_log(&mut a0, 0, false);
+    assert_eq!(l0.change_count, 0);
+    let g: Vec<_> = l0
+        .groups
+        .iter()
+        .map(|g| (g.grpid, g.state, g.nsids.clone()))
+        .collect();
+    assert_eq!(
+        g,
+        vec![
+            (1, AnaState::Optimized, vec![1]),
+            (2, AnaState::Optimized, vec![5]),
+        ]
+    );
+    let l1 = ana_log(&mut a1, 0, false);
+    let g: Vec<_> = l1.groups.iter().map(|g| (g.grpid, g.state)).collect();
+    assert_eq!(
+        g,
+        vec![(1, AnaState::NonOptimized), (2, AnaState::Inaccessible),]
+    );
+    // Return Groups Only: the same descriptors with no NSID lists.
+    let rgo = ana_log(&mut a1, admin::ana_lsp::RGO, false);
+    assert_eq!(rgo.groups.len(), 2);
+    assert!(rgo.groups.iter().all(|g| g.nsids.is_empty()));
+    // A change bumps the page's and the group's change counts.
+    assert!(subsys(&e).set_ana_state(1, Some(1), AnaState::Optimized));
+    let l1 = ana_log(&mut a1, 0, false);
+    assert_eq!(l1.change_count, 1);
+    assert_eq!(
+        (
+            l1.groups[0].state,
+            l1.groups[0].change_count,
+            l1.groups[1].change_count
+        ),
+        (AnaState::Optimized, 1, 0)
+    );
+    assert_eq!(
+        ana_log(&mut a0, 0, false).groups[0].change_count,
+        0,
+        "port 0 unchanged"
+    );
+    // Setting the state a group already has changes nothing.
+    assert!(subsys(&e).set_ana_state(1, Some(1), AnaState::Optimized));
+    assert_eq!(ana_log(&mut a1, 0, false).change_count, 1);
+    // Unknown port or group.
+    assert!(!subsys(&e).set_ana_state(2, None, AnaState::Optimized));
+    assert!(!subsys(&e).set_ana_state(0, Some(0), AnaState::Optimized));
+    assert!(!subsys(&e).set_ana_state(0, Some(129), AnaState::Optimized));
+}
+
+#[test]
+fn io_to_a_group_not_accessible_on_the_port_completes_with_the_ana_status() {
+    let e = ana_env();
+    let (_a0, c0) = e.admin_on(0, NQN, true);
+    let (_a1, c1) = e.admin_on(1, NQN, true);
+    let mut q0 = e.io_on(0, c0, 1);
+    let mut q1 = e.io_on(1, c1, 1);
+    let read = IoOp::Read { lba: 0, nlb: 1 };
+    let run = |q: &mut Controller, nsid: u32| {
+        let mut buf = vec![0u8; 512];
+        io_cmd(q, &read, nsid, Some(&mut buf))
+    };
+    assert!(matches!(run(&mut q0, 5), Outcome::Io { .. }), "optimized");
+    assert!(
+        matches!(run(&mut q1, 1), Outcome::Io { .. }),
+        "non-optimized"
+    );
+    assert_eq!(status(run(&mut q1, 5)), Status::ANA_INACCESSIBLE);
+    let flush = io_cmd(&mut q1, &IoOp::Flush, 5, None);
+    assert_eq!(status(flush), Status::ANA_INACCESSIBLE, "every I/O command");
+    let s = subsys(&e);
+    s.set_ana_state(1, Some(2), AnaState::PersistentLoss);
+    assert_eq!(status(run(&mut q1, 5)), Status::ANA_PERSISTENT_LOSS);
+    s.set_ana_state(1, Some(2), AnaState::Change);
+    let st = status(run(&mut q1, 5));
+    assert_eq!(st, Status::ANA_TRANSITION);
+    assert_eq!((st.sct, st.dnr), (3, false), "path related, retryable");
+    s.set_ana_state(0, None, AnaState::Inaccessible);
+    assert_eq!(status(run(&mut q0, 1)), Status::ANA_INACCESSIBLE);
+    s.set_ana_state(1, None, AnaState::Optimized);
+    assert!(matches!(run(&mut q1, 5), Outcome::Io { .. }));
+}
+
+fn hold_aer(a: &mut Controller) {
+    let aer = Sqe {
+        opc: opc::ASYNC_EVENT_REQUEST,
+        ..Sqe::default()
+    };
+    assert_eq!(a.execute(&aer, None), Outcome::Hold);
+}
+
+fn enable_ana_notices(a: &mut Controller) {
+    let set = nvm::set_features(fid::ASYNC_EVENT_CONFIG, 0, admin::aec::ANACN, false);
+    assert!(features(a, set).status.is_success());
+}
+
+#[test]
+fn an_ana_state_change_completes_a_held_aer_on_that_port_once_until_the_log_is_read() {
+    let e = ana_env();
+    let s = subsys(&e).clone();
+    let (mut a1, _) = e.admin_on(1, NQN, true);
+    let (mut a0, _) = e.admin_on(0, NQN, true);
+    enable_ana_notices(&mut a1);
+    enable_ana_notices(&mut a0);
+    hold_aer(&mut a1);
+    hold_aer(&mut a1);
+    hold_aer(&mut a0);
+    assert_eq!(a1.take_event(), None, "nothing happened yet");
+    assert!(s.set_ana_state(1, Some(2), AnaState::Optimized));
+    let ev = a1.take_event().expect("ANA change event");
+    assert!(ev.status.is_success());
+    assert_eq!(
+        admin::AsyncEvent::from_dword(ev.dw0),
+        admin::AsyncEvent::ANA_CHANGE
+    );
+    assert_eq!(ev.dw0, 0x000C_0302, "notice, ANA change, log page 0Ch");
+    assert_eq!(a1.take_event(), None, "one event per change");
+    assert_eq!(a0.take_event(), None, "port 0 did not change");
+    // Masked until the host reads the log with RAE cleared.
+    assert!(s.set_ana_state(1, Some(2), AnaState::Inaccessible));
+    assert_eq!(a1.take_event(), None, "masked until the ANA log is read");
+    ana_log(&mut a1, 0, true);
+    assert!(s.set_ana_state(1, Some(2), AnaState::Optimized));
+    assert_eq!(a1.take_event(), None, "RAE set keeps it masked");
+    ana_log(&mut a1, 0, false);
+    assert!(s.set_ana_state(1, Some(2), AnaState::NonOptimized));
+    assert!(a1.take_event().is_some(), "unmasked by reading the log");
+    // No AER held: the event waits for the next one.
+    assert!(s.set_ana_state(0, None, AnaState::NonOptimized));
+    assert!(a0.take_event().is_some());
+    ana_log(&mut a0, 0, false);
+    assert!(s.set_ana_state(0, None, AnaState::Optimized));
+    assert_eq!(a0.take_event(), None, "no AER held");
+    hold_aer(&mut a0);
+    assert!(a0.take_event().is_some(), "delivered to the next AER");
+}
+
+#[test]
+fn ana_change_notices_need_the_hosts_asynchronous_event_configuration() {
+    let e = ana_env();
+    let (mut a, _) = e.admin_on(1, NQN, true);
+    hold_aer(&mut a);
+    assert!(subsys(&e).set_ana_state(1, None, AnaState::Inaccessible));
+    assert_eq!(a.take_event(), None, "ANACN not enabled");
+}
+
+#[test]
+fn controller_ids_come_from_the_configured_range() {
+    let e = ana_env();
+    let (a, c1) = e.admin(NQN, false);
+    let (_b, c2) = e.admin_on(1, NQN, false);
+    assert_eq!((c1, c2), (100, 101));
+    let mut q = e.queue();
+    assert_eq!(
+        status(connect(&mut q, 0, 31, NQN, CNTLID_DYNAMIC)),
+        Status::CONNECT_CTRL_BUSY,
+        "range exhausted"
+    );
+    let mut a = a;
+    a.release();
+    let (_c, c3) = e.admin(NQN, false);
+    assert_eq!(c3, 100, "a freed CNTLID of the range is reused");
 }

@@ -200,6 +200,7 @@ impl<S: Read + std::io::Write> Conn<S> {
     pub fn new(
         stream: S,
         peer: SocketAddr,
+        port: u16,
         subsystems: Arc<Subsystems>,
         params: Arc<Params>,
     ) -> Self {
@@ -237,7 +238,7 @@ impl<S: Read + std::io::Write> Conn<S> {
             free: (0..nslots as u16).rev().collect(),
             cid_busy: Box::new([0u64; 1024]),
             sqhd: 0,
-            ctrl: Controller::new(peer, subsystems, params),
+            ctrl: Controller::new(peer, port, subsystems, params),
             close: None,
             close_deadline: None,
             outstanding_io: 0,
@@ -303,6 +304,22 @@ impl<S: Read + std::io::Write> Conn<S> {
         }
         if let Some(t) = self.ctrl.tick(now) {
             self.close = Some(CloseReason::Controller(t));
+        }
+    }
+
+    /// Completes held Asynchronous Event Requests with the controller's
+    /// pending events (admin queue; one atomic load when there are none).
+    #[inline]
+    pub fn deliver_events(&mut self) {
+        if self.close.is_some() || !self.ctrl.has_event() {
+            return;
+        }
+        while let Some(si) = self.slots.iter().position(|s| s.state == SlotState::Held) {
+            let Some(c) = self.ctrl.take_event() else {
+                return;
+            };
+            tracing::debug!(peer = %self.peer, dw0 = c.dw0, "asynchronous event");
+            self.complete(si as u16, c);
         }
     }
 
