@@ -33,15 +33,8 @@ if [[ -r /etc/os-release ]]; then
     [[ ${VERSION_CODENAME:-} == bookworm ]] || log "warning: expected Debian bookworm, found '${VERSION_CODENAME:-unknown}'"
 fi
 
-# Active apt source files (.list and deb822 .sources only; apt ignores others).
-source_files() {
-    local f
-    [[ -f /etc/apt/sources.list ]] && echo /etc/apt/sources.list
-    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        [[ -f $f ]] && echo "$f"
-    done
-    return 0
-}
+# shellcheck source=SCRIPTDIR/lib-apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib-apt.sh"
 
 # Does any active source already provide bookworm-backports?
 have_backports() {
@@ -54,37 +47,6 @@ have_backports() {
             *)
                 grep -Eq '^[[:space:]]*deb[[:space:]]+(\[[^]]*\][[:space:]]+)?[^[:space:]]+[[:space:]]+bookworm-backports([[:space:]]|$)' "$f" && return 0 ;;
         esac
-    done < <(source_files)
-    return 1
-}
-
-# The mirror URI serving the main bookworm suite.
-debian_mirror() {
-    local f uri
-    while read -r f; do
-        case $f in
-            *.sources)
-                # Print the URIs of stanzas whose Suites include "bookworm".
-                uri=$(awk '
-                    function flush() { if (ok > 0 && deb && uris != "") { print uris; exit } ok = 0; deb = 1; uris = "" }
-                    BEGIN { deb = 1 }
-                    /^[[:space:]]*$/ { flush(); next }
-                    /^[[:space:]]*#/ { next }
-                    tolower($1) == "enabled:" && tolower($2) == "no" { ok = -1000 }
-                    tolower($1) == "uris:" { uris = $2 }
-                    tolower($1) == "suites:" { for (i = 2; i <= NF; i++) if ($i == "bookworm") ok += 1 }
-                    tolower($1) == "types:" { deb = 0; for (i = 2; i <= NF; i++) if ($i == "deb") deb = 1 }
-                    END { flush() }
-                ' "$f" | head -n1) ;;
-            *)
-                uri=$(awk '
-                    /^[[:space:]]*deb[[:space:]]/ {
-                        i = 2
-                        if ($i ~ /^\[/) { while ($i !~ /\]$/ && i < NF) i++; i++ }
-                        if ($(i + 1) == "bookworm") { print $i; exit }
-                    }' "$f") ;;
-        esac
-        if [[ -n $uri ]]; then echo "$uri"; return 0; fi
     done < <(source_files)
     return 1
 }
@@ -154,3 +116,8 @@ fi
 
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing after install"
 log "ok: $(qemu-system-x86_64 --version | head -n1)"
+
+# The prebuilt SPDK peer (../shared/peers/spdk), when this checkout has one; required in CI.
+rc=0
+"$(dirname "${BASH_SOURCE[0]}")/install-spdk.sh" >/dev/null || rc=$?
+[[ $rc -eq 0 || $rc -eq 3 ]] || die "install-spdk.sh failed (exit $rc)"
