@@ -729,7 +729,14 @@ fn bridged_to_unvme_target_serves_several_connections_on_their_own_queues() {
 fn losing_the_nvme_target_fails_requests_with_eio_not_hangs() {
     let target = common::TargetProc::start(&["--ram", "16M"]);
     let port = target.port().to_string();
-    let mut srv = NbdProc::start(&["--port", &port, "--timeout-ms", "3000", "--fast-io-fail-tmo", "0"]);
+    let mut srv = NbdProc::start(&[
+        "--port",
+        &port,
+        "--timeout-ms",
+        "3000",
+        "--fast-io-fail-tmo",
+        "0",
+    ]);
     let mut c = Client::connect(srv.addr, true);
     assert_eq!(c.write(0, &[1u8; 4096]).error, 0);
     // Killed and reaped (TargetProc's drop): its sockets are closed by now.
@@ -747,7 +754,14 @@ fn the_export_reconnects_when_the_nvme_target_returns() {
     let target = common::TargetProc::start(&["--file", &spec]);
     let listen = target.addr.to_string();
     let port = target.port().to_string();
-    let mut srv = NbdProc::start(&["--port", &port, "--timeout-ms", "3000", "--fast-io-fail-tmo", "0"]);
+    let mut srv = NbdProc::start(&[
+        "--port",
+        &port,
+        "--timeout-ms",
+        "3000",
+        "--fast-io-fail-tmo",
+        "0",
+    ]);
     let mut c = Client::connect(srv.addr, true);
     assert_eq!(c.write(0, &[7u8; 4096]).error, 0);
     assert_eq!(c.call(cmd::FLUSH, 0, 0, 0, &[]).error, 0);
