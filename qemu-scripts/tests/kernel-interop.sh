@@ -13,7 +13,7 @@ set -euo pipefail
 QS=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(cd "$QS/.." && pwd)
 UNVME=${UNVME_BIN:-$ROOT/target/release/unvme}
-GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-300}
+GUEST_TIMEOUT=${UNVME_GUEST_TIMEOUT:-420}
 NQN=nqn.2024-11.io.unvme:interop
 
 log() { echo "kernel-interop: $*" >&2; }
