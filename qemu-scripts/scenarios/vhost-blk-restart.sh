@@ -52,7 +52,7 @@ fio_wait() {
     while [ ! -f "/tmp/$1.rc" ] && [ "$_i" -lt 3000 ]; do sleep 0.1; _i=$((_i + 1)); done
     [ -f "/tmp/$1.rc" ] || fail "$1: fio across the fault hangs"
     [ "$(cat "/tmp/$1.rc")" = 0 ] || { cat "/tmp/$1.out"; fail "$1: fio verify across the fault failed"; }
-    grep -q '"total_err" *: *0' "/tmp/$1.out" || { cat "/tmp/$1.out"; fail "$1: fio counted errors"; }
+    grep -q '"error" *: *0' "/tmp/$1.out" || { cat "/tmp/$1.out"; fail "$1: fio reported an error"; }
     _max=$(tr -d ' \n' < "/tmp/$1.out" | sed -n 's/.*"write":{[^}]*"clat_ns":{"min":[0-9]*,"max":\([0-9]*\).*/\1/p')
     log "$1: fio randwrite QD16 + verify passed; longest write ${_max:-?} ns"
 }
